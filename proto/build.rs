@@ -20,7 +20,10 @@ fn main() {
     let mut files = Vec::new();
     protos(&root.join("trainmesh"), &mut files);
     files.sort();
-    println!("cargo:rerun-if-changed={}", root.join("trainmesh").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("trainmesh").display()
+    );
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -1,0 +1,95 @@
+//! Flags and environment shared by every service binary. Each service adds
+//! its own (listen address, database URL, peers) next to these.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::TokenStore;
+use crate::server::ServerOptions;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Directory for SQLite files, logs and tokens.
+    #[arg(long, env = "TRAINMESH_DATA_DIR", default_value = ".trainmesh")]
+    pub data_dir: PathBuf,
+
+    /// Tokens file (YAML with SHA-256 hashes) or a database URL with an
+    /// `auth_tokens` table. Default: DATA_DIR/tokens.yaml.
+    #[arg(long, env = "TRAINMESH_TOKENS")]
+    pub tokens: Option<String>,
+
+    /// File holding this service's own token for calls to other services.
+    /// Default: DATA_DIR/service.token.
+    #[arg(long, env = "TRAINMESH_SERVICE_TOKEN_FILE")]
+    pub service_token_file: Option<PathBuf>,
+
+    /// Calls in flight before new ones are refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "TRAINMESH_MAX_CONCURRENT_REQUESTS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_requests: usize,
+
+    /// Per-call timeout in seconds (streams are not cut by it).
+    #[arg(long, env = "TRAINMESH_REQUEST_TIMEOUT_SECS", default_value_t = 60)]
+    pub request_timeout_secs: u64,
+
+    /// After binding, write the listening address here (for `--listen
+    /// 127.0.0.1:0`; peers can then use `file:PATH` as this service's
+    /// endpoint).
+    #[arg(long, env = "TRAINMESH_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+
+    /// Largest request or response message in bytes.
+    #[arg(long, env = "TRAINMESH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl CommonArgs {
+    pub async fn token_store(&self) -> anyhow::Result<Arc<TokenStore>> {
+        let source = self
+            .tokens
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("tokens.yaml").display().to_string());
+        Ok(Arc::new(TokenStore::load(&source).await?))
+    }
+
+    pub fn service_token(&self) -> anyhow::Result<String> {
+        let path = self
+            .service_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("service.token"));
+        let t = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read service token {}: {e}", path.display()))?;
+        Ok(t.trim().to_owned())
+    }
+
+    pub fn server_options(&self) -> ServerOptions {
+        ServerOptions {
+            max_concurrent_requests: self.max_concurrent_requests,
+            request_timeout: Duration::from_secs(self.request_timeout_secs),
+            max_message_bytes: self.max_message_bytes,
+            ..ServerOptions::default()
+        }
+    }
+
+    /// Binds `listen` and writes the bound address to `--addr-file`.
+    pub async fn bind(&self, listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        if let Some(path) = &self.addr_file {
+            crate::client::write_addr_file(path, l.local_addr()?)?;
+        }
+        Ok(l)
+    }
+
+    /// `explicit`, or the SQLite file `file` under the data dir.
+    pub fn database_url(&self, explicit: Option<&str>, file: &str) -> String {
+        explicit
+            .map(str::to_owned)
+            .unwrap_or_else(|| crate::db::sqlite_url(&self.data_dir, file))
+    }
+}

@@ -1,0 +1,27 @@
+//! What every trainmesh service does the same way.
+//!
+//! - [`telemetry`]: `tracing` set up from `TRAINMESH_LOG_*` and OTLP export.
+//! - [`correlation`]: the `x-correlation-id` / `traceparent` server layer and
+//!   the client interceptor that carries both on every outgoing call.
+//! - [`auth`]: bearer tokens (stored hashed) mapped to a [`auth::Caller`].
+//! - [`error`]: the one mapping from a service's error codes to `tonic::Status`.
+//! - [`server`]: the one server builder (health, reflection, layers, limits,
+//!   graceful shutdown).
+//! - [`db`]: sqlx pools for SQLite (default) and PostgreSQL, and migrations.
+//! - [`outbox`]: a transactional outbox relay for calls to other services.
+//! - [`testing`]: helpers for tests that start real servers.
+
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod correlation;
+pub mod db;
+pub mod error;
+pub mod id;
+pub mod outbox;
+pub mod server;
+pub mod telemetry;
+pub mod testing;
+pub mod time;
+
+pub use trainmesh_proto as proto;

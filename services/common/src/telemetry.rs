@@ -1,0 +1,242 @@
+//! Logging and tracing set-up, the same in every binary.
+//!
+//! - `TRAINMESH_LOG_FORMAT=json|text` (default text),
+//! - `TRAINMESH_LOG_LEVEL` (an `EnvFilter` directive, default `info`),
+//! - `TRAINMESH_LOG_FILE` (append to this file instead of stderr),
+//! - `OTEL_EXPORTER_OTLP_ENDPOINT` (export spans over OTLP/gRPC when set).
+//!
+//! JSON lines carry `timestamp`, `level`, `target`, `message`, the event's
+//! fields and the fields of every enclosing span at the top level, so
+//! `correlation_id`, `job_id`, `user` and `attempt` are on every line.
+
+use std::sync::OnceLock;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+static OTEL_ENABLED: OnceLock<bool> = OnceLock::new();
+
+fn otel_enabled() -> bool {
+    OTEL_ENABLED.get().copied().unwrap_or(false)
+}
+
+/// Keeps the log writer and the span exporter alive; flushes both on drop.
+pub struct Telemetry {
+    _writer_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber for `service`. Safe to call more than once
+/// in one process (tests): later calls leave the first subscriber in place.
+pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
+    let level = std::env::var("TRAINMESH_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&level)
+        .map_err(|e| anyhow::anyhow!("invalid TRAINMESH_LOG_LEVEL `{level}`: {e}"))?;
+    let json = match std::env::var("TRAINMESH_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") | Err(_) => false,
+        Ok(other) => anyhow::bail!("invalid TRAINMESH_LOG_FORMAT `{other}`: expected json or text"),
+    };
+
+    let (writer, guard) = match std::env::var_os("TRAINMESH_LOG_FILE") {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| anyhow::anyhow!("cannot open TRAINMESH_LOG_FILE {path:?}: {e}"))?;
+            tracing_appender::non_blocking(file)
+        }
+        None => tracing_appender::non_blocking(std::io::stderr()),
+    };
+
+    let fmt_layer = if json {
+        tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonLine { service })
+            .with_writer(writer)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(false)
+            .boxed()
+    };
+
+    let mut provider = None;
+    let otel_layer = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(ep) if !ep.is_empty() => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()?;
+            let p = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service)
+                        .build(),
+                )
+                .build();
+            let tracer = p.tracer(service);
+            provider = Some(p);
+            opentelemetry::global::set_text_map_propagator(
+                opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+            );
+            Some(tracing_opentelemetry::layer().with_tracer(tracer))
+        }
+        _ => None,
+    };
+
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt_layer)
+        .with(otel_layer)
+        .try_init()
+        .is_ok();
+    if installed {
+        let _ = OTEL_ENABLED.set(provider.is_some());
+    }
+    Ok(Telemetry {
+        _writer_guard: Some(guard),
+        provider,
+    })
+}
+
+/// Makes `span` a child of the trace in `headers` (`traceparent`), when OTLP
+/// export is on.
+pub(crate) fn set_parent_from_headers(span: &tracing::Span, headers: &http::HeaderMap) {
+    if !otel_enabled() {
+        return;
+    }
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtract(headers)));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes the current span's trace context into `md`; false when tracing is
+/// off, so the caller can pass an incoming `traceparent` through instead.
+pub(crate) fn inject_current(md: &mut tonic::metadata::MetadataMap) -> bool {
+    if !otel_enabled() {
+        return false;
+    }
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetaInject(md)));
+    true
+}
+
+struct HeaderExtract<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtract<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct MetaInject<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetaInject<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::AsciiMetadataValue::try_from(value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// One JSON object per line with span fields flattened to the top level.
+struct JsonLine {
+    service: &'static str,
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let meta = event.metadata();
+        let mut map = serde_json::Map::new();
+        map.insert(
+            "timestamp".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+                .into(),
+        );
+        map.insert("level".into(), meta.level().as_str().into());
+        map.insert("target".into(), meta.target().into());
+        map.insert("service".into(), self.service.into());
+        let mut span_names = Vec::new();
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                span_names.push(serde_json::Value::from(span.name()));
+                let ext = span.extensions();
+                if let Some(fields) = ext.get::<FormattedFields<N>>() {
+                    if let Ok(serde_json::Value::Object(obj)) =
+                        serde_json::from_str::<serde_json::Value>(fields.as_str())
+                    {
+                        map.extend(obj);
+                    }
+                }
+            }
+        }
+        event.record(&mut JsonVisitor(&mut map));
+        if !span_names.is_empty() {
+            map.insert("spans".into(), span_names.into());
+        }
+        writeln!(writer, "{}", serde_json::Value::Object(map))
+    }
+}
+
+struct JsonVisitor<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().into(), value.into());
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0.insert(field.name().into(), value.to_string().into());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
+    }
+}

@@ -1,0 +1,138 @@
+//! Helpers for tests that start real servers: port-0 listeners, fresh
+//! databases (SQLite always, PostgreSQL when `TRAINMESH_TEST_POSTGRES_URL`
+//! is set), tokens, and waiting on a condition with a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::auth::{Caller, Role, TokenStore};
+
+pub const POSTGRES_ENV: &str = "TRAINMESH_TEST_POSTGRES_URL";
+
+/// A listener on 127.0.0.1 with a port chosen by the OS.
+pub async fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let addr = l.local_addr().expect("local addr");
+    (l, addr)
+}
+
+/// Polls `check` until it yields `Some`, or panics naming `what` once
+/// `timeout` has passed.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// A database for one test; dropped with the test's temp dir.
+pub struct TestDb {
+    pub url: String,
+    pub label: &'static str,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A fresh SQLite file in a temp dir.
+pub fn sqlite_db() -> TestDb {
+    let dir = tempfile::tempdir().expect("tempdir");
+    TestDb {
+        url: crate::db::sqlite_url(dir.path(), "test.db"),
+        label: "sqlite",
+        _dir: Some(dir),
+    }
+}
+
+/// A fresh PostgreSQL database, when the environment names a server.
+pub async fn postgres_db() -> Option<TestDb> {
+    let admin = std::env::var(POSTGRES_ENV).ok().filter(|s| !s.is_empty())?;
+    crate::db::connect(&admin, crate::db::Durability::Full)
+        .await
+        .expect("connect to TRAINMESH_TEST_POSTGRES_URL");
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let pool = crate::db::connect(&admin, crate::db::Durability::Full)
+        .await
+        .expect("connect");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&pool.write)
+        .await
+        .expect("create test database");
+    pool.write.close().await;
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    Some(TestDb {
+        url: format!("{base}/{name}"),
+        label: "postgres",
+        _dir: None,
+    })
+}
+
+/// SQLite, plus PostgreSQL when configured: run a repository test on each.
+pub async fn all_dbs() -> Vec<TestDb> {
+    let mut v = vec![sqlite_db()];
+    if let Some(pg) = postgres_db().await {
+        v.push(pg);
+    }
+    v
+}
+
+/// Well-known tokens for tests.
+pub struct TestTokens {
+    pub store: Arc<TokenStore>,
+    pub alice: &'static str,
+    pub bob: &'static str,
+    pub approver: &'static str,
+    pub admin: &'static str,
+    pub service: &'static str,
+}
+
+pub fn test_tokens() -> TestTokens {
+    let mut store = TokenStore::default();
+    let mk = |user: &str, org: &str, roles: &[Role]| Caller {
+        user: user.into(),
+        org: org.into(),
+        roles: roles.to_vec(),
+    };
+    store.insert("alice-token", mk("alice", "ml", &[Role::User]));
+    store.insert("bob-token", mk("bob", "ml", &[Role::User]));
+    store.insert(
+        "approver-token",
+        mk("carol", "ml", &[Role::User, Role::Approver]),
+    );
+    store.insert("admin-token", mk("admin", "ops", &[Role::Admin]));
+    store.insert("service-token", mk("trainmesh", "system", &[Role::Service]));
+    TestTokens {
+        store: Arc::new(store),
+        alice: "alice-token",
+        bob: "bob-token",
+        approver: "approver-token",
+        admin: "admin-token",
+        service: "service-token",
+    }
+}
+
+/// Prints logs during tests only when `TEST_LOG` is set.
+pub fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("debug")
+            .with_test_writer()
+            .try_init();
+    }
+}
