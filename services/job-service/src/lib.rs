@@ -1,0 +1,1 @@
+//! job-service (being written).

@@ -1,0 +1,1 @@
+//! metrics-service (being written).

@@ -1,0 +1,1 @@
+//! trainctl (being written).
