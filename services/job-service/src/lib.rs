@@ -1,1 +1,173 @@
-//! job-service (being written).
+//! trainmesh job-service: the source of truth for jobs (DESIGN §4 "Jobs").
+//!
+//! - `trainmesh.job.v1.JobService`: create (validated, idempotent), get,
+//!   list, cancel, delete, retry, watch events, stream logs. Pipelines
+//!   answer UNIMPLEMENTED until a later release.
+//! - `trainmesh.job.v1.JobInternalService` (role `service`): status updates
+//!   from the scheduler, log lines from runners, diagnoses.
+//! - An outbox relay hands jobs and cancels to the scheduler and failed jobs
+//!   to diagnosis-service.
+//!
+//! Behaviour worth knowing as a client:
+//! - An idempotency key is unique per owner; a retry with the same key gets
+//!   the original job (`existing = true`) even when its spec differs.
+//!   Deleting the job frees the key.
+//! - ListJobs is newest first; its items carry only the first line of
+//!   `error_message` and no tracebacks (GetJob has the whole error).
+//! - WatchJobs starts with a heartbeat carrying the starting cursor, then
+//!   events; heartbeats carry the position to resume from, which also moves
+//!   past events the caller may not see.
+//! - DeleteJob keeps the job's events (a final `deleted` event is added).
+//! - RetryJob makes a new job labelled `trainmesh.io/retry-of=<old id>`;
+//!   users cannot set `trainmesh.io/` labels themselves.
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod internal;
+pub mod paths;
+pub mod relay;
+pub mod repo;
+pub mod service;
+pub mod stream;
+pub mod validate;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::server::NamedService;
+use tonic::service::Routes;
+use trainmesh_common::auth::TokenStore;
+use trainmesh_common::db::{self, Durability};
+use trainmesh_common::outbox::Relay;
+use trainmesh_common::proto::job::v1::job_internal_service_server::JobInternalServiceServer;
+use trainmesh_common::proto::job::v1::job_service_server::JobServiceServer;
+use trainmesh_common::server::{self, ServerOptions};
+
+use crate::grpc::{JobApi, JobInternalApi};
+use crate::paths::PathPolicy;
+use crate::service::{JobService, Settings};
+use crate::stream::StreamTiming;
+
+/// Everything `run` needs. Tests build it directly with [`Config::new`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub tokens: Arc<TokenStore>,
+    pub server: ServerOptions,
+    pub database_url: String,
+    /// scheduler-service, for the outbox ("enqueue", "cancel").
+    pub scheduler_endpoint: String,
+    /// diagnosis-service; `None` turns automatic diagnosis of failed jobs off.
+    pub diagnosis_endpoint: Option<String>,
+    /// This service's token for calls to its peers.
+    pub service_token: Option<String>,
+    /// Allowed roots for dataset/output paths (non-existent ones are ignored).
+    pub data_roots: Vec<PathBuf>,
+    pub max_log_lines_per_attempt: i64,
+    pub watch_heartbeat: Duration,
+    /// How often streams re-read their tables without being woken.
+    pub stream_poll: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but the tokens and the database.
+    pub fn new(tokens: Arc<TokenStore>, database_url: impl Into<String>) -> Self {
+        Self {
+            tokens,
+            server: ServerOptions::default(),
+            database_url: database_url.into(),
+            scheduler_endpoint: "127.0.0.1:50052".into(),
+            diagnosis_endpoint: Some("127.0.0.1:50054".into()),
+            service_token: None,
+            data_roots: Vec::new(),
+            max_log_lines_per_attempt: 200_000,
+            watch_heartbeat: Duration::from_secs(5),
+            stream_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Serves job-service on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (trigger, watch) = server::shutdown_pair();
+    let db = db::open(
+        &config.database_url,
+        Durability::Full,
+        &sqlx::migrate!("./migrations/sqlite"),
+        &sqlx::migrate!("./migrations/postgres"),
+    )
+    .await?;
+    let paths = PathPolicy::new(&config.data_roots);
+    if paths.roots().is_empty() {
+        tracing::warn!("no data roots exist; jobs naming a dataset or output path will be refused");
+    } else {
+        tracing::info!(roots = ?paths.roots(), "data roots");
+    }
+    let relay = Relay::new(db.clone());
+    let svc = JobService::new(
+        db,
+        relay.clone(),
+        Settings {
+            paths,
+            auto_diagnose: config.diagnosis_endpoint.is_some(),
+            max_log_lines_per_attempt: config.max_log_lines_per_attempt.max(1),
+        },
+    );
+    let token = config.service_token.as_deref();
+    let peers = relay::Peers {
+        scheduler: trainmesh_common::client::channel(&config.scheduler_endpoint, token)?,
+        diagnosis: config
+            .diagnosis_endpoint
+            .as_deref()
+            .map(|ep| trainmesh_common::client::channel(ep, token))
+            .transpose()?,
+    };
+    let relay_task = tokio::spawn(relay.run(relay::deliver(svc.clone(), peers), watch.clone()));
+
+    let max = config.server.max_message_bytes;
+    let api = JobServiceServer::new(JobApi {
+        svc: svc.clone(),
+        timing: StreamTiming {
+            heartbeat: config.watch_heartbeat,
+            poll: config.stream_poll,
+        },
+        shutdown: watch,
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let internal = JobInternalServiceServer::new(JobInternalApi { svc })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let routes = Routes::new(api).add_service(internal);
+    let result = server::serve(
+        "job-service",
+        routes,
+        &[
+            JobServiceServer::<JobApi>::NAME,
+            JobInternalServiceServer::<JobInternalApi>::NAME,
+        ],
+        listener,
+        config.tokens,
+        config.server,
+        trigger,
+        shutdown,
+    )
+    .await;
+    // The relay stops on the shutdown watch; don't wait for ever if serving
+    // failed before shutdown began.
+    let abort = relay_task.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(5), relay_task)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    result
+}

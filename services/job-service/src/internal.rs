@@ -1,0 +1,282 @@
+//! What other services call (JobInternalService): status updates from the
+//! scheduler, log lines from runners, diagnoses.
+
+use prost::Message;
+use sqlx::AnyConnection;
+use tracing::Instrument;
+use trainmesh_common::error::FieldError;
+use trainmesh_common::outbox;
+use trainmesh_common::proto::diagnosis::v1 as dpb;
+use trainmesh_common::proto::job::v1 as pb;
+use trainmesh_common::time::now_micros;
+
+use crate::domain::{
+    error_message, failure_cause_for_exit, AttemptState, JobId, JobState, StatusUpdate,
+};
+use crate::error::{Error, Result};
+use crate::repo::{self, AttemptRecord, JobRecord, NewEvent};
+use crate::service::{JobService, JobView, Signals, TOPIC_DIAGNOSE};
+
+impl JobService {
+    /// UpdateJobStatus (CONVENTIONS flow 2): applies a legal, newer update;
+    /// acknowledges stale ones and updates to finished jobs without change.
+    pub async fn update_status(&self, u: StatusUpdate) -> Result<JobView> {
+        let span = tracing::info_span!("status", job_id = %u.job_id, attempt = u.attempt);
+        self.update_status_inner(u).instrument(span).await
+    }
+
+    async fn update_status_inner(&self, u: StatusUpdate) -> Result<JobView> {
+        let mut tx = self.db.write.begin().await?;
+        let Some(mut job) = repo::lock_job(&mut tx, self.db.backend, u.job_id).await? else {
+            return Err(Error::JobNotFound(u.job_id.to_string()));
+        };
+        if job.state.is_terminal() || u.sequence <= job.scheduler_sequence {
+            tracing::debug!(state = %job.state, to = %u.state, sequence = u.sequence,
+                applied = job.scheduler_sequence, "status update ignored (stale or job finished)");
+            let view = self.load_view(&mut tx, job).await?;
+            tx.commit().await?;
+            return Ok(view);
+        }
+        if !job.state.can_become(u.state) {
+            return Err(Error::FailedPrecondition(format!(
+                "job `{}` cannot go from {} to {}",
+                job.id, job.state, u.state
+            )));
+        }
+        let now = now_micros();
+        let at = u.time.unwrap_or(now);
+        let prev = job.state;
+        job.state = u.state;
+        job.scheduler_sequence = u.sequence;
+        job.update_time = now;
+        if !u.reason.is_empty() {
+            job.state_reason = u.reason.clone();
+        } else if u.state != JobState::Cancelled {
+            job.state_reason.clear();
+        }
+        let attempt_no = if u.attempt > 0 {
+            u.attempt
+        } else {
+            job.current_attempt
+        };
+        if attempt_no > 0 {
+            self.apply_attempt(&mut tx, &job, attempt_no, u.attempt > 0, &u, at)
+                .await?;
+            job.current_attempt = job.current_attempt.max(attempt_no);
+        }
+        if u.state == JobState::Running && job.start_time == 0 {
+            job.start_time = at;
+        }
+        if u.state.is_terminal() {
+            job.end_time = at;
+        }
+        match u.state {
+            JobState::Failed => {
+                let err = u.error.clone().unwrap_or_else(|| pb::JobError {
+                    r#type: "UnknownError".into(),
+                    message: if u.reason.is_empty() {
+                        "the job failed without an error report".into()
+                    } else {
+                        u.reason.clone()
+                    },
+                    exit_code: u.exit_code.unwrap_or(0),
+                    ..Default::default()
+                });
+                let exit = u
+                    .exit_code
+                    .or((err.exit_code != 0).then_some(err.exit_code));
+                job.failure_cause = u
+                    .failure_cause
+                    .unwrap_or_else(|| failure_cause_for_exit(exit));
+                job.error_message = error_message(&err);
+                job.error = Some(err);
+            }
+            JobState::Cancelled => {
+                job.failure_cause = u.failure_cause.unwrap_or(pb::FailureCause::Cancelled);
+            }
+            _ => {}
+        }
+        repo::save_job(&mut tx, &job).await?;
+        let diagnose = u.state == JobState::Failed && self.settings.auto_diagnose;
+        if diagnose {
+            let msg = dpb::DiagnoseJobRequest {
+                job_id: job.id.to_string(),
+                use_llm: true,
+            };
+            // Its own key: a diagnosis need not wait behind undelivered
+            // scheduler messages of the same job.
+            outbox::enqueue(
+                &mut tx,
+                TOPIC_DIAGNOSE,
+                &format!("diagnose:{}", job.id),
+                &msg.encode_to_vec(),
+                &job.correlation_id,
+            )
+            .await?;
+        }
+        repo::append_event(
+            &mut tx,
+            self.db.backend,
+            &NewEvent {
+                job_id: job.id,
+                owner: &job.owner,
+                event_type: "state_changed",
+                state: job.state,
+                previous_state: Some(prev),
+                message: &u.reason,
+                attempt: attempt_no,
+                time: now,
+            },
+        )
+        .await?;
+        let view = self.load_view(&mut tx, job).await?;
+        tx.commit().await?;
+        self.committed(diagnose);
+        tracing::info!(from = %prev, to = %u.state, attempt = attempt_no, sequence = u.sequence, "job state changed");
+        Ok(view)
+    }
+
+    async fn apply_attempt(
+        &self,
+        conn: &mut AnyConnection,
+        job: &JobRecord,
+        number: i64,
+        named: bool,
+        u: &StatusUpdate,
+        at: i64,
+    ) -> Result<()> {
+        let existing = repo::get_attempt(conn, job.id, number).await?;
+        if !named && existing.as_ref().is_some_and(|a| a.state.is_terminal()) {
+            // An update that does not name an attempt leaves a finished one alone.
+            return Ok(());
+        }
+        let mut a = existing.unwrap_or(AttemptRecord {
+            number,
+            runner_id: String::new(),
+            state: AttemptState::Scheduled,
+            create_time: at,
+            start_time: 0,
+            end_time: 0,
+            exit_code: None,
+            error: None,
+        });
+        if !u.runner_id.is_empty() {
+            a.runner_id = u.runner_id.clone();
+        }
+        a.state = u
+            .attempt_state
+            .unwrap_or_else(|| AttemptState::implied_by(u.state, u.error.is_some()));
+        if a.state == AttemptState::Running && a.start_time == 0 {
+            a.start_time = at;
+        }
+        if a.state.is_terminal() {
+            if a.end_time == 0 {
+                a.end_time = at;
+            }
+            if let Some(c) = u.exit_code {
+                a.exit_code = Some(i64::from(c));
+            }
+            if u.error.is_some() {
+                a.error = u.error.clone();
+            }
+        }
+        repo::upsert_attempt(conn, job.id, &a).await
+    }
+
+    /// AttachDiagnosis, and where the relay stores DiagnoseJob's answer.
+    pub async fn attach_diagnosis(&self, raw_id: &str, d: pb::DiagnosisSummary) -> Result<()> {
+        let id = JobId::parse_field("job_id", raw_id)?;
+        let mut tx = self.db.write.begin().await?;
+        let Some(mut job) = repo::lock_job(&mut tx, self.db.backend, id).await? else {
+            return Err(Error::JobNotFound(id.to_string()));
+        };
+        let now = now_micros();
+        let message = d.error.chars().take(512).collect::<String>();
+        job.diagnosis = Some(d);
+        job.update_time = now;
+        repo::save_job(&mut tx, &job).await?;
+        repo::append_event(
+            &mut tx,
+            self.db.backend,
+            &NewEvent {
+                job_id: id,
+                owner: &job.owner,
+                event_type: "diagnosis_attached",
+                state: job.state,
+                previous_state: Some(job.state),
+                message: &message,
+                attempt: job.current_attempt,
+                time: now,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        self.committed(false);
+        Ok(())
+    }
+
+    /// AppendJobLogs: stores lines idempotently; returns the number after
+    /// which the sender may continue.
+    pub async fn append_logs(
+        &self,
+        raw_id: &str,
+        attempt: i32,
+        lines: Vec<pb::LogLine>,
+    ) -> Result<i64> {
+        let id = JobId::parse_field("job_id", raw_id)?;
+        if attempt < 1 {
+            return Err(FieldError::new("attempt", "must be at least 1").into());
+        }
+        let mut clean = Vec::with_capacity(lines.len());
+        for (i, l) in lines.into_iter().enumerate() {
+            if l.number < 1 {
+                return Err(
+                    FieldError::new(format!("lines[{i}].number"), "must be at least 1").into(),
+                );
+            }
+            clean.push(repo::LogLine {
+                number: l.number,
+                text: clean_log_text(l.text),
+            });
+        }
+        clean.sort_by_key(|l| l.number);
+        clean.dedup_by_key(|l| l.number);
+        let mut tx = self.db.write.begin().await?;
+        if repo::lock_job(&mut tx, self.db.backend, id)
+            .await?
+            .is_none()
+        {
+            return Err(Error::JobNotFound(id.to_string()));
+        }
+        let out = repo::append_logs(
+            &mut tx,
+            id,
+            i64::from(attempt),
+            &clean,
+            self.settings.max_log_lines_per_attempt,
+        )
+        .await?;
+        tx.commit().await?;
+        if out.inserted > 0 {
+            Signals::bump(&self.signals.logs);
+        }
+        Ok(out.last_number)
+    }
+}
+
+/// Longest stored log line; longer ones are cut (at a char boundary).
+pub const MAX_LOG_LINE_BYTES: usize = 64 * 1024;
+
+fn clean_log_text(mut text: String) -> String {
+    if text.len() > MAX_LOG_LINE_BYTES {
+        let mut cut = MAX_LOG_LINE_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    if text.contains('\0') {
+        text = text.replace('\0', "\u{fffd}");
+    }
+    text
+}

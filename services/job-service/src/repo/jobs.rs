@@ -1,0 +1,435 @@
+//! Jobs, labels, attempts and idempotency keys.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use trainmesh_common::db::Backend;
+use trainmesh_common::proto::job::v1 as pb;
+
+use super::{bool_to_db, Bind, Sql};
+use crate::domain::{
+    failure_cause_from_name, failure_cause_name, AttemptState, JobId, JobState, LabelSelector,
+    PageToken,
+};
+use crate::error::{Error, Result};
+
+/// One job row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub owner: String,
+    pub org: String,
+    pub name: String,
+    pub state: JobState,
+    pub spec: pb::JobSpec,
+    pub failure_cause: pb::FailureCause,
+    pub error: Option<pb::JobError>,
+    pub error_message: String,
+    pub state_reason: String,
+    pub create_time: i64,
+    pub update_time: i64,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub correlation_id: String,
+    pub cancel_requested: bool,
+    pub scheduler_sequence: i64,
+    pub current_attempt: i64,
+    pub diagnosis: Option<pb::DiagnosisSummary>,
+    pub pipeline_id: String,
+    pub pipeline_stage: String,
+}
+
+impl JobRecord {
+    /// A new PENDING job.
+    pub fn new(
+        id: JobId,
+        owner: &str,
+        org: &str,
+        spec: pb::JobSpec,
+        correlation_id: &str,
+        now: i64,
+    ) -> Self {
+        Self {
+            id,
+            owner: owner.to_owned(),
+            org: org.to_owned(),
+            name: spec.name.clone(),
+            state: JobState::Pending,
+            spec,
+            failure_cause: pb::FailureCause::Unspecified,
+            error: None,
+            error_message: String::new(),
+            state_reason: String::new(),
+            create_time: now,
+            update_time: now,
+            start_time: 0,
+            end_time: 0,
+            correlation_id: correlation_id.to_owned(),
+            cancel_requested: false,
+            scheduler_sequence: 0,
+            current_attempt: 0,
+            diagnosis: None,
+            pipeline_id: String::new(),
+            pipeline_stage: String::new(),
+        }
+    }
+}
+
+/// One attempt row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AttemptRecord {
+    pub number: i64,
+    pub runner_id: String,
+    pub state: AttemptState,
+    pub create_time: i64,
+    pub start_time: i64,
+    pub end_time: i64,
+    pub exit_code: Option<i64>,
+    pub error: Option<pb::JobError>,
+}
+
+const JOB_COLUMNS: &str = "id, owner, org, name, state, spec, failure_cause, error, \
+    error_message, state_reason, create_time, update_time, start_time, end_time, \
+    correlation_id, cancel_requested, scheduler_sequence, current_attempt, diagnosis, \
+    pipeline_id, pipeline_stage";
+
+fn decode_opt<M: Message + Default>(bytes: Option<Vec<u8>>) -> Result<Option<M>> {
+    bytes
+        .map(|b| M::decode(b.as_slice()))
+        .transpose()
+        .map_err(Error::from)
+}
+
+fn job_from_row(r: &AnyRow) -> Result<JobRecord> {
+    let id: String = r.try_get(0)?;
+    let state: String = r.try_get(4)?;
+    let spec: Vec<u8> = r.try_get(5)?;
+    let cause: String = r.try_get(6)?;
+    Ok(JobRecord {
+        id: id
+            .parse()
+            .map_err(|_| Error::Corrupt(format!("job id `{id}`")))?,
+        owner: r.try_get(1)?,
+        org: r.try_get(2)?,
+        name: r.try_get(3)?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| Error::Corrupt(format!("job `{id}` has state `{state}`")))?,
+        spec: pb::JobSpec::decode(spec.as_slice())?,
+        failure_cause: failure_cause_from_name(&cause),
+        error: decode_opt(r.try_get(7)?)?,
+        error_message: r.try_get(8)?,
+        state_reason: r.try_get(9)?,
+        create_time: r.try_get(10)?,
+        update_time: r.try_get(11)?,
+        start_time: r.try_get(12)?,
+        end_time: r.try_get(13)?,
+        correlation_id: r.try_get(14)?,
+        cancel_requested: r.try_get::<i64, _>(15)? != 0,
+        scheduler_sequence: r.try_get(16)?,
+        current_attempt: r.try_get(17)?,
+        diagnosis: decode_opt(r.try_get(18)?)?,
+        pipeline_id: r.try_get(19)?,
+        pipeline_stage: r.try_get(20)?,
+    })
+}
+
+pub async fn insert_job(conn: &mut AnyConnection, job: &JobRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO jobs (id, owner, org, name, state, spec, priority, failure_cause, \
+         error_message, state_reason, create_time, update_time, correlation_id, \
+         pipeline_id, pipeline_stage) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(job.id.to_string())
+    .bind(&job.owner)
+    .bind(&job.org)
+    .bind(&job.name)
+    .bind(job.state.as_str())
+    .bind(job.spec.encode_to_vec())
+    .bind(i64::from(job.spec.priority))
+    .bind(failure_cause_name(job.failure_cause as i32))
+    .bind(&job.error_message)
+    .bind(&job.state_reason)
+    .bind(job.create_time)
+    .bind(job.update_time)
+    .bind(&job.correlation_id)
+    .bind(&job.pipeline_id)
+    .bind(&job.pipeline_stage)
+    .execute(&mut *conn)
+    .await?;
+    let mut labels: Vec<_> = job.spec.labels.iter().collect();
+    labels.sort();
+    for (k, v) in labels {
+        sqlx::query("INSERT INTO job_labels (job_id, label_key, label_value) VALUES ($1, $2, $3)")
+            .bind(job.id.to_string())
+            .bind(k)
+            .bind(v)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes every mutable field of `job` back.
+pub async fn save_job(conn: &mut AnyConnection, job: &JobRecord) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = $2, failure_cause = $3, error = $4, error_message = $5, \
+         state_reason = $6, update_time = $7, start_time = $8, end_time = $9, \
+         cancel_requested = $10, scheduler_sequence = $11, current_attempt = $12, \
+         diagnosis = $13 WHERE id = $1",
+    )
+    .bind(job.id.to_string())
+    .bind(job.state.as_str())
+    .bind(failure_cause_name(job.failure_cause as i32))
+    .bind(job.error.as_ref().map(Message::encode_to_vec))
+    .bind(&job.error_message)
+    .bind(&job.state_reason)
+    .bind(job.update_time)
+    .bind(job.start_time)
+    .bind(job.end_time)
+    .bind(bool_to_db(job.cancel_requested))
+    .bind(job.scheduler_sequence)
+    .bind(job.current_attempt)
+    .bind(job.diagnosis.as_ref().map(Message::encode_to_vec))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn get_job(conn: &mut AnyConnection, id: JobId) -> Result<Option<JobRecord>> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// Reads the job and, on PostgreSQL, locks its row until the transaction
+/// ends (SQLite has a single writer, so a write transaction is exclusive).
+pub async fn lock_job(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    id: JobId,
+) -> Result<Option<JobRecord>> {
+    let lock = if backend == Backend::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1{lock}"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// Removes everything stored for the job except its row and its events.
+pub async fn delete_job_data(conn: &mut AnyConnection, id: JobId) -> Result<()> {
+    for table in [
+        "DELETE FROM job_labels WHERE job_id = $1",
+        "DELETE FROM attempts WHERE job_id = $1",
+        "DELETE FROM job_logs WHERE job_id = $1",
+        "DELETE FROM job_log_stats WHERE job_id = $1",
+        "DELETE FROM idempotency WHERE job_id = $1",
+    ] {
+        sqlx::query(table)
+            .bind(id.to_string())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+pub async fn delete_job_row(conn: &mut AnyConnection, id: JobId) -> Result<()> {
+    sqlx::query("DELETE FROM jobs WHERE id = $1")
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// What ListJobs filters on.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub owner: Option<String>,
+    pub states: Vec<JobState>,
+    pub labels: Vec<LabelSelector>,
+    pub after: Option<PageToken>,
+    pub limit: i64,
+}
+
+/// Newest first, keyset-paged on (create_time, id): a page never shifts
+/// when jobs are created meanwhile.
+pub async fn list_jobs(conn: &mut AnyConnection, f: &JobFilter) -> Result<Vec<JobRecord>> {
+    let mut sql = Sql::new(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1"));
+    if let Some(owner) = &f.owner {
+        sql.push(" AND owner = ").bind(Bind::Text(owner.clone()));
+    }
+    if !f.states.is_empty() {
+        sql.push(" AND state IN (");
+        for (i, s) in f.states.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(Bind::Text(s.as_str().to_owned()));
+        }
+        sql.push(")");
+    }
+    for l in &f.labels {
+        sql.push(
+            " AND EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = jobs.id AND l.label_key = ",
+        )
+        .bind(Bind::Text(l.key.clone()))
+        .push(" AND l.label_value = ")
+        .bind(Bind::Text(l.value.clone()))
+        .push(")");
+    }
+    if let Some(t) = &f.after {
+        sql.push(" AND (create_time < ")
+            .bind(Bind::I64(t.create_time))
+            .push(" OR (create_time = ")
+            .bind(Bind::I64(t.create_time))
+            .push(" AND id < ")
+            .bind(Bind::Text(t.id.clone()))
+            .push("))");
+    }
+    sql.push(" ORDER BY create_time DESC, id DESC LIMIT ")
+        .bind(Bind::I64(f.limit));
+    let rows = sql.query().fetch_all(&mut *conn).await?;
+    rows.iter().map(job_from_row).collect()
+}
+
+fn attempt_from_row(r: &AnyRow) -> Result<(String, AttemptRecord)> {
+    let state: String = r.try_get(3)?;
+    Ok((
+        r.try_get(0)?,
+        AttemptRecord {
+            number: r.try_get(1)?,
+            runner_id: r.try_get(2)?,
+            state: AttemptState::parse(&state)
+                .ok_or_else(|| Error::Corrupt(format!("attempt state `{state}`")))?,
+            create_time: r.try_get(4)?,
+            start_time: r.try_get(5)?,
+            end_time: r.try_get(6)?,
+            exit_code: r.try_get(7)?,
+            error: decode_opt(r.try_get(8)?)?,
+        },
+    ))
+}
+
+const ATTEMPT_COLUMNS: &str =
+    "job_id, number, runner_id, state, create_time, start_time, end_time, exit_code, error";
+
+/// Attempts of each of `ids`, in attempt order.
+pub async fn attempts_of(
+    conn: &mut AnyConnection,
+    ids: &[JobId],
+) -> Result<HashMap<JobId, Vec<AttemptRecord>>> {
+    let mut out: HashMap<JobId, Vec<AttemptRecord>> = HashMap::new();
+    for chunk in ids.chunks(500) {
+        let mut sql = Sql::new(&format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id IN ("
+        ));
+        for (i, id) in chunk.iter().enumerate() {
+            if i > 0 {
+                sql.push(", ");
+            }
+            sql.bind(Bind::Text(id.to_string()));
+        }
+        sql.push(") ORDER BY job_id, number");
+        for r in sql.query().fetch_all(&mut *conn).await? {
+            let (job, a) = attempt_from_row(&r)?;
+            let id = job
+                .parse()
+                .map_err(|_| Error::Corrupt(format!("attempt of job `{job}`")))?;
+            out.entry(id).or_default().push(a);
+        }
+    }
+    Ok(out)
+}
+
+pub async fn get_attempt(
+    conn: &mut AnyConnection,
+    id: JobId,
+    number: i64,
+) -> Result<Option<AttemptRecord>> {
+    let row = sqlx::query(&format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job_id = $1 AND number = $2"
+    ))
+    .bind(id.to_string())
+    .bind(number)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref()
+        .map(|r| attempt_from_row(r).map(|(_, a)| a))
+        .transpose()
+}
+
+pub async fn upsert_attempt(conn: &mut AnyConnection, id: JobId, a: &AttemptRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO attempts (job_id, number, runner_id, state, create_time, start_time, \
+         end_time, exit_code, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (job_id, number) DO UPDATE SET runner_id = excluded.runner_id, \
+         state = excluded.state, start_time = excluded.start_time, \
+         end_time = excluded.end_time, exit_code = excluded.exit_code, error = excluded.error",
+    )
+    .bind(id.to_string())
+    .bind(a.number)
+    .bind(&a.runner_id)
+    .bind(a.state.as_str())
+    .bind(a.create_time)
+    .bind(a.start_time)
+    .bind(a.end_time)
+    .bind(a.exit_code)
+    .bind(a.error.as_ref().map(Message::encode_to_vec))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn find_idempotent(
+    conn: &mut AnyConnection,
+    owner: &str,
+    key: &str,
+) -> Result<Option<JobId>> {
+    let row = sqlx::query("SELECT job_id FROM idempotency WHERE owner = $1 AND idem_key = $2")
+        .bind(owner)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(r) => {
+            let id: String = r.try_get(0)?;
+            id.parse()
+                .map(Some)
+                .map_err(|_| Error::Corrupt(format!("idempotency job id `{id}`")))
+        }
+    }
+}
+
+/// Claims (owner, key) for `job`; false when another job holds it (the
+/// insert then waits for, or conflicts with, that job's transaction).
+pub async fn claim_idempotency(
+    conn: &mut AnyConnection,
+    owner: &str,
+    key: &str,
+    job: JobId,
+    now: i64,
+) -> Result<bool> {
+    let row = sqlx::query(
+        "INSERT INTO idempotency (owner, idem_key, job_id, create_time) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (owner, idem_key) DO NOTHING RETURNING job_id",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(job.to_string())
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.is_some())
+}

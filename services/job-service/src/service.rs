@@ -1,0 +1,470 @@
+//! Job logic: every state change, its event and its outbox message commit
+//! in one transaction. No tonic types here.
+
+use std::sync::Arc;
+
+use prost::Message;
+use sqlx::AnyConnection;
+use tokio::sync::watch;
+use trainmesh_common::auth::Caller;
+use trainmesh_common::db::Db;
+use trainmesh_common::error::FieldError;
+use trainmesh_common::outbox::{self, Relay};
+use trainmesh_common::proto::job::v1 as pb;
+use trainmesh_common::proto::scheduler::v1 as spb;
+use trainmesh_common::time::{now_micros, to_timestamp};
+use trainmesh_common::{correlation, time};
+
+use crate::domain::{
+    JobId, JobState, LabelSelector, PageToken, RESERVED_LABEL_PREFIX, RETRY_OF_LABEL,
+};
+use crate::error::{Error, Result};
+use crate::paths::PathPolicy;
+use crate::repo::{self, AttemptRecord, JobFilter, JobRecord, NewEvent};
+use crate::validate::{validate_idempotency_key, validate_reason, validate_spec, ValidSpec};
+
+pub const TOPIC_ENQUEUE: &str = "enqueue";
+pub const TOPIC_CANCEL: &str = "cancel";
+pub const TOPIC_DIAGNOSE: &str = "diagnose";
+
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+pub const MAX_PAGE_SIZE: i64 = 500;
+
+/// A job with its attempts, as GetJob shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobView {
+    pub job: JobRecord,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Tunables of the service.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub paths: PathPolicy,
+    /// Enqueue a "diagnose" outbox message when a job fails.
+    pub auto_diagnose: bool,
+    pub max_log_lines_per_attempt: i64,
+}
+
+/// Wakes watchers after commits. Only counters are sent, never events, so
+/// a slow watcher costs no memory: it re-reads from its own cursor.
+#[derive(Debug)]
+pub struct Signals {
+    pub events: watch::Sender<u64>,
+    pub logs: watch::Sender<u64>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        Self {
+            events: watch::channel(0).0,
+            logs: watch::channel(0).0,
+        }
+    }
+
+    pub(crate) fn bump(tx: &watch::Sender<u64>) {
+        tx.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+pub struct JobService {
+    pub(crate) db: Db,
+    pub(crate) relay: Relay,
+    pub(crate) settings: Settings,
+    pub(crate) signals: Signals,
+}
+
+/// Another user's job looks exactly like a missing one.
+fn visible(caller: &Caller, job: &JobRecord) -> bool {
+    caller.sees_everything() || job.owner == caller.user
+}
+
+impl JobService {
+    pub fn new(db: Db, relay: Relay, settings: Settings) -> Arc<Self> {
+        Arc::new(Self {
+            db,
+            relay,
+            settings,
+            signals: Signals::new(),
+        })
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub(crate) fn committed(&self, outbox: bool) {
+        Signals::bump(&self.signals.events);
+        if outbox {
+            self.relay.notify();
+        }
+    }
+
+    pub(crate) async fn load_view(
+        &self,
+        conn: &mut AnyConnection,
+        job: JobRecord,
+    ) -> Result<JobView> {
+        let attempts = repo::attempts_of(conn, &[job.id])
+            .await?
+            .remove(&job.id)
+            .unwrap_or_default();
+        Ok(JobView { job, attempts })
+    }
+
+    /// The job if `caller` may see it; otherwise NOT_FOUND.
+    pub async fn get(&self, caller: &Caller, raw_id: &str) -> Result<JobView> {
+        let id = JobId::parse_field("job_id", raw_id)?;
+        let mut conn = self.db.read.acquire().await?;
+        match repo::get_job(&mut conn, id).await? {
+            Some(job) if visible(caller, &job) => self.load_view(&mut conn, job).await,
+            _ => Err(Error::JobNotFound(id.to_string())),
+        }
+    }
+
+    /// Validates a user's spec. Path checks touch the file system (which may
+    /// be a slow network mount), so they run on the blocking pool.
+    async fn validate(&self, spec: Option<pb::JobSpec>) -> Result<ValidSpec> {
+        let has_paths = spec
+            .as_ref()
+            .and_then(|s| s.training.as_ref())
+            .is_some_and(|t| !t.dataset_path.is_empty() || !t.output_path.is_empty());
+        if !has_paths {
+            return Ok(validate_spec(spec, &self.settings.paths, false)?);
+        }
+        let paths = self.settings.paths.clone();
+        tokio::task::spawn_blocking(move || validate_spec(spec, &paths, false))
+            .await
+            .map_err(|e| Error::Retry(format!("validation did not complete: {e}")))?
+            .map_err(Error::from)
+    }
+
+    /// CreateJob. Returns the job and whether the idempotency key matched an
+    /// existing one (then the stored job is returned as it is, even if this
+    /// request's spec differs: the key identifies the submission).
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        spec: Option<pb::JobSpec>,
+        idempotency_key: &str,
+    ) -> Result<(JobView, bool)> {
+        let key = validate_idempotency_key(idempotency_key)?;
+        // The key first: a retry gets its original job even if the roots
+        // changed since, and costs no file-system look-ups.
+        if let Some(k) = &key {
+            let mut conn = self.db.read.acquire().await?;
+            if let Some(id) = repo::find_idempotent(&mut conn, &caller.user, k).await? {
+                if let Some(job) = repo::get_job(&mut conn, id).await? {
+                    return Ok((self.load_view(&mut conn, job).await?, true));
+                }
+            }
+        }
+        let spec = self.validate(spec).await?;
+        self.insert_new(&caller.user, &caller.org, spec.into_inner(), key.as_deref())
+            .await
+    }
+
+    async fn insert_new(
+        &self,
+        owner: &str,
+        org: &str,
+        spec: pb::JobSpec,
+        key: Option<&str>,
+    ) -> Result<(JobView, bool)> {
+        let cid = correlation::current().unwrap_or_else(correlation::generate);
+        let now = now_micros();
+        let job = JobRecord::new(JobId::new(), owner, org, spec, &cid, now);
+        let mut tx = self.db.write.begin().await?;
+        if let Some(k) = key {
+            if !repo::claim_idempotency(&mut tx, owner, k, job.id, now).await? {
+                // Lost a race with a concurrent retry: answer with its job.
+                tx.rollback().await?;
+                let mut conn = self.db.write.acquire().await?;
+                let existing = match repo::find_idempotent(&mut conn, owner, k).await? {
+                    Some(id) => repo::get_job(&mut conn, id).await?,
+                    None => None,
+                };
+                return match existing {
+                    Some(j) => Ok((self.load_view(&mut conn, j).await?, true)),
+                    None => Err(Error::Retry(
+                        "a concurrent request with this idempotency key did not complete; retry"
+                            .into(),
+                    )),
+                };
+            }
+        }
+        repo::insert_job(&mut tx, &job).await?;
+        let enqueue = spb::EnqueueJobRequest {
+            job_id: job.id.to_string(),
+            owner: job.owner.clone(),
+            org: job.org.clone(),
+            spec: Some(job.spec.clone()),
+            correlation_id: cid.clone(),
+            submit_time: Some(to_timestamp(now)),
+        };
+        outbox::enqueue(
+            &mut tx,
+            TOPIC_ENQUEUE,
+            &job.id.to_string(),
+            &enqueue.encode_to_vec(),
+            &cid,
+        )
+        .await?;
+        repo::append_event(
+            &mut tx,
+            self.db.backend,
+            &NewEvent {
+                job_id: job.id,
+                owner,
+                event_type: "created",
+                state: JobState::Pending,
+                previous_state: None,
+                message: "",
+                attempt: 0,
+                time: now,
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        self.committed(true);
+        tracing::info!(job_id = %job.id, owner, correlation_id = %cid, "job created");
+        Ok((
+            JobView {
+                job,
+                attempts: Vec::new(),
+            },
+            false,
+        ))
+    }
+
+    /// ListJobs. A user may name only themself as `owner`.
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        states: &[i32],
+        selectors: &[String],
+        owner: &str,
+        page_size: i32,
+        page_token: &str,
+    ) -> Result<(Vec<JobView>, String)> {
+        let owner = if owner.is_empty() {
+            (!caller.sees_everything()).then(|| caller.user.clone())
+        } else if owner == caller.user || caller.sees_everything() {
+            Some(owner.to_owned())
+        } else {
+            return Err(Error::PermissionDenied(format!(
+                "`{}` may list only their own jobs, not `{owner}`'s",
+                caller.user
+            )));
+        };
+        let states = states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| JobState::from_proto(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<_>, FieldError>>()?;
+        let labels = selectors
+            .iter()
+            .enumerate()
+            .map(|(i, s)| LabelSelector::parse(&format!("label_selector[{i}]"), s))
+            .collect::<Result<Vec<_>, FieldError>>()?;
+        let limit = match i64::from(page_size) {
+            n if n < 0 => return Err(FieldError::new("page_size", "must not be negative").into()),
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let after = (!page_token.is_empty())
+            .then(|| PageToken::decode("page_token", page_token))
+            .transpose()?;
+        let filter = JobFilter {
+            owner,
+            states,
+            labels,
+            after,
+            // One more than asked tells whether another page exists.
+            limit: limit + 1,
+        };
+        let mut conn = self.db.read.acquire().await?;
+        let mut jobs = repo::list_jobs(&mut conn, &filter).await?;
+        let more = jobs.len() as i64 > limit;
+        jobs.truncate(limit as usize);
+        let next = match (more, jobs.last()) {
+            (true, Some(last)) => PageToken {
+                create_time: last.create_time,
+                id: last.id.to_string(),
+            }
+            .encode(),
+            _ => String::new(),
+        };
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        let mut attempts = repo::attempts_of(&mut conn, &ids).await?;
+        let views = jobs
+            .into_iter()
+            .map(|job| JobView {
+                attempts: attempts.remove(&job.id).unwrap_or_default(),
+                job,
+            })
+            .collect();
+        Ok((views, next))
+    }
+
+    /// CancelJob (CONVENTIONS flow 6). Cancelling twice is harmless.
+    pub async fn cancel(&self, caller: &Caller, raw_id: &str, reason: &str) -> Result<JobView> {
+        let id = JobId::parse_field("job_id", raw_id)?;
+        let reason = validate_reason("reason", reason)?;
+        let reason = if reason.is_empty() {
+            format!("cancelled by {}", caller.user)
+        } else {
+            reason
+        };
+        let mut tx = self.db.write.begin().await?;
+        let mut job = match repo::lock_job(&mut tx, self.db.backend, id).await? {
+            Some(j) if visible(caller, &j) => j,
+            _ => return Err(Error::JobNotFound(id.to_string())),
+        };
+        if job.state.is_terminal() {
+            return Err(Error::FailedPrecondition(format!(
+                "job `{id}` already ended ({}); only unfinished jobs can be cancelled",
+                job.state
+            )));
+        }
+        if job.cancel_requested {
+            let view = self.load_view(&mut tx, job).await?;
+            tx.commit().await?;
+            return Ok(view);
+        }
+        let now = now_micros();
+        let prev = job.state;
+        job.cancel_requested = true;
+        job.update_time = now;
+        // Kept as the reason of the final CANCELLED when the scheduler
+        // reports none.
+        job.state_reason = reason.clone();
+        let event_type = if prev == JobState::Pending {
+            // Not yet in the scheduler's hands: cancelled at once. The
+            // "cancel" message still follows the "enqueue" (same key, in
+            // order), so a queue entry made meanwhile is closed too.
+            job.state = JobState::Cancelled;
+            job.end_time = now;
+            job.failure_cause = pb::FailureCause::Cancelled;
+            "state_changed"
+        } else {
+            "cancel_requested"
+        };
+        repo::save_job(&mut tx, &job).await?;
+        let msg = spb::CancelQueuedJobRequest {
+            job_id: id.to_string(),
+            reason: reason.clone(),
+        };
+        outbox::enqueue(
+            &mut tx,
+            TOPIC_CANCEL,
+            &id.to_string(),
+            &msg.encode_to_vec(),
+            &job.correlation_id,
+        )
+        .await?;
+        repo::append_event(
+            &mut tx,
+            self.db.backend,
+            &NewEvent {
+                job_id: id,
+                owner: &job.owner,
+                event_type,
+                state: job.state,
+                previous_state: Some(prev),
+                message: &reason,
+                attempt: job.current_attempt,
+                time: now,
+            },
+        )
+        .await?;
+        let view = self.load_view(&mut tx, job).await?;
+        tx.commit().await?;
+        self.committed(true);
+        tracing::info!(job_id = %id, user = %caller.user, %reason, "cancel requested");
+        Ok(view)
+    }
+
+    /// DeleteJob: only a finished job, or one no runner was ever given.
+    pub async fn delete(&self, caller: &Caller, raw_id: &str) -> Result<()> {
+        let id = JobId::parse_field("job_id", raw_id)?;
+        let mut tx = self.db.write.begin().await?;
+        let job = match repo::lock_job(&mut tx, self.db.backend, id).await? {
+            Some(j) if visible(caller, &j) => j,
+            _ => return Err(Error::JobNotFound(id.to_string())),
+        };
+        let unstarted = job.state.never_started() && job.current_attempt == 0;
+        if !job.state.is_terminal() && !unstarted {
+            return Err(Error::FailedPrecondition(format!(
+                "job `{id}` is {}; cancel it and wait for it to end before deleting it",
+                job.state
+            )));
+        }
+        if !job.state.is_terminal() {
+            // The scheduler may already hold a queue entry for it.
+            let msg = spb::CancelQueuedJobRequest {
+                job_id: id.to_string(),
+                reason: format!("deleted by {}", caller.user),
+            };
+            outbox::enqueue(
+                &mut tx,
+                TOPIC_CANCEL,
+                &id.to_string(),
+                &msg.encode_to_vec(),
+                &job.correlation_id,
+            )
+            .await?;
+        }
+        repo::delete_job_data(&mut tx, id).await?;
+        repo::append_event(
+            &mut tx,
+            self.db.backend,
+            &NewEvent {
+                job_id: id,
+                owner: &job.owner,
+                event_type: "deleted",
+                state: job.state,
+                previous_state: Some(job.state),
+                message: &format!("deleted by {}", caller.user),
+                attempt: job.current_attempt,
+                time: now_micros(),
+            },
+        )
+        .await?;
+        repo::delete_job_row(&mut tx, id).await?;
+        tx.commit().await?;
+        self.committed(!job.state.is_terminal());
+        tracing::info!(job_id = %id, user = %caller.user, "job deleted");
+        Ok(())
+    }
+
+    /// RetryJob: a NEW job with the failed/cancelled job's spec and owner,
+    /// labelled `trainmesh.io/retry-of=<old id>`. The spec is validated
+    /// again (the data roots may have changed since).
+    pub async fn retry(&self, caller: &Caller, raw_id: &str) -> Result<JobView> {
+        let old = self.get(caller, raw_id).await?.job;
+        if !matches!(old.state, JobState::Failed | JobState::Cancelled) {
+            return Err(Error::FailedPrecondition(format!(
+                "job `{}` is {}; only FAILED or CANCELLED jobs can be retried",
+                old.id, old.state
+            )));
+        }
+        let mut spec = old.spec.clone();
+        spec.labels
+            .retain(|k, _| !k.starts_with(RESERVED_LABEL_PREFIX));
+        let spec = self
+            .validate(Some(spec))
+            .await?
+            .with_platform_label(RETRY_OF_LABEL, &old.id.to_string());
+        let (view, _) = self
+            .insert_new(&old.owner, &old.org, spec.into_inner(), None)
+            .await?;
+        tracing::info!(job_id = %view.job.id, retry_of = %old.id, "job retried");
+        Ok(view)
+    }
+}
+
+/// Micros to a protobuf timestamp, `None` for 0.
+pub fn ts(micros: i64) -> Option<prost_types::Timestamp> {
+    time::to_opt_timestamp(micros)
+}

@@ -1,0 +1,10 @@
+//! job-service over real gRPC: each test starts `run` on a port-0 listener
+//! with the test tokens, on SQLite and (when TRAINMESH_TEST_POSTGRES_URL is
+//! set) PostgreSQL.
+
+mod create;
+mod lifecycle;
+mod outbox;
+mod support;
+mod validation;
+mod watch_logs;
