@@ -1,0 +1,543 @@
+//! Validated domain types. Protos are converted at the boundary with
+//! `TryFrom`, and every error names the offending field.
+
+use std::collections::{BTreeMap, HashSet};
+
+use trainmesh_common::error::FieldError;
+use trainmesh_common::proto::job::v1::{
+    AttemptState, FailureCause, JobError, JobSpec, JobState, Resources,
+};
+use trainmesh_common::proto::runner::v1 as runner_pb;
+use trainmesh_common::proto::scheduler::v1 as sched_pb;
+use trainmesh_common::time::from_timestamp;
+use trainmesh_common::typed_id;
+
+typed_id!(
+    /// A job, as named by job-service.
+    JobId
+);
+typed_id!(
+    /// One registration of a runner; a runner that lost its lease gets a new one.
+    RunnerId
+);
+
+/// The scheduler's view of a job's state (the queue side of `JobState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EntryState {
+    Queued,
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl EntryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryState::Queued => "QUEUED",
+            EntryState::Scheduled => "SCHEDULED",
+            EntryState::Running => "RUNNING",
+            EntryState::Succeeded => "SUCCEEDED",
+            EntryState::Failed => "FAILED",
+            EntryState::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "QUEUED" => EntryState::Queued,
+            "SCHEDULED" => EntryState::Scheduled,
+            "RUNNING" => EntryState::Running,
+            "SUCCEEDED" => EntryState::Succeeded,
+            "FAILED" => EntryState::Failed,
+            "CANCELLED" => EntryState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn proto(self) -> JobState {
+        match self {
+            EntryState::Queued => JobState::Queued,
+            EntryState::Scheduled => JobState::Scheduled,
+            EntryState::Running => JobState::Running,
+            EntryState::Succeeded => JobState::Succeeded,
+            EntryState::Failed => JobState::Failed,
+            EntryState::Cancelled => JobState::Cancelled,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            EntryState::Succeeded | EntryState::Failed | EntryState::Cancelled
+        )
+    }
+}
+
+/// State of one attempt (`AttemptState` without the prefix).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttemptStatus {
+    Scheduled,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Lost,
+}
+
+impl AttemptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptStatus::Scheduled => "SCHEDULED",
+            AttemptStatus::Running => "RUNNING",
+            AttemptStatus::Succeeded => "SUCCEEDED",
+            AttemptStatus::Failed => "FAILED",
+            AttemptStatus::Cancelled => "CANCELLED",
+            AttemptStatus::Lost => "LOST",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "SCHEDULED" => AttemptStatus::Scheduled,
+            "RUNNING" => AttemptStatus::Running,
+            "SUCCEEDED" => AttemptStatus::Succeeded,
+            "FAILED" => AttemptStatus::Failed,
+            "CANCELLED" => AttemptStatus::Cancelled,
+            "LOST" => AttemptStatus::Lost,
+            _ => return None,
+        })
+    }
+
+    pub fn proto(self) -> AttemptState {
+        match self {
+            AttemptStatus::Scheduled => AttemptState::Scheduled,
+            AttemptStatus::Running => AttemptState::Running,
+            AttemptStatus::Succeeded => AttemptState::Succeeded,
+            AttemptStatus::Failed => AttemptState::Failed,
+            AttemptStatus::Cancelled => AttemptState::Cancelled,
+            AttemptStatus::Lost => AttemptState::Lost,
+        }
+    }
+
+    /// Holds its runner's resources.
+    pub fn is_active(self) -> bool {
+        matches!(self, AttemptStatus::Scheduled | AttemptStatus::Running)
+    }
+
+    /// Order in an attempt's life; a report that does not move forward is a
+    /// duplicate or a stale retry.
+    pub fn rank(self) -> u8 {
+        match self {
+            AttemptStatus::Scheduled => 0,
+            AttemptStatus::Running => 1,
+            _ => 2,
+        }
+    }
+
+    /// The job state an attempt in this state puts the job in.
+    pub fn job_state(self) -> EntryState {
+        match self {
+            AttemptStatus::Scheduled => EntryState::Scheduled,
+            AttemptStatus::Running => EntryState::Running,
+            AttemptStatus::Succeeded => EntryState::Succeeded,
+            AttemptStatus::Failed => EntryState::Failed,
+            AttemptStatus::Cancelled => EntryState::Cancelled,
+            AttemptStatus::Lost => EntryState::Queued,
+        }
+    }
+}
+
+/// What a job needs from one runner, summed over its replicas.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub gpus: u32,
+    /// Case-insensitive substring of the GPU model; empty means any.
+    pub gpu_type: String,
+    pub cpu_milli: i64,
+    pub memory_mib: i64,
+}
+
+/// Largest single value accepted for GPUs, so sums cannot overflow.
+const MAX_GPUS: i32 = 4096;
+const MAX_REPLICAS: i32 = 4096;
+
+pub fn cpu_to_milli(field: &str, cpu: f64) -> Result<i64, FieldError> {
+    if !cpu.is_finite() || cpu < 0.0 {
+        return Err(FieldError::new(
+            field,
+            "must be a finite, non-negative number",
+        ));
+    }
+    if cpu > 1_000_000.0 {
+        return Err(FieldError::new(field, "must be at most 1000000"));
+    }
+    Ok((cpu * 1000.0).round() as i64)
+}
+
+impl Demand {
+    /// Validates `spec.resources` and `spec.replicas`; every replica runs on
+    /// the same runner in this release, so the demand is per replica times
+    /// the replica count.
+    pub fn from_spec(spec: &JobSpec) -> Result<Self, FieldError> {
+        let res = spec.resources.clone().unwrap_or_default();
+        let Resources {
+            gpus,
+            gpu_type,
+            cpu,
+            memory_mib,
+            shm_mib,
+        } = res;
+        if !(0..=MAX_GPUS).contains(&gpus) {
+            return Err(FieldError::new(
+                "spec.resources.gpus",
+                format!("must be between 0 and {MAX_GPUS}"),
+            ));
+        }
+        let cpu_milli = cpu_to_milli("spec.resources.cpu", cpu)?;
+        if memory_mib < 0 {
+            return Err(FieldError::new(
+                "spec.resources.memory_mib",
+                "must not be negative",
+            ));
+        }
+        if shm_mib < 0 {
+            return Err(FieldError::new(
+                "spec.resources.shm_mib",
+                "must not be negative",
+            ));
+        }
+        let replicas = spec.replicas.unwrap_or_default();
+        if !(0..=MAX_REPLICAS).contains(&replicas.masters) {
+            return Err(FieldError::new(
+                "spec.replicas.masters",
+                format!("must be between 0 and {MAX_REPLICAS}"),
+            ));
+        }
+        if !(0..=MAX_REPLICAS).contains(&replicas.workers) {
+            return Err(FieldError::new(
+                "spec.replicas.workers",
+                format!("must be between 0 and {MAX_REPLICAS}"),
+            ));
+        }
+        let n = i64::from(replicas.masters.max(1)) + i64::from(replicas.workers);
+        let total_gpus = i64::from(gpus) * n;
+        let gpus = u32::try_from(total_gpus)
+            .ok()
+            .filter(|g| *g <= MAX_GPUS as u32)
+            .ok_or_else(|| {
+                FieldError::new(
+                    "spec.resources.gpus",
+                    format!("{total_gpus} GPUs over all replicas is more than {MAX_GPUS}"),
+                )
+            })?;
+        Ok(Demand {
+            gpus,
+            gpu_type: gpu_type.trim().to_owned(),
+            cpu_milli: cpu_milli.saturating_mul(n),
+            memory_mib: memory_mib.saturating_mul(n),
+        })
+    }
+}
+
+/// A validated `EnqueueJob` request.
+#[derive(Clone, Debug)]
+pub struct NewEntry {
+    pub job_id: JobId,
+    pub owner: String,
+    pub org: String,
+    pub priority: i32,
+    pub demand: Demand,
+    pub spec: Vec<u8>,
+    /// `None`: the configured default.
+    pub max_attempts: Option<u32>,
+    pub correlation_id: String,
+    pub submit_time: Option<i64>,
+}
+
+impl TryFrom<sched_pb::EnqueueJobRequest> for NewEntry {
+    type Error = FieldError;
+
+    fn try_from(req: sched_pb::EnqueueJobRequest) -> Result<Self, FieldError> {
+        let job_id = JobId::parse_field("job_id", &req.job_id)?;
+        if req.owner.trim().is_empty() {
+            return Err(FieldError::new("owner", "is required"));
+        }
+        let spec = req
+            .spec
+            .ok_or_else(|| FieldError::new("spec", "is required"))?;
+        let demand = Demand::from_spec(&spec)?;
+        let max_attempts = match spec.retry_policy.as_ref().map(|p| p.max_attempts) {
+            None | Some(0) => None,
+            Some(n) if (1..=1000).contains(&n) => Some(n as u32),
+            Some(_) => {
+                return Err(FieldError::new(
+                    "spec.retry_policy.max_attempts",
+                    "must be between 0 (the default) and 1000",
+                ))
+            }
+        };
+        Ok(NewEntry {
+            job_id,
+            owner: req.owner.trim().to_owned(),
+            org: req.org.trim().to_owned(),
+            priority: spec.priority,
+            demand,
+            spec: prost::Message::encode_to_vec(&spec),
+            max_attempts,
+            correlation_id: req.correlation_id,
+            submit_time: req.submit_time.as_ref().map(from_timestamp),
+        })
+    }
+}
+
+/// One GPU of a runner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    pub index: i32,
+    pub model: String,
+}
+
+/// A runner's capacity, validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunnerCapacity {
+    pub gpus: Vec<GpuInfo>,
+    pub cpu_milli: i64,
+    pub memory_mib: i64,
+}
+
+impl RunnerCapacity {
+    pub fn from_proto(cap: &runner_pb::Capacity) -> Result<Self, FieldError> {
+        let mut seen = HashSet::new();
+        let mut gpus = Vec::with_capacity(cap.gpus.len());
+        for (i, g) in cap.gpus.iter().enumerate() {
+            if g.index < 0 {
+                return Err(FieldError::new(
+                    format!("capacity.gpus[{i}].index"),
+                    "must not be negative",
+                ));
+            }
+            if !seen.insert(g.index) {
+                return Err(FieldError::new(
+                    format!("capacity.gpus[{i}].index"),
+                    format!("index {} appears twice", g.index),
+                ));
+            }
+            gpus.push(GpuInfo {
+                index: g.index,
+                model: g.model.clone(),
+            });
+        }
+        if cap.memory_mib < 0 {
+            return Err(FieldError::new(
+                "capacity.memory_mib",
+                "must not be negative",
+            ));
+        }
+        Ok(RunnerCapacity {
+            gpus,
+            cpu_milli: cpu_to_milli("capacity.cpu", cap.cpu)?,
+            memory_mib: cap.memory_mib,
+        })
+    }
+}
+
+/// A validated `RegisterRunner` request.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    pub name: String,
+    pub backend: String,
+    /// The capacity as sent (kept for display), and validated.
+    pub capacity_proto: Vec<u8>,
+    pub capacity: RunnerCapacity,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl TryFrom<runner_pb::RegisterRunnerRequest> for Registration {
+    type Error = FieldError;
+
+    fn try_from(req: runner_pb::RegisterRunnerRequest) -> Result<Self, FieldError> {
+        if req.name.trim().is_empty() {
+            return Err(FieldError::new("name", "is required"));
+        }
+        let cap = req.capacity.unwrap_or_default();
+        let capacity = RunnerCapacity::from_proto(&cap)?;
+        Ok(Registration {
+            name: req.name.trim().to_owned(),
+            backend: req.backend.trim().to_owned(),
+            capacity_proto: prost::Message::encode_to_vec(&cap),
+            capacity,
+            labels: req.labels.into_iter().collect(),
+        })
+    }
+}
+
+/// A validated `ReportAttemptStatus` request.
+#[derive(Clone, Debug)]
+pub struct AttemptReport {
+    pub runner_id: RunnerId,
+    pub job_id: JobId,
+    pub attempt: i64,
+    pub state: AttemptStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<JobError>,
+}
+
+impl TryFrom<runner_pb::ReportAttemptStatusRequest> for AttemptReport {
+    type Error = FieldError;
+
+    fn try_from(req: runner_pb::ReportAttemptStatusRequest) -> Result<Self, FieldError> {
+        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        let job_id = JobId::parse_field("job_id", &req.job_id)?;
+        if req.attempt < 1 {
+            return Err(FieldError::new("attempt", "must be 1 or more"));
+        }
+        let state = match AttemptState::try_from(req.state) {
+            Ok(AttemptState::Running) => AttemptStatus::Running,
+            Ok(AttemptState::Succeeded) => AttemptStatus::Succeeded,
+            Ok(AttemptState::Failed) => AttemptStatus::Failed,
+            Ok(AttemptState::Cancelled) => AttemptStatus::Cancelled,
+            _ => {
+                return Err(FieldError::new(
+                    "state",
+                    "must be RUNNING, SUCCEEDED, FAILED or CANCELLED",
+                ))
+            }
+        };
+        Ok(AttemptReport {
+            runner_id,
+            job_id,
+            attempt: i64::from(req.attempt),
+            state,
+            exit_code: req.exit_code,
+            error: req.error,
+        })
+    }
+}
+
+/// Why an attempt failed, for retry policies and SLOs: the exit code
+/// decides when there is one, else the runner's error category.
+pub fn failure_cause(exit_code: Option<i32>, error: Option<&JobError>) -> FailureCause {
+    // A category that names the platform's own reason (the process never
+    // ran, the deadline or the runner killed it) outranks the exit code,
+    // which only echoes how it was stopped.
+    match error.map(|e| e.category.as_str()).unwrap_or_default() {
+        "setup" => return FailureCause::Setup,
+        "image-pull" => return FailureCause::ImagePull,
+        "deadline" => return FailureCause::Deadline,
+        "platform" | "runner-lost" | "runner-shutdown" => return FailureCause::Platform,
+        _ => {}
+    }
+    let code = exit_code.or_else(|| error.map(|e| e.exit_code).filter(|c| *c != 0));
+    match code {
+        Some(1..=127) => return FailureCause::UserCode,
+        // Negative codes are how some runtimes report "killed by signal N".
+        Some(c) if (128..=255).contains(&c) || c < 0 => return FailureCause::Signal,
+        _ => {}
+    }
+    if error.is_some_and(|e| e.signal != 0) {
+        return FailureCause::Signal;
+    }
+    match error.map(|e| e.category.as_str()).unwrap_or_default() {
+        "user-code" => FailureCause::UserCode,
+        "oom-killed" => FailureCause::Signal,
+        _ => FailureCause::Unspecified,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trainmesh_common::proto::job::v1::Replicas;
+
+    fn err(category: &str) -> JobError {
+        JobError {
+            category: category.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn failure_cause_follows_exit_code_then_category() {
+        assert_eq!(failure_cause(Some(1), None), FailureCause::UserCode);
+        assert_eq!(failure_cause(Some(127), None), FailureCause::UserCode);
+        assert_eq!(failure_cause(Some(128), None), FailureCause::Signal);
+        assert_eq!(
+            failure_cause(Some(137), Some(&err("oom-killed"))),
+            FailureCause::Signal
+        );
+        assert_eq!(failure_cause(Some(255), None), FailureCause::Signal);
+        assert_eq!(
+            failure_cause(None, Some(&err("setup"))),
+            FailureCause::Setup
+        );
+        assert_eq!(
+            failure_cause(Some(0), Some(&err("image-pull"))),
+            FailureCause::ImagePull
+        );
+        assert_eq!(failure_cause(None, None), FailureCause::Unspecified);
+        // The runner reports a process that never started as exit -1 and a
+        // deadline kill as 143: the category decides.
+        assert_eq!(
+            failure_cause(Some(-1), Some(&err("setup"))),
+            FailureCause::Setup
+        );
+        assert_eq!(
+            failure_cause(Some(143), Some(&err("deadline"))),
+            FailureCause::Deadline
+        );
+    }
+
+    #[test]
+    fn demand_multiplies_by_replicas_and_names_bad_fields() {
+        let mut spec = JobSpec {
+            resources: Some(Resources {
+                gpus: 2,
+                cpu: 1.5,
+                memory_mib: 100,
+                ..Default::default()
+            }),
+            replicas: Some(Replicas {
+                masters: 1,
+                workers: 2,
+            }),
+            ..Default::default()
+        };
+        let d = Demand::from_spec(&spec).unwrap();
+        assert_eq!((d.gpus, d.cpu_milli, d.memory_mib), (6, 4500, 300));
+
+        spec.resources.as_mut().unwrap().gpus = -1;
+        assert_eq!(
+            Demand::from_spec(&spec).unwrap_err().field,
+            "spec.resources.gpus"
+        );
+        spec.resources.as_mut().unwrap().gpus = 1;
+        spec.resources.as_mut().unwrap().cpu = f64::NAN;
+        assert_eq!(
+            Demand::from_spec(&spec).unwrap_err().field,
+            "spec.resources.cpu"
+        );
+    }
+
+    #[test]
+    fn capacity_refuses_duplicate_gpu_indexes() {
+        let cap = runner_pb::Capacity {
+            gpus: vec![
+                runner_pb::Gpu {
+                    index: 0,
+                    ..Default::default()
+                },
+                runner_pb::Gpu {
+                    index: 0,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            RunnerCapacity::from_proto(&cap).unwrap_err().field,
+            "capacity.gpus[1].index"
+        );
+    }
+}

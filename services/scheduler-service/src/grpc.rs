@@ -1,0 +1,363 @@
+//! Thin gRPC adapters: authorise, convert proto ⇄ domain, call the logic.
+
+use std::sync::Arc;
+
+use prost::Message;
+use tonic::{Request, Response, Status};
+use trainmesh_common::auth::{caller, Role};
+use trainmesh_common::error::FieldError;
+use trainmesh_common::proto::job::v1::JobSpec;
+use trainmesh_common::proto::runner::v1 as runner_pb;
+use trainmesh_common::proto::scheduler::v1 as pb;
+use trainmesh_common::server::ShutdownWatch;
+use trainmesh_common::time::{from_duration, to_duration, to_timestamp};
+
+use crate::domain::{AttemptReport, JobId, NewEntry, Registration, RunnerId};
+use crate::error::Error;
+use crate::plan::WaitReason;
+use crate::service::{QueueItem, Scheduler};
+
+const LATER: &str = "arrives with a later release of trainmesh";
+const DEFAULT_PAGE_SIZE: usize = 100;
+const MAX_PAGE_SIZE: usize = 1000;
+
+#[derive(Clone)]
+pub struct Grpc {
+    pub sched: Arc<Scheduler>,
+    pub shutdown: ShutdownWatch,
+}
+
+fn later(what: &str) -> Status {
+    Status::unimplemented(format!("{what} {LATER}"))
+}
+
+fn page(size: i32, token: &str) -> Result<(usize, usize), FieldError> {
+    let size = match size {
+        s if s < 0 => return Err(FieldError::new("page_size", "must not be negative")),
+        0 => DEFAULT_PAGE_SIZE,
+        s => (s as usize).min(MAX_PAGE_SIZE),
+    };
+    let offset = if token.is_empty() {
+        0
+    } else {
+        token
+            .parse::<usize>()
+            .map_err(|_| FieldError::new("page_token", "is not a token this service issued"))?
+    };
+    Ok((size, offset))
+}
+
+fn pending_reason(w: &WaitReason) -> pb::PendingReason {
+    match w {
+        WaitReason::UserRunningLimit { .. } => pb::PendingReason::UserRunningLimit,
+        WaitReason::NoRunnerCapacity { .. } => pb::PendingReason::NoRunnerCapacity,
+    }
+}
+
+fn queue_entry(item: QueueItem) -> pb::QueueEntry {
+    let e = item.entry;
+    let (reason, detail) = match &item.waiting {
+        Some(w) => (pending_reason(&w.reason), w.detail.clone()),
+        None if e.state == crate::domain::EntryState::Queued => (
+            pb::PendingReason::Unspecified,
+            "starting: a runner has capacity for it".to_owned(),
+        ),
+        None => (pb::PendingReason::Unspecified, String::new()),
+    };
+    pb::QueueEntry {
+        job_id: e.job_id.to_string(),
+        owner: e.owner,
+        org: e.org,
+        priority: e.priority,
+        effective_priority: f64::from(e.priority),
+        position: i32::try_from(item.position).unwrap_or(i32::MAX),
+        estimated_wait: None,
+        reason: reason as i32,
+        reason_detail: detail,
+        gpus: i32::try_from(e.demand.gpus).unwrap_or(i32::MAX),
+        submit_time: Some(to_timestamp(e.submit_time)),
+        state: e.state.proto() as i32,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::scheduler_internal_service_server::SchedulerInternalService for Grpc {
+    async fn enqueue_job(
+        &self,
+        req: Request<pb::EnqueueJobRequest>,
+    ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let entry = NewEntry::try_from(req.into_inner())?;
+        let (state, created) = self.sched.enqueue(entry).await?;
+        Ok(Response::new(pb::EnqueueJobResponse {
+            state: state.proto() as i32,
+            created,
+        }))
+    }
+
+    async fn cancel_queued_job(
+        &self,
+        req: Request<pb::CancelQueuedJobRequest>,
+    ) -> Result<Response<pb::CancelQueuedJobResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let req = req.into_inner();
+        let job_id = JobId::parse_field("job_id", &req.job_id)?;
+        let state = self.sched.cancel(job_id, &req.reason).await?;
+        Ok(Response::new(pb::CancelQueuedJobResponse {
+            state: state.proto() as i32,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl runner_pb::runner_service_server::RunnerService for Grpc {
+    async fn register_runner(
+        &self,
+        req: Request<runner_pb::RegisterRunnerRequest>,
+    ) -> Result<Response<runner_pb::RegisterRunnerResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let reg = Registration::try_from(req.into_inner())?;
+        let r = self.sched.register(reg).await?;
+        Ok(Response::new(runner_pb::RegisterRunnerResponse {
+            runner_id: r.runner_id.to_string(),
+            lease_ttl: Some(to_duration(r.lease_ttl)),
+            heartbeat_interval: Some(to_duration(r.heartbeat_interval)),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<runner_pb::HeartbeatRequest>,
+    ) -> Result<Response<runner_pb::HeartbeatResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let req = req.into_inner();
+        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        let mut active = Vec::with_capacity(req.active.len());
+        for (i, a) in req.active.iter().enumerate() {
+            let job_id = JobId::parse_field(&format!("active[{i}].job_id"), &a.job_id)?;
+            if a.attempt < 1 {
+                return Err(
+                    FieldError::new(format!("active[{i}].attempt"), "must be 1 or more").into(),
+                );
+            }
+            active.push((job_id, i64::from(a.attempt)));
+        }
+        let out = self.sched.heartbeat(runner_id, &active).await?;
+        Ok(Response::new(runner_pb::HeartbeatResponse {
+            lease_expire_time: Some(to_timestamp(out.lease_expires_at)),
+            cancel: out
+                .cancel
+                .into_iter()
+                .map(|(job_id, attempt)| runner_pb::AttemptRef {
+                    job_id: job_id.to_string(),
+                    attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn acquire_assignments(
+        &self,
+        req: Request<runner_pb::AcquireAssignmentsRequest>,
+    ) -> Result<Response<runner_pb::AcquireAssignmentsResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let req = req.into_inner();
+        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        if req.max_assignments < 0 {
+            return Err(FieldError::new("max_assignments", "must not be negative").into());
+        }
+        let wait = match &req.wait {
+            None => std::time::Duration::ZERO,
+            Some(d) => {
+                from_duration(d).ok_or_else(|| FieldError::new("wait", "must not be negative"))?
+            }
+        };
+        let got = self
+            .sched
+            .acquire(
+                runner_id,
+                i64::from(req.max_assignments),
+                wait,
+                self.shutdown.clone(),
+            )
+            .await?;
+        let mut assignments = Vec::with_capacity(got.len());
+        for d in got {
+            let spec = JobSpec::decode(d.spec.as_slice())
+                .map_err(|e| Error::Corrupt(format!("spec of job `{}`: {e}", d.job_id)))?;
+            assignments.push(runner_pb::Assignment {
+                job_id: d.job_id.to_string(),
+                attempt: i32::try_from(d.attempt).unwrap_or(i32::MAX),
+                owner: d.owner,
+                org: d.org,
+                spec: Some(spec),
+                correlation_id: d.correlation_id,
+                gpu_indexes: d.gpu_indexes,
+            });
+        }
+        Ok(Response::new(runner_pb::AcquireAssignmentsResponse {
+            assignments,
+        }))
+    }
+
+    async fn report_attempt_status(
+        &self,
+        req: Request<runner_pb::ReportAttemptStatusRequest>,
+    ) -> Result<Response<runner_pb::ReportAttemptStatusResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let report = AttemptReport::try_from(req.into_inner())?;
+        let changed = self.sched.report(report).await?;
+        Ok(Response::new(runner_pb::ReportAttemptStatusResponse {
+            changed,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::scheduler_service_server::SchedulerService for Grpc {
+    async fn get_queue(
+        &self,
+        req: Request<pb::GetQueueRequest>,
+    ) -> Result<Response<pb::GetQueueResponse>, Status> {
+        let who = caller(&req)?;
+        let req = req.into_inner();
+        let (size, offset) = page(req.page_size, &req.page_token)?;
+        let owner = req.owner.trim();
+        let filter = if who.sees_everything() {
+            (!owner.is_empty()).then(|| owner.to_owned())
+        } else {
+            if !owner.is_empty() && owner != who.user {
+                return Err(Error::OtherUsersQueue(owner.to_owned()).into());
+            }
+            Some(who.user.clone())
+        };
+        let items = self.sched.queue(filter.as_deref()).await?;
+        let total = items.len();
+        let entries: Vec<pb::QueueEntry> = items
+            .into_iter()
+            .skip(offset)
+            .take(size)
+            .map(queue_entry)
+            .collect();
+        let next = offset + entries.len();
+        Ok(Response::new(pb::GetQueueResponse {
+            entries,
+            next_page_token: if next < total {
+                next.to_string()
+            } else {
+                String::new()
+            },
+            held: false,
+        }))
+    }
+
+    async fn explain_job(
+        &self,
+        _req: Request<pb::ExplainJobRequest>,
+    ) -> Result<Response<pb::ExplainJobResponse>, Status> {
+        Err(later(
+            "ExplainJob (use GetQueue's reason and reason_detail meanwhile)",
+        ))
+    }
+
+    async fn get_queue_stats(
+        &self,
+        req: Request<pb::GetQueueStatsRequest>,
+    ) -> Result<Response<pb::GetQueueStatsResponse>, Status> {
+        let who = caller(&req)?;
+        let s = self.sched.stats().await?;
+        let by_user = s
+            .by_user
+            .into_iter()
+            .filter(|(owner, _)| who.sees_everything() || *owner == who.user)
+            .map(|(owner, u)| pb::UserQueueStats {
+                owner,
+                queued: i32::try_from(u.queued).unwrap_or(i32::MAX),
+                running: i32::try_from(u.running).unwrap_or(i32::MAX),
+                gpus_in_use: i32::try_from(u.gpus_in_use).unwrap_or(i32::MAX),
+            })
+            .collect();
+        let i = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+        Ok(Response::new(pb::GetQueueStatsResponse {
+            queued: i(i64::from(s.queued)),
+            running: i(i64::from(s.running)),
+            awaiting_approval: 0,
+            by_user,
+            average_wait: None,
+            runners: i(s.runners),
+            gpus_total: i(s.gpus_total),
+            gpus_in_use: i(s.gpus_in_use),
+            held: false,
+        }))
+    }
+
+    async fn approve_job(
+        &self,
+        _req: Request<pb::ApproveJobRequest>,
+    ) -> Result<Response<pb::ApproveJobResponse>, Status> {
+        Err(later("approvals (ApproveJob)"))
+    }
+
+    async fn reject_job(
+        &self,
+        _req: Request<pb::RejectJobRequest>,
+    ) -> Result<Response<pb::RejectJobResponse>, Status> {
+        Err(later("approvals (RejectJob)"))
+    }
+
+    async fn list_approvals(
+        &self,
+        _req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        Err(later("approvals (ListApprovals)"))
+    }
+
+    async fn set_limits(
+        &self,
+        _req: Request<pb::SetLimitsRequest>,
+    ) -> Result<Response<pb::SetLimitsResponse>, Status> {
+        Err(later(
+            "SetLimits (limits are set with --max-running-per-user for now)",
+        ))
+    }
+
+    async fn get_limits(
+        &self,
+        req: Request<pb::GetLimitsRequest>,
+    ) -> Result<Response<pb::GetLimitsResponse>, Status> {
+        caller(&req)?;
+        let req = req.into_inner();
+        let max = self.sched.settings.limits.max_running_per_user;
+        let max_running_jobs = (max > 0).then(|| i32::try_from(max).unwrap_or(i32::MAX));
+        let limits = vec![pb::Limits {
+            scope: pb::LimitScope::UserDefault as i32,
+            subject: String::new(),
+            max_running_jobs,
+            max_gpus: None,
+            max_queued_jobs: None,
+        }];
+        let effective = match max_running_jobs {
+            Some(v) if !req.user.trim().is_empty() => vec![pb::EffectiveLimit {
+                name: "max_running_jobs".into(),
+                value: i64::from(v),
+                binding_scope: pb::LimitScope::UserDefault as i32,
+            }],
+            _ => Vec::new(),
+        };
+        Ok(Response::new(pb::GetLimitsResponse { limits, effective }))
+    }
+
+    async fn hold_queue(
+        &self,
+        _req: Request<pb::HoldQueueRequest>,
+    ) -> Result<Response<pb::HoldQueueResponse>, Status> {
+        Err(later("HoldQueue"))
+    }
+
+    async fn release_queue(
+        &self,
+        _req: Request<pb::ReleaseQueueRequest>,
+    ) -> Result<Response<pb::ReleaseQueueResponse>, Status> {
+        Err(later("ReleaseQueue"))
+    }
+}

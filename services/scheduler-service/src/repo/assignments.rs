@@ -1,0 +1,249 @@
+//! Attempts: one row per (job, attempt), holding runner resources while
+//! SCHEDULED or RUNNING.
+
+use std::collections::BTreeSet;
+
+use prost::Message;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use trainmesh_common::db::Db;
+use trainmesh_common::proto::job::v1::JobError;
+
+use super::parse_id;
+use crate::domain::{AttemptStatus, Demand, JobId, RunnerId};
+use crate::error::{Error, Result};
+
+/// What an active attempt holds on its runner.
+#[derive(Clone, Debug)]
+pub struct Usage {
+    pub runner_id: RunnerId,
+    pub gpu_indexes: BTreeSet<i32>,
+    pub cpu_milli: i64,
+    pub memory_mib: i64,
+}
+
+fn gpus_from_json(s: &str) -> Result<BTreeSet<i32>> {
+    serde_json::from_str(s).map_err(|e| Error::Corrupt(format!("gpu indexes `{s}`: {e}")))
+}
+
+pub async fn active_usage(db: &Db) -> Result<Vec<Usage>> {
+    let rows = sqlx::query(
+        "SELECT runner_id, gpu_indexes, cpu_milli, memory_mib FROM assignments \
+         WHERE state IN ('SCHEDULED', 'RUNNING')",
+    )
+    .fetch_all(&db.read)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Usage {
+                runner_id: parse_id("runner id", &r.try_get::<String, _>(0)?)?,
+                gpu_indexes: gpus_from_json(&r.try_get::<String, _>(1)?)?,
+                cpu_milli: r.try_get(2)?,
+                memory_mib: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn insert_assignment(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    attempt: i64,
+    runner_id: RunnerId,
+    gpu_indexes: &[i32],
+    demand: &Demand,
+    now: i64,
+) -> Result<()> {
+    let gpus = serde_json::to_string(gpu_indexes)
+        .map_err(|e| Error::Corrupt(format!("gpu indexes: {e}")))?;
+    sqlx::query(
+        "INSERT INTO assignments (job_id, attempt, runner_id, gpu_indexes, cpu_milli, memory_mib, \
+         state, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'SCHEDULED', $7)",
+    )
+    .bind(job_id.to_string())
+    .bind(attempt)
+    .bind(runner_id.to_string())
+    .bind(gpus)
+    .bind(demand.cpu_milli)
+    .bind(demand.memory_mib)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// An attempt as stored.
+#[derive(Clone, Debug)]
+pub struct AssignmentRow {
+    pub job_id: JobId,
+    pub attempt: i64,
+    pub runner_id: RunnerId,
+    pub state: AttemptStatus,
+    pub delivered: bool,
+    pub cancel_requested: bool,
+}
+
+const ASSIGNMENT_COLS: &str = "job_id, attempt, runner_id, state, delivered, cancel_requested";
+
+fn assignment_from_row(r: &AnyRow) -> Result<AssignmentRow> {
+    let state: String = r.try_get(3)?;
+    Ok(AssignmentRow {
+        job_id: parse_id("job id", &r.try_get::<String, _>(0)?)?,
+        attempt: r.try_get(1)?,
+        runner_id: parse_id("runner id", &r.try_get::<String, _>(2)?)?,
+        state: AttemptStatus::parse(&state)
+            .ok_or_else(|| Error::Corrupt(format!("attempt state `{state}`")))?,
+        delivered: r.try_get::<i64, _>(4)? != 0,
+        cancel_requested: r.try_get::<i64, _>(5)? != 0,
+    })
+}
+
+pub async fn get_assignment(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    attempt: i64,
+) -> Result<Option<AssignmentRow>> {
+    let row = sqlx::query(&format!(
+        "SELECT {ASSIGNMENT_COLS} FROM assignments WHERE job_id = $1 AND attempt = $2"
+    ))
+    .bind(job_id.to_string())
+    .bind(attempt)
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(assignment_from_row).transpose()
+}
+
+/// Active attempts of a runner.
+pub async fn active_assignments_of(
+    conn: &mut AnyConnection,
+    runner_id: RunnerId,
+) -> Result<Vec<AssignmentRow>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {ASSIGNMENT_COLS} FROM assignments \
+         WHERE runner_id = $1 AND state IN ('SCHEDULED', 'RUNNING')"
+    ))
+    .bind(runner_id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(assignment_from_row).collect()
+}
+
+/// Moves an attempt from `from` to `to`; false when it was not in `from`.
+#[allow(clippy::too_many_arguments)]
+pub async fn set_assignment_state(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    attempt: i64,
+    from: AttemptStatus,
+    to: AttemptStatus,
+    exit_code: Option<i32>,
+    error: Option<&JobError>,
+    now: i64,
+) -> Result<bool> {
+    let (started, finished) = if to == AttemptStatus::Running {
+        (now, 0)
+    } else {
+        (0, now)
+    };
+    let done = sqlx::query(
+        "UPDATE assignments SET state = $1, \
+         started_at = CASE WHEN $2 > 0 THEN $2 ELSE started_at END, \
+         finished_at = CASE WHEN $3 > 0 THEN $3 ELSE finished_at END, \
+         exit_code = COALESCE($4, exit_code), error = COALESCE($5, error) \
+         WHERE job_id = $6 AND attempt = $7 AND state = $8",
+    )
+    .bind(to.as_str())
+    .bind(started)
+    .bind(finished)
+    .bind(exit_code.map(i64::from))
+    .bind(error.map(Message::encode_to_vec))
+    .bind(job_id.to_string())
+    .bind(attempt)
+    .bind(from.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn request_assignment_cancel(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    attempt: i64,
+) -> Result<()> {
+    sqlx::query("UPDATE assignments SET cancel_requested = 1 WHERE job_id = $1 AND attempt = $2")
+        .bind(job_id.to_string())
+        .bind(attempt)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// An assignment ready to hand to its runner.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub job_id: JobId,
+    pub attempt: i64,
+    pub gpu_indexes: Vec<i32>,
+    pub owner: String,
+    pub org: String,
+    pub spec: Vec<u8>,
+    pub correlation_id: String,
+}
+
+/// Claims up to `max` undelivered assignments of `runner_id`, marking them
+/// delivered in the same transaction.
+pub async fn take_undelivered(db: &Db, runner_id: RunnerId, max: i64) -> Result<Vec<Delivery>> {
+    let mut tx = db.write.begin().await?;
+    let rows = sqlx::query(
+        "SELECT a.job_id, a.attempt, a.gpu_indexes, q.owner, q.org, q.spec, q.correlation_id \
+         FROM assignments a JOIN queue_entries q ON q.job_id = a.job_id \
+         WHERE a.runner_id = $1 AND a.state = 'SCHEDULED' AND a.delivered = 0 \
+         AND a.cancel_requested = 0 ORDER BY a.created_at, a.job_id LIMIT $2",
+    )
+    .bind(runner_id.to_string())
+    .bind(max)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let job_id: String = r.try_get(0)?;
+        let attempt: i64 = r.try_get(1)?;
+        let claimed = sqlx::query(
+            "UPDATE assignments SET delivered = 1 WHERE job_id = $1 AND attempt = $2 \
+             AND delivered = 0 AND state = 'SCHEDULED' AND cancel_requested = 0",
+        )
+        .bind(&job_id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            continue;
+        }
+        out.push(Delivery {
+            job_id: parse_id("job id", &job_id)?,
+            attempt,
+            gpu_indexes: gpus_from_json(&r.try_get::<String, _>(2)?)?
+                .into_iter()
+                .collect(),
+            owner: r.try_get(3)?,
+            org: r.try_get(4)?,
+            spec: r.try_get(5)?,
+            correlation_id: r.try_get(6)?,
+        });
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// Live-runner totals for queue statistics: (runners, GPUs).
+pub async fn runner_totals(db: &Db, now: i64) -> Result<(i64, i64)> {
+    let row = sqlx::query(
+        "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(gpus_total), 0) AS BIGINT) \
+         FROM runners WHERE state = 'live' AND lease_expires_at > $1",
+    )
+    .bind(now)
+    .fetch_one(&db.read)
+    .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}

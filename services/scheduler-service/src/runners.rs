@@ -1,0 +1,269 @@
+//! Runners: registration, lease renewal, assignment delivery (long-poll)
+//! and attempt reports (fenced by runner, job and attempt).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tracing::Instrument;
+use trainmesh_common::correlation;
+use trainmesh_common::proto::job::v1::FailureCause;
+use trainmesh_common::server::ShutdownWatch;
+
+use crate::domain::{
+    failure_cause, AttemptReport, AttemptStatus, EntryState, JobId, Registration, RunnerId,
+};
+use crate::error::{Error, Result};
+use crate::repo::{self, Delivery};
+use crate::service::{job_span, retrying, status, Scheduler};
+
+/// Most assignments handed out by one `AcquireAssignments`.
+pub const MAX_ASSIGNMENTS_PER_CALL: i64 = 64;
+
+#[derive(Clone, Debug)]
+pub struct Registered {
+    pub runner_id: RunnerId,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct HeartbeatOutcome {
+    pub lease_expires_at: i64,
+    /// Attempts the runner must stop.
+    pub cancel: Vec<(JobId, i64)>,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Scheduler {
+    pub async fn register(&self, reg: Registration) -> Result<Registered> {
+        let id = RunnerId::new();
+        let now = self.now();
+        let expires = now.saturating_add(micros(self.settings.lease_ttl));
+        repo::insert_runner(&self.db, id, &reg, now, expires).await?;
+        tracing::info!(
+            runner_id = %id,
+            name = %reg.name,
+            backend = %reg.backend,
+            gpus = reg.capacity.gpus.len(),
+            cpu_milli = reg.capacity.cpu_milli,
+            memory_mib = reg.capacity.memory_mib,
+            "runner registered"
+        );
+        self.wake_dispatcher();
+        Ok(Registered {
+            runner_id: id,
+            lease_ttl: self.settings.lease_ttl,
+            heartbeat_interval: self.settings.heartbeat_interval,
+        })
+    }
+
+    /// Renews the lease and returns the attempts the runner must stop: those
+    /// with a cancel request, and those it runs that it no longer holds.
+    pub async fn heartbeat(
+        &self,
+        runner_id: RunnerId,
+        active: &[(JobId, i64)],
+    ) -> Result<HeartbeatOutcome> {
+        let now = self.now();
+        let expires = now.saturating_add(micros(self.settings.lease_ttl));
+        if !repo::renew_lease(&self.db, runner_id, now, expires).await? {
+            return Err(Error::RunnerNotFound(runner_id));
+        }
+        let mut conn = self.db.read.acquire().await?;
+        let held = repo::active_assignments_of(&mut conn, runner_id).await?;
+        drop(conn);
+        let held_set: HashSet<(JobId, i64)> = held.iter().map(|a| (a.job_id, a.attempt)).collect();
+        let mut cancel: Vec<(JobId, i64)> = held
+            .iter()
+            .filter(|a| a.cancel_requested)
+            .map(|a| (a.job_id, a.attempt))
+            .collect();
+        for a in active {
+            if !held_set.contains(a) && !cancel.contains(a) {
+                tracing::warn!(runner_id = %runner_id, job_id = %a.0, attempt = a.1,
+                    "runner runs an attempt it does not hold; telling it to stop");
+                cancel.push(*a);
+            }
+        }
+        self.wake_dispatcher();
+        Ok(HeartbeatOutcome {
+            lease_expires_at: expires,
+            cancel,
+        })
+    }
+
+    /// Returns the runner's undelivered assignments at once, else waits up
+    /// to `wait` (capped) for one; empty on timeout or shutdown.
+    pub async fn acquire(
+        &self,
+        runner_id: RunnerId,
+        max: i64,
+        wait: Duration,
+        mut shutdown: ShutdownWatch,
+    ) -> Result<Vec<Delivery>> {
+        {
+            let mut conn = self.db.read.acquire().await?;
+            if !repo::runner_is_live(&mut conn, runner_id, self.now()).await? {
+                return Err(Error::RunnerNotFound(runner_id));
+            }
+        }
+        let max = if max <= 0 {
+            MAX_ASSIGNMENTS_PER_CALL
+        } else {
+            max.min(MAX_ASSIGNMENTS_PER_CALL)
+        };
+        let deadline = tokio::time::Instant::now() + wait.min(self.settings.max_long_poll);
+        let notify = self.runner_notify(runner_id);
+        self.wake_dispatcher();
+        loop {
+            // Registered before the read, so an assignment committed between
+            // the read and the wait still wakes this call.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let got = repo::take_undelivered(&self.db, runner_id, max).await?;
+            if !got.is_empty() {
+                for d in &got {
+                    let span = job_span(d.job_id, &d.correlation_id);
+                    span.in_scope(|| {
+                        tracing::info!(runner_id = %runner_id, attempt = d.attempt, "assignment delivered")
+                    });
+                }
+                return Ok(got);
+            }
+            if tokio::time::Instant::now() >= deadline || shutdown.is_shutting_down() {
+                return Ok(Vec::new());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                _ = shutdown.wait() => return Ok(Vec::new()),
+            }
+        }
+    }
+
+    /// Applies a runner's report. Fenced: only the runner that holds the
+    /// attempt may change it. Returns false for a duplicate or stale report.
+    pub async fn report(&self, r: AttemptReport) -> Result<bool> {
+        retrying(|| self.report_once(r.clone())).await
+    }
+
+    async fn report_once(&self, r: AttemptReport) -> Result<bool> {
+        let mut tx = self.db.write.begin().await?;
+        let Some(a) = repo::get_assignment(&mut tx, r.job_id, r.attempt).await? else {
+            return Err(Error::NotHolder {
+                runner_id: r.runner_id,
+                job_id: r.job_id,
+                attempt: r.attempt,
+                why: "no such attempt".into(),
+            });
+        };
+        let not_holder = |why: &str| Error::NotHolder {
+            runner_id: r.runner_id,
+            job_id: r.job_id,
+            attempt: r.attempt,
+            why: why.into(),
+        };
+        if a.runner_id != r.runner_id {
+            return Err(not_holder("it is assigned to another runner"));
+        }
+        if a.state == r.state {
+            return Ok(false);
+        }
+        if a.state == AttemptStatus::Lost {
+            return Err(not_holder("it was lost when the runner's lease expired"));
+        }
+        if r.state.rank() < a.state.rank() {
+            // A retried RUNNING that arrives after the final report.
+            return Ok(false);
+        }
+        if !a.state.is_active() {
+            return Err(Error::FailedPrecondition(format!(
+                "attempt {} of job `{}` already ended as {}",
+                r.attempt,
+                r.job_id,
+                a.state.as_str()
+            )));
+        }
+        let entry = repo::get_entry(&mut tx, r.job_id)
+            .await?
+            .ok_or(Error::JobNotFound(r.job_id))?;
+        let span = job_span(r.job_id, &entry.correlation_id);
+        let cid = entry.correlation_id.clone();
+        let fut = async move {
+            let now = self.now();
+            if !repo::set_assignment_state(
+                &mut tx,
+                r.job_id,
+                r.attempt,
+                a.state,
+                r.state,
+                r.exit_code,
+                r.error.as_ref(),
+                now,
+            )
+            .await?
+            {
+                return Err(Error::Conflict(format!(
+                    "attempt {} of job `{}` changed meanwhile",
+                    r.attempt, r.job_id
+                )));
+            }
+            let to = r.state.job_state();
+            let current_attempt = entry.attempt == r.attempt;
+            if current_attempt {
+                if !repo::set_entry_state(&mut tx, r.job_id, entry.state, to, &entry.reason, now)
+                    .await?
+                {
+                    return Err(Error::Conflict(format!(
+                        "job `{}` changed meanwhile",
+                        r.job_id
+                    )));
+                }
+                if a.state == AttemptStatus::Scheduled && r.state == AttemptStatus::Succeeded {
+                    // A job too quick for its RUNNING report still ran:
+                    // job-service only accepts SUCCEEDED after RUNNING.
+                    let mut running = status(EntryState::Running, r.attempt, now);
+                    running.attempt_state = AttemptStatus::Running.proto() as i32;
+                    running.runner_id = r.runner_id.to_string();
+                    repo::push_status(&mut tx, r.job_id, &entry.correlation_id, running).await?;
+                }
+                let mut update = status(to, r.attempt, now);
+                update.attempt_state = r.state.proto() as i32;
+                update.runner_id = r.runner_id.to_string();
+                update.exit_code = r.exit_code;
+                update.error = r.error.clone();
+                match r.state {
+                    AttemptStatus::Failed => {
+                        update.failure_cause = failure_cause(r.exit_code, r.error.as_ref()) as i32;
+                    }
+                    AttemptStatus::Cancelled => {
+                        update.failure_cause = FailureCause::Cancelled as i32;
+                        update.reason = entry.reason.clone();
+                    }
+                    _ => {}
+                }
+                repo::push_status(&mut tx, r.job_id, &entry.correlation_id, update).await?;
+            }
+            tx.commit().await?;
+            if to.is_terminal() {
+                tracing::info!(
+                    state = to.as_str(),
+                    attempt = r.attempt,
+                    runner_id = %r.runner_id,
+                    exit_code = r.exit_code,
+                    "job finished"
+                );
+                self.wake_dispatcher();
+            } else {
+                tracing::info!(attempt = r.attempt, runner_id = %r.runner_id, "job running");
+            }
+            self.relay.notify();
+            Ok(true)
+        };
+        correlation::scope(cid, fut.instrument(span)).await
+    }
+}

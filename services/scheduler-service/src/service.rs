@@ -1,0 +1,456 @@
+//! The scheduler's logic (no tonic types): the queue side here, runners in
+//! [`crate::runners`], the dispatch loop and lease expiry in
+//! [`crate::dispatch`].
+//!
+//! Every state change that job-service must learn about is written to the
+//! outbox in the same transaction as the change itself, with the job's next
+//! `scheduler_sequence`, so job-service sees them in order and exactly the
+//! ones that happened.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tracing::Instrument;
+use trainmesh_common::correlation;
+use trainmesh_common::db::Db;
+use trainmesh_common::outbox::Relay;
+use trainmesh_common::proto::job::v1::{FailureCause, UpdateJobStatusRequest};
+use trainmesh_common::time::{to_timestamp, Clock};
+
+use crate::domain::{AttemptStatus, EntryState, JobId, NewEntry, RunnerId};
+use crate::error::{Error, Result};
+use crate::plan::{plan, Limits, QueuedJob, RunnerState, Snapshot, Waiting};
+use crate::repo::{self, EntryRow};
+
+/// Settings the logic needs (the part of `Config` that is not plumbing).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub limits: Limits,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub sweep_interval: Duration,
+    /// Longest time `AcquireAssignments` holds a call open.
+    pub max_long_poll: Duration,
+    pub default_max_attempts: u32,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub struct Scheduler {
+    pub(crate) db: Db,
+    pub(crate) settings: Settings,
+    pub(crate) relay: Relay,
+    /// Wakes the dispatch loop (enqueue, finish, register, heartbeat).
+    pub(crate) dispatch_wake: Arc<Notify>,
+    /// Wakes a runner's long-poll when something is assigned to it.
+    runner_wake: Mutex<HashMap<RunnerId, Arc<Notify>>>,
+}
+
+/// The plan's input together with the rows it was built from.
+pub(crate) struct Planned {
+    pub snapshot: Snapshot,
+    pub entries: HashMap<JobId, EntryRow>,
+}
+
+/// One entry of `GetQueue`.
+#[derive(Clone, Debug)]
+pub struct QueueItem {
+    pub entry: EntryRow,
+    /// 1-based among waiting jobs; 0 for jobs that are starting or running.
+    pub position: u32,
+    pub waiting: Option<Waiting>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct UserStats {
+    pub queued: u32,
+    pub running: u32,
+    pub gpus_in_use: u32,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct QueueStats {
+    pub queued: u32,
+    pub running: u32,
+    pub by_user: Vec<(String, UserStats)>,
+    pub runners: i64,
+    pub gpus_total: i64,
+    pub gpus_in_use: i64,
+}
+
+/// A status update for job-service, filled in by the caller.
+pub(crate) fn status(state: EntryState, attempt: i64, now: i64) -> UpdateJobStatusRequest {
+    UpdateJobStatusRequest {
+        state: state.proto() as i32,
+        attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
+        time: Some(to_timestamp(now)),
+        ..Default::default()
+    }
+}
+
+/// Runs `op` again when it lost a race to a concurrent change (possible on
+/// PostgreSQL, where writers do not queue behind one connection).
+pub(crate) async fn retrying<T, F, Fut>(mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match op().await {
+            Err(Error::Conflict(why)) if tries < 5 => {
+                tries += 1;
+                tracing::debug!(%why, tries, "conflict; retrying");
+            }
+            other => return other,
+        }
+    }
+}
+
+/// The span every piece of work done for one job runs in.
+pub(crate) fn job_span(job_id: JobId, correlation_id: &str) -> tracing::Span {
+    tracing::info_span!("job", job_id = %job_id, correlation_id = %correlation_id)
+}
+
+impl Scheduler {
+    pub fn new(db: Db, settings: Settings, relay: Relay) -> Self {
+        Scheduler {
+            db,
+            settings,
+            relay,
+            dispatch_wake: Arc::new(Notify::new()),
+            runner_wake: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn now(&self) -> i64 {
+        self.settings.clock.now_micros()
+    }
+
+    pub fn wake_dispatcher(&self) {
+        self.dispatch_wake.notify_one();
+    }
+
+    pub(crate) fn runner_notify(&self, id: RunnerId) -> Arc<Notify> {
+        let mut map = self
+            .runner_wake
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.entry(id).or_default().clone()
+    }
+
+    pub(crate) fn wake_runner(&self, id: RunnerId) {
+        self.runner_notify(id).notify_waiters();
+    }
+
+    pub(crate) fn forget_runner(&self, id: RunnerId) {
+        let removed = self
+            .runner_wake
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&id);
+        if let Some(n) = removed {
+            n.notify_waiters();
+        }
+    }
+
+    /// Stores a job in the queue. A redelivery of the same job changes
+    /// nothing and answers `created = false` with the state held now.
+    pub async fn enqueue(&self, e: NewEntry) -> Result<(EntryState, bool)> {
+        let cid = if e.correlation_id.is_empty() {
+            correlation::current().unwrap_or_else(correlation::generate)
+        } else {
+            e.correlation_id.clone()
+        };
+        let span = job_span(e.job_id, &cid);
+        correlation::scope(cid.clone(), self.enqueue_in_scope(e, cid).instrument(span)).await
+    }
+
+    async fn enqueue_in_scope(&self, e: NewEntry, cid: String) -> Result<(EntryState, bool)> {
+        let now = self.now();
+        let max_attempts = i64::from(e.max_attempts.unwrap_or(self.settings.default_max_attempts));
+        let submit = e.submit_time.unwrap_or(now);
+        let mut tx = self.db.write.begin().await?;
+        if !repo::insert_entry(&mut tx, &e, max_attempts, &cid, submit, now).await? {
+            let state = repo::get_entry(&mut tx, e.job_id)
+                .await?
+                .map(|r| r.state)
+                .unwrap_or(EntryState::Queued);
+            tx.commit().await?;
+            tracing::debug!(
+                state = state.as_str(),
+                "enqueue redelivered; nothing changed"
+            );
+            return Ok((state, false));
+        }
+        repo::push_status(&mut tx, e.job_id, &cid, status(EntryState::Queued, 0, now)).await?;
+        tx.commit().await?;
+        tracing::info!(
+            owner = %e.owner,
+            priority = e.priority,
+            gpus = e.demand.gpus,
+            max_attempts,
+            "job queued"
+        );
+        self.relay.notify();
+        self.wake_dispatcher();
+        Ok((EntryState::Queued, true))
+    }
+
+    /// Cancels a queued job at once; a dispatched one is cancelled by its
+    /// runner (told in its next heartbeat) unless it was not yet delivered.
+    /// Returns the state the scheduler holds afterwards.
+    pub async fn cancel(&self, job_id: JobId, reason: &str) -> Result<EntryState> {
+        let reason = if reason.trim().is_empty() {
+            "cancelled by request".to_owned()
+        } else {
+            reason.trim().to_owned()
+        };
+        retrying(|| self.cancel_once(job_id, reason.clone())).await
+    }
+
+    async fn cancel_once(&self, job_id: JobId, reason: String) -> Result<EntryState> {
+        let now = self.now();
+        let mut tx = self.db.write.begin().await?;
+        let Some(entry) = repo::get_entry(&mut tx, job_id).await? else {
+            // Cancelled before its EnqueueJob arrived: remember it, so the
+            // late enqueue does not queue it.
+            if !repo::insert_cancelled_tombstone(&mut tx, job_id, &reason, now).await? {
+                return Err(Error::Conflict(format!(
+                    "job `{job_id}` was enqueued meanwhile"
+                )));
+            }
+            tx.commit().await?;
+            tracing::info!(job_id = %job_id, "job cancelled before it was queued");
+            return Ok(EntryState::Cancelled);
+        };
+        let span = job_span(job_id, &entry.correlation_id);
+        let cid = entry.correlation_id.clone();
+        let fut = async move {
+            if entry.state.is_terminal() {
+                tx.commit().await?;
+                return Ok(entry.state);
+            }
+            repo::request_entry_cancel(&mut tx, job_id, &reason, now).await?;
+            let mut update = status(EntryState::Cancelled, entry.attempt, now);
+            update.failure_cause = FailureCause::Cancelled as i32;
+            update.reason = reason.clone();
+            if entry.state == EntryState::Queued {
+                if !repo::set_entry_state(
+                    &mut tx,
+                    job_id,
+                    EntryState::Queued,
+                    EntryState::Cancelled,
+                    &reason,
+                    now,
+                )
+                .await?
+                {
+                    return Err(Error::Conflict(format!(
+                        "job `{job_id}` was dispatched meanwhile"
+                    )));
+                }
+                repo::push_status(&mut tx, job_id, &entry.correlation_id, update).await?;
+                tx.commit().await?;
+                tracing::info!(reason = %reason, "queued job cancelled");
+                self.relay.notify();
+                return Ok(EntryState::Cancelled);
+            }
+            let assignment = repo::get_assignment(&mut tx, job_id, entry.attempt).await?;
+            match assignment {
+                Some(a) if a.state == AttemptStatus::Scheduled && !a.delivered => {
+                    // The runner never saw it: cancel here, free its slot.
+                    let moved = repo::set_assignment_state(
+                        &mut tx,
+                        job_id,
+                        a.attempt,
+                        AttemptStatus::Scheduled,
+                        AttemptStatus::Cancelled,
+                        None,
+                        None,
+                        now,
+                    )
+                    .await?
+                        && repo::set_entry_state(
+                            &mut tx,
+                            job_id,
+                            entry.state,
+                            EntryState::Cancelled,
+                            &reason,
+                            now,
+                        )
+                        .await?;
+                    if !moved {
+                        return Err(Error::Conflict(format!("job `{job_id}` changed meanwhile")));
+                    }
+                    update.attempt_state = AttemptStatus::Cancelled.proto() as i32;
+                    update.runner_id = a.runner_id.to_string();
+                    repo::push_status(&mut tx, job_id, &entry.correlation_id, update).await?;
+                    tx.commit().await?;
+                    tracing::info!(reason = %reason, runner_id = %a.runner_id, "undelivered job cancelled");
+                    self.relay.notify();
+                    self.wake_dispatcher();
+                    Ok(EntryState::Cancelled)
+                }
+                Some(a) => {
+                    repo::request_assignment_cancel(&mut tx, job_id, a.attempt).await?;
+                    tx.commit().await?;
+                    tracing::info!(
+                        reason = %reason,
+                        runner_id = %a.runner_id,
+                        attempt = a.attempt,
+                        "cancel requested; the runner is told in its next heartbeat"
+                    );
+                    Ok(entry.state)
+                }
+                None => {
+                    tx.commit().await?;
+                    Ok(entry.state)
+                }
+            }
+        };
+        correlation::scope(cid, fut.instrument(span)).await
+    }
+
+    /// Reads what the plan depends on. Every concurrent change other than a
+    /// dispatch only frees capacity or adds work, so a snapshot read in
+    /// several statements is conservative.
+    pub(crate) async fn snapshot(&self) -> Result<Planned> {
+        let now = self.now();
+        let queued: Vec<EntryRow> = repo::entries_in(&self.db, &[EntryState::Queued])
+            .await?
+            .into_iter()
+            .filter(|e| !e.cancel_requested)
+            .collect();
+        if queued.is_empty() {
+            // The common idle sweep: nothing to plan, nothing else to read.
+            return Ok(Planned {
+                snapshot: Snapshot {
+                    queued: Vec::new(),
+                    running_per_user: HashMap::new(),
+                    runners: Vec::new(),
+                    limits: self.settings.limits.clone(),
+                },
+                entries: HashMap::new(),
+            });
+        }
+        let running_per_user = repo::running_per_user(&self.db).await?;
+        let runners = repo::live_runners(&self.db, now).await?;
+        let usage = repo::active_usage(&self.db).await?;
+        let mut states: HashMap<RunnerId, RunnerState> = runners
+            .into_iter()
+            .map(|(id, capacity)| {
+                (
+                    id,
+                    RunnerState {
+                        runner_id: id,
+                        capacity,
+                        used_gpus: BTreeSet::new(),
+                        used_cpu_milli: 0,
+                        used_memory_mib: 0,
+                    },
+                )
+            })
+            .collect();
+        for u in usage {
+            if let Some(r) = states.get_mut(&u.runner_id) {
+                r.used_gpus.extend(u.gpu_indexes);
+                r.used_cpu_milli += u.cpu_milli;
+                r.used_memory_mib += u.memory_mib;
+            }
+        }
+        let snapshot = Snapshot {
+            queued: queued
+                .iter()
+                .map(|e| QueuedJob {
+                    job_id: e.job_id,
+                    owner: e.owner.clone(),
+                    priority: e.priority,
+                    submit_time: e.submit_time,
+                    demand: e.demand.clone(),
+                })
+                .collect(),
+            running_per_user,
+            runners: states.into_values().collect(),
+            limits: self.settings.limits.clone(),
+        };
+        Ok(Planned {
+            snapshot,
+            entries: queued.into_iter().map(|e| (e.job_id, e)).collect(),
+        })
+    }
+
+    /// Waiting jobs in queue order with the plan's reason, then the ones
+    /// that are scheduled or running. `owner` restricts the result.
+    pub async fn queue(&self, owner: Option<&str>) -> Result<Vec<QueueItem>> {
+        let planned = self.snapshot().await?;
+        let p = plan(&planned.snapshot);
+        let mut entries = planned.entries;
+        let mut items = Vec::new();
+        for w in &p.waiting {
+            if let Some(entry) = entries.remove(&w.job_id) {
+                items.push(QueueItem {
+                    entry,
+                    position: w.position,
+                    waiting: Some(w.clone()),
+                });
+            }
+        }
+        // Jobs the dispatcher is about to start.
+        for s in &p.placements {
+            if let Some(entry) = entries.remove(&s.job_id) {
+                items.push(QueueItem {
+                    entry,
+                    position: 0,
+                    waiting: None,
+                });
+            }
+        }
+        let mut active =
+            repo::entries_in(&self.db, &[EntryState::Scheduled, EntryState::Running]).await?;
+        active.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.submit_time.cmp(&b.submit_time))
+                .then(a.job_id.cmp(&b.job_id))
+        });
+        items.extend(active.into_iter().map(|entry| QueueItem {
+            entry,
+            position: 0,
+            waiting: None,
+        }));
+        if let Some(owner) = owner {
+            items.retain(|i| i.entry.owner == owner);
+        }
+        Ok(items)
+    }
+
+    pub async fn stats(&self) -> Result<QueueStats> {
+        let now = self.now();
+        let queued = repo::entries_in(&self.db, &[EntryState::Queued]).await?;
+        let active =
+            repo::entries_in(&self.db, &[EntryState::Scheduled, EntryState::Running]).await?;
+        let (runners, gpus_total) = repo::runner_totals(&self.db, now).await?;
+        let usage = repo::active_usage(&self.db).await?;
+        let mut by_user: HashMap<String, UserStats> = HashMap::new();
+        for e in &queued {
+            by_user.entry(e.owner.clone()).or_default().queued += 1;
+        }
+        for e in &active {
+            let u = by_user.entry(e.owner.clone()).or_default();
+            u.running += 1;
+            u.gpus_in_use += e.demand.gpus;
+        }
+        let mut by_user: Vec<(String, UserStats)> = by_user.into_iter().collect();
+        by_user.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(QueueStats {
+            queued: queued.len() as u32,
+            running: active.len() as u32,
+            by_user,
+            runners,
+            gpus_total,
+            gpus_in_use: usage.iter().map(|u| u.gpu_indexes.len() as i64).sum(),
+        })
+    }
+}
