@@ -1,1 +1,74 @@
-//! runner (being written).
+//! The trainmesh runner: an agent (like an Armada executor or a Nomad
+//! client) that registers with the scheduler, renews its lease by
+//! heartbeat, long-polls for assignments and runs each attempt on a
+//! [`backend::Backend`], shipping its log and metrics and reporting how it
+//! ended — with a structured error ([`job_error`]) when it failed.
+//!
+//! It serves nothing; `run` is the whole agent, and the binary is a thin
+//! wrapper around it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+pub mod agent;
+pub mod attempt;
+pub mod backend;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod inventory;
+pub mod job_error;
+pub mod logs;
+pub mod metrics;
+pub mod rpc;
+pub mod tailer;
+
+pub use config::{BackendKind, Config, GpuSetting};
+
+/// Runs the runner until `shutdown` resolves; then stops every attempt
+/// (SIGTERM, grace, SIGKILL), reports them, and returns.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.work_dir).map_err(|e| {
+        anyhow::anyhow!("cannot create work dir {}: {e}", config.work_dir.display())
+    })?;
+    // Absolute, because jobs get paths under it in their environment and
+    // run in other directories.
+    let work_dir = std::fs::canonicalize(&config.work_dir)?;
+
+    let capacity = inventory::capacity(&config.gpus, config.cpu, config.memory_mib).await;
+    tracing::info!(name = %config.name, backend = config.backend.as_str(), gpus = capacity.gpus.len(),
+        cpu = capacity.cpu, memory_mib = capacity.memory_mib, work_dir = %work_dir.display(),
+        "runner starting");
+
+    let backend: Arc<dyn backend::Backend> = match config.backend {
+        BackendKind::Process => Arc::new(backend::ProcessBackend::new(
+            config.default_working_dir.clone(),
+            &config.inherit_env,
+            capacity.gpus.clone(),
+        )?),
+    };
+    let peers = rpc::Peers::connect(&config)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ctx = Arc::new(attempt::AttemptContext {
+        peers,
+        backend: backend.clone(),
+        work_dir,
+        log_ship_interval: config.log_ship_interval,
+        metrics_flush_interval: config.metrics_flush_interval,
+        default_termination_grace: config.default_termination_grace,
+        flush_timeout: config.flush_timeout,
+        max_backoff: config.max_backoff,
+        shutting_down: stop_rx.clone(),
+    });
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    agent::Agent::new(config, capacity, ctx, backend.kind())
+        .run(stop_rx)
+        .await
+}

@@ -1,0 +1,67 @@
+//! Backends run an attempt's workload: a local process now; docker and
+//! kubernetes later behind the same trait. A backend launches, reports how
+//! the workload ended, and stops it (SIGTERM, grace, kill). Everything else
+//! — directories, log files, shipping, reports — is the attempt's, the same
+//! for every backend.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::domain::{AttemptKey, Termination};
+use crate::error::Error;
+use crate::logs::OutputSink;
+
+pub mod process;
+
+pub use process::ProcessBackend;
+
+/// What a backend needs to start one attempt.
+#[derive(Debug)]
+pub struct LaunchRequest {
+    pub key: AttemptKey,
+    /// argv; never empty, never given to a shell.
+    pub command: Vec<String>,
+    /// The image, for backends that run containers.
+    pub image: String,
+    /// The job's environment: its spec's `env` with the platform's
+    /// variables (`TRAINMESH_JOB_ID`, `TRAINMESH_ATTEMPT`,
+    /// `TRAINMESH_CORRELATION_ID`) on top. Backends add what depends on
+    /// where the workload runs (paths, GPU visibility).
+    pub env: BTreeMap<String, String>,
+    /// The spec's working directory; `None` for the backend's default.
+    pub working_dir: Option<PathBuf>,
+    /// GPUs of this node allocated to the attempt (indexes as registered).
+    pub gpu_indexes: Vec<i32>,
+    /// `<work-dir>/<job_id>/<attempt>/`, absolute.
+    pub attempt_dir: PathBuf,
+    /// Where the job writes JSON-lines metrics, absolute.
+    pub metrics_file: PathBuf,
+    /// Every line the workload prints (stdout and stderr) goes here.
+    pub output: OutputSink,
+}
+
+/// Starts workloads.
+pub trait Backend: Send + Sync + 'static {
+    /// "process", "docker", "kubernetes": what the runner registers as.
+    fn kind(&self) -> &'static str;
+
+    /// Starts the workload. `Ok` means it is running.
+    fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Box<dyn Workload>, Error>>;
+}
+
+/// A started workload.
+pub trait Workload: Send {
+    /// Human-readable identity for logs (`pid 1234`, a container id).
+    fn describe(&self) -> String;
+
+    /// Resolves when the workload has ended and its output has been
+    /// delivered to the sink. Cancel-safe: may be dropped and called again.
+    fn wait(&mut self) -> BoxFuture<'_, std::io::Result<Termination>>;
+
+    /// Asks the workload to stop (SIGTERM to all of it), kills it when it
+    /// has not ended after `grace`, and resolves like [`Workload::wait`].
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, std::io::Result<Termination>>;
+}

@@ -1,0 +1,358 @@
+//! The process backend for real: `sh` is used here to build test
+//! workloads; the product itself never builds shell strings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use nix::sys::signal::kill;
+use trainmesh_common::testing::wait_for;
+
+use super::*;
+use crate::domain::{AttemptKey, JobId};
+use crate::inventory::fake_gpus;
+use crate::logs::LogWriter;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Run {
+    dir: tempfile::TempDir,
+    writer: LogWriter,
+    workload: Box<dyn Workload>,
+}
+
+impl Run {
+    /// Waits for the end and returns how it ended and the whole log.
+    async fn finish(mut self) -> (Termination, String) {
+        let t = self.workload.wait().await.unwrap();
+        self.writer.finished().await;
+        let log = std::fs::read_to_string(self.dir.path().join("output.log")).unwrap();
+        (t, log)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn backend(gpus: u32) -> ProcessBackend {
+    ProcessBackend::new(
+        None,
+        &crate::config::DEFAULT_INHERITED_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+        fake_gpus(gpus),
+    )
+    .unwrap()
+}
+
+fn key() -> AttemptKey {
+    AttemptKey {
+        job_id: JobId::new(),
+        attempt: 1,
+    }
+}
+
+async fn launch_with(
+    backend: &ProcessBackend,
+    argv: &[&str],
+    gpu_indexes: Vec<i32>,
+    env: BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+) -> Result<Run, Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, writer) = LogWriter::start(&dir.path().join("output.log"))
+        .await
+        .unwrap();
+    let req = LaunchRequest {
+        key: key(),
+        command: argv.iter().map(|s| s.to_string()).collect(),
+        image: String::new(),
+        env,
+        working_dir,
+        gpu_indexes,
+        attempt_dir: dir.path().to_owned(),
+        metrics_file: dir.path().join("metrics.jsonl"),
+        output: sink,
+    };
+    let workload = backend.launch(req).await?;
+    Ok(Run {
+        dir,
+        writer,
+        workload,
+    })
+}
+
+async fn launch(argv: &[&str]) -> Run {
+    launch_with(&backend(0), argv, vec![], BTreeMap::new(), None)
+        .await
+        .unwrap()
+}
+
+/// Alive and not a zombie (an init that does not reap would keep zombies).
+fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok() && proc_state(pid).is_some_and(|(s, _)| s != 'Z')
+}
+
+async fn read_pid(run: &Run, name: &str) -> i32 {
+    let path = run.file(name);
+    wait_for(&format!("{name} to be written"), WAIT, || {
+        let path = path.clone();
+        async move {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn exit_code_and_output_are_captured() {
+    let run = launch(&["/bin/sh", "-c", "echo hi; echo oops >&2; exit 3"]).await;
+    let (t, log) = run.finish().await;
+    assert_eq!(t, Termination::Exited(3));
+    assert_eq!(t.exit_code(), 3);
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.contains(&"hi"), "{log}");
+    assert!(lines.contains(&"oops"), "{log}");
+}
+
+#[tokio::test]
+async fn killed_by_a_signal_reports_128_plus_the_signal() {
+    let run = launch(&["/bin/sh", "-c", "kill -SEGV $$"]).await;
+    let (t, _) = run.finish().await;
+    assert_eq!(t, Termination::Signaled(11));
+    assert_eq!(t.exit_code(), 139);
+}
+
+#[tokio::test]
+async fn environment_carries_platform_variables_and_assigned_gpus() {
+    let env = BTreeMap::from([
+        ("TRAINMESH_JOB_ID".to_owned(), "job-123".to_owned()),
+        ("FOO".to_owned(), "bar baz".to_owned()),
+        // A spec cannot widen its GPUs.
+        ("CUDA_VISIBLE_DEVICES".to_owned(), "0,1,2,3".to_owned()),
+    ]);
+    let script = r#"echo "job=$TRAINMESH_JOB_ID"; echo "cvd=[$CUDA_VISIBLE_DEVICES]"; echo "foo=$FOO"; echo "metrics=$TRAINMESH_METRICS_FILE"; echo "out=$TRAINMESH_OUTPUT_DIR"; echo "leak=[$CARGO_MANIFEST_DIR]"; echo "path=${PATH:+set}""#;
+    let run = launch_with(
+        &backend(4),
+        &["/bin/sh", "-c", script],
+        vec![1, 3],
+        env,
+        None,
+    )
+    .await
+    .unwrap();
+    let dir = run.dir.path().to_owned();
+    let (t, log) = run.finish().await;
+    assert!(t.success());
+    assert!(log.contains("job=job-123\n"), "{log}");
+    assert!(log.contains("cvd=[1,3]\n"), "{log}");
+    assert!(log.contains("foo=bar baz\n"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "metrics={}\n",
+            dir.join("metrics.jsonl").display()
+        )),
+        "{log}"
+    );
+    assert!(log.contains(&format!("out={}\n", dir.display())), "{log}");
+    // The runner's own environment is not handed to jobs…
+    assert!(log.contains("leak=[]\n"), "{log}");
+    // …except what programs need, such as PATH.
+    assert!(log.contains("path=set\n"), "{log}");
+}
+
+#[tokio::test]
+async fn a_job_without_gpus_on_a_gpu_node_sees_none() {
+    let run = launch_with(
+        &backend(2),
+        &[
+            "/bin/sh",
+            "-c",
+            r#"echo "set=${CUDA_VISIBLE_DEVICES+yes} value=[$CUDA_VISIBLE_DEVICES]""#,
+        ],
+        vec![],
+        BTreeMap::new(),
+        None,
+    )
+    .await
+    .unwrap();
+    let (_, log) = run.finish().await;
+    assert_eq!(log.trim(), "set=yes value=[]");
+}
+
+#[tokio::test]
+async fn a_gpu_the_node_does_not_have_is_refused() {
+    let err = launch_with(&backend(1), &["/bin/true"], vec![5], BTreeMap::new(), None)
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::UnknownGpu { index: 5 }), "{err}");
+}
+
+#[tokio::test]
+async fn missing_executable_is_a_setup_error() {
+    let err = launch_with(
+        &backend(0),
+        &["/nonexistent/trainmesh-no-such-binary", "--x"],
+        vec![],
+        BTreeMap::new(),
+        None,
+    )
+    .await
+    .err()
+    .unwrap();
+    match &err {
+        Error::Exec { program, source } => {
+            assert_eq!(program, "/nonexistent/trainmesh-no-such-binary");
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+        }
+        other => panic!("expected an exec error, got {other}"),
+    }
+    let je = err.to_job_error();
+    assert_eq!(je.category, "setup");
+    assert_eq!(je.r#type, "ExecError");
+    assert!(je.message.contains("trainmesh-no-such-binary"));
+}
+
+#[tokio::test]
+async fn working_dir_is_the_specs_or_the_runners() {
+    let wd = tempfile::tempdir().unwrap();
+    let wd = std::fs::canonicalize(wd.path()).unwrap();
+    let run = launch_with(
+        &backend(0),
+        &["/bin/pwd"],
+        vec![],
+        BTreeMap::new(),
+        Some(wd.clone()),
+    )
+    .await
+    .unwrap();
+    let (_, log) = run.finish().await;
+    assert_eq!(log.trim(), wd.display().to_string());
+
+    let (_, log) = launch(&["/bin/pwd"]).await.finish().await;
+    let here = std::env::current_dir().unwrap();
+    assert_eq!(log.trim(), here.display().to_string());
+
+    let err = launch_with(
+        &backend(0),
+        &["/bin/pwd"],
+        vec![],
+        BTreeMap::new(),
+        Some(wd.join("missing")),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::WorkingDir { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn stop_kills_the_whole_process_group() {
+    let mut run = launch(&[
+        "/bin/sh",
+        "-c",
+        r#"sleep 1000 & echo $! > "$TRAINMESH_OUTPUT_DIR/grandchild.pid"; echo $$ > "$TRAINMESH_OUTPUT_DIR/child.pid"; wait"#,
+    ])
+    .await;
+    let child = read_pid(&run, "child.pid").await;
+    let grandchild = read_pid(&run, "grandchild.pid").await;
+    assert!(alive(child) && alive(grandchild));
+
+    let t = run.workload.stop(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(t, Termination::Signaled(15));
+    wait_for("child and grandchild to be gone", WAIT, || async {
+        (!alive(child) && !alive(grandchild)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stop_escalates_to_sigkill_after_the_grace_period() {
+    // Ignored signals stay ignored across exec: neither sh nor sleep can
+    // be stopped with SIGTERM.
+    let mut run = launch(&[
+        "/bin/sh",
+        "-c",
+        r#"trap '' TERM; sleep 1000 & echo $! > "$TRAINMESH_OUTPUT_DIR/grandchild.pid"; wait"#,
+    ])
+    .await;
+    let grandchild = read_pid(&run, "grandchild.pid").await;
+    let started = std::time::Instant::now();
+    let t = run.workload.stop(Duration::from_millis(300)).await.unwrap();
+    assert_eq!(t, Termination::Signaled(9));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    wait_for("grandchild to be gone", WAIT, || async {
+        (!alive(grandchild)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn background_children_do_not_outlive_the_job() {
+    let run = launch(&[
+        "/bin/sh",
+        "-c",
+        r#"sleep 1000 & echo $! > "$TRAINMESH_OUTPUT_DIR/bg.pid"; echo done"#,
+    ])
+    .await;
+    let bg = read_pid(&run, "bg.pid").await;
+    let (t, log) = run.finish().await;
+    assert!(t.success());
+    assert_eq!(log.trim(), "done");
+    wait_for("background child to be gone", WAIT, || async {
+        (!alive(bg)).then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn the_job_dies_with_the_runner_thread_that_started_it() {
+    // Stands in for `kill -9` of the runner: the thread that spawned the
+    // job goes away without stopping it (no kill-on-drop either).
+    let outer = tempfile::tempdir().unwrap();
+    let pid_file = outer.path().join("job.pid");
+    let script = format!("echo $$ > '{}'; exec sleep 1000", pid_file.display());
+    let pid_path = pid_file.clone();
+    let pid = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let run = launch_with(
+                &backend(0),
+                &["/bin/sh", "-c", &script],
+                vec![],
+                BTreeMap::new(),
+                None,
+            )
+            .await
+            .unwrap();
+            let pid = wait_for("the job's pid", WAIT, || {
+                let p = pid_path.clone();
+                async move {
+                    std::fs::read_to_string(&p)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                }
+            })
+            .await;
+            let Run { workload, .. } = run;
+            std::mem::forget(workload);
+            pid
+        })
+    })
+    .join()
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(wait_for("the orphaned job to die", WAIT, || async {
+        (!alive(pid)).then_some(())
+    }));
+}

@@ -1,0 +1,379 @@
+//! Flags and environment of the `runner` binary, and the [`Config`] that
+//! `run` takes (tests build it directly with [`Config::new`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use trainmesh_common::config::CommonArgs;
+
+/// Where GPUs come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuSetting {
+    /// Ask `nvidia-smi` (none when it is missing or fails).
+    Detect,
+    /// Exactly this many stand-in GPUs (0 for `none`), without detection.
+    Count(u32),
+}
+
+impl FromStr for GpuSetting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" | "detect" => Ok(GpuSetting::Detect),
+            "none" => Ok(GpuSetting::Count(0)),
+            n => n
+                .parse::<u32>()
+                .map(GpuSetting::Count)
+                .map_err(|_| format!("`{s}`: expected auto, none or a GPU count")),
+        }
+    }
+}
+
+/// The backend attempts run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Local subprocesses.
+    Process,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Process => "process",
+        }
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "process" => Ok(BackendKind::Process),
+            "docker" | "kubernetes" => Err(format!("backend `{s}` arrives with a later release")),
+            other => Err(format!(
+                "`{other}`: expected process (docker and kubernetes arrive later)"
+            )),
+        }
+    }
+}
+
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "runner",
+    about = "trainmesh runner: registers with the scheduler and runs assigned attempts"
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// scheduler-service (RunnerService): host:port, http://host:port or file:PATH.
+    #[arg(
+        long,
+        env = "TRAINMESH_SCHEDULER_ENDPOINT",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub scheduler_endpoint: String,
+
+    /// job-service (JobInternalService.AppendJobLogs).
+    #[arg(
+        long,
+        env = "TRAINMESH_JOB_ENDPOINT",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub job_endpoint: String,
+
+    /// metrics-service (MetricsService.WriteMetrics).
+    #[arg(
+        long,
+        env = "TRAINMESH_METRICS_ENDPOINT",
+        default_value = "127.0.0.1:50053"
+    )]
+    pub metrics_endpoint: String,
+
+    /// Name this runner registers under. Default: the hostname.
+    #[arg(long, env = "TRAINMESH_RUNNER_NAME")]
+    pub name: Option<String>,
+
+    /// process (docker and kubernetes arrive with a later release).
+    #[arg(long, env = "TRAINMESH_RUNNER_BACKEND", default_value = "process")]
+    pub backend: BackendKind,
+
+    /// Per-attempt directories `<work-dir>/<job_id>/<attempt>/`. Default:
+    /// DATA_DIR/runner.
+    #[arg(long, env = "TRAINMESH_RUNNER_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+
+    /// Attempts run at the same time at most.
+    #[arg(long, env = "TRAINMESH_RUNNER_MAX_CONCURRENT", default_value_t = 8)]
+    pub max_concurrent: usize,
+
+    /// GPUs: auto (nvidia-smi), none, or a fixed count.
+    #[arg(long, env = "TRAINMESH_RUNNER_GPUS", default_value = "auto")]
+    pub gpus: GpuSetting,
+
+    /// CPU cores to offer. Default: what the OS reports.
+    #[arg(long, env = "TRAINMESH_RUNNER_CPU")]
+    pub cpu: Option<f64>,
+
+    /// Memory to offer in MiB. Default: MemTotal of /proc/meminfo.
+    #[arg(long, env = "TRAINMESH_RUNNER_MEMORY_MIB")]
+    pub memory_mib: Option<i64>,
+
+    /// Labels to register with, `key=value` (repeat or comma-separate).
+    #[arg(long = "label", env = "TRAINMESH_RUNNER_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+
+    /// How often new log lines are shipped (sooner when 500 are waiting).
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_LOG_SHIP_INTERVAL_MS",
+        default_value_t = 200
+    )]
+    pub log_ship_interval_ms: u64,
+
+    /// How often new metrics lines are shipped (sooner when 1000 are waiting).
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_METRICS_FLUSH_INTERVAL_MS",
+        default_value_t = 500
+    )]
+    pub metrics_flush_interval_ms: u64,
+
+    /// Grace between SIGTERM and SIGKILL when the job's spec sets none.
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_TERMINATION_GRACE_SECS",
+        default_value_t = 10
+    )]
+    pub termination_grace_secs: u64,
+
+    /// How long an ended attempt may spend shipping its remaining logs and
+    /// metrics before its final report is sent anyway.
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_FLUSH_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub flush_timeout_secs: u64,
+}
+
+/// Everything `run` needs. Tests build it with [`Config::new`] and adjust
+/// fields.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub name: String,
+    pub scheduler_endpoint: String,
+    pub job_endpoint: String,
+    pub metrics_endpoint: String,
+    /// The service token sent on every call.
+    pub token: String,
+    pub backend: BackendKind,
+    pub work_dir: PathBuf,
+    pub max_concurrent: usize,
+    pub gpus: GpuSetting,
+    pub cpu: Option<f64>,
+    pub memory_mib: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+    pub log_ship_interval: Duration,
+    pub metrics_flush_interval: Duration,
+    pub default_termination_grace: Duration,
+    pub flush_timeout: Duration,
+    /// Long-poll wait asked of AcquireAssignments.
+    pub acquire_wait: Duration,
+    /// Heartbeat interval used until the scheduler names one.
+    pub default_heartbeat_interval: Duration,
+    /// Cap of the back-off between retries of failed calls.
+    pub max_backoff: Duration,
+    /// Working directory of jobs whose spec has none. `None`: the runner's.
+    pub default_working_dir: Option<PathBuf>,
+    /// Variables passed from the runner's environment to every job (the
+    /// rest of the runner's environment — tokens, endpoints — is not).
+    pub inherit_env: Vec<String>,
+}
+
+/// Passed through to jobs: what programs need to be found and to behave.
+pub const DEFAULT_INHERITED_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+];
+
+impl Config {
+    /// A config with the documented defaults.
+    pub fn new(
+        name: impl Into<String>,
+        scheduler_endpoint: impl Into<String>,
+        job_endpoint: impl Into<String>,
+        metrics_endpoint: impl Into<String>,
+        token: impl Into<String>,
+        work_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            scheduler_endpoint: scheduler_endpoint.into(),
+            job_endpoint: job_endpoint.into(),
+            metrics_endpoint: metrics_endpoint.into(),
+            token: token.into(),
+            backend: BackendKind::Process,
+            work_dir: work_dir.into(),
+            max_concurrent: 8,
+            gpus: GpuSetting::Detect,
+            cpu: None,
+            memory_mib: None,
+            labels: BTreeMap::new(),
+            log_ship_interval: Duration::from_millis(200),
+            metrics_flush_interval: Duration::from_millis(500),
+            default_termination_grace: Duration::from_secs(10),
+            flush_timeout: Duration::from_secs(30),
+            acquire_wait: Duration::from_secs(25),
+            default_heartbeat_interval: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+            default_working_dir: None,
+            inherit_env: DEFAULT_INHERITED_ENV
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_concurrent >= 1,
+            "max_concurrent must be at least 1"
+        );
+        if let Some(cpu) = self.cpu {
+            anyhow::ensure!(cpu.is_finite() && cpu > 0.0, "cpu must be positive");
+        }
+        if let Some(m) = self.memory_mib {
+            anyhow::ensure!(m >= 0, "memory_mib must not be negative");
+        }
+        anyhow::ensure!(
+            !self.log_ship_interval.is_zero() && !self.metrics_flush_interval.is_zero(),
+            "ship intervals must be positive"
+        );
+        anyhow::ensure!(!self.name.trim().is_empty(), "name must not be empty");
+        Ok(())
+    }
+}
+
+impl Args {
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let token = self.common.service_token()?;
+        let work_dir = self
+            .work_dir
+            .unwrap_or_else(|| self.common.data_dir.join("runner"));
+        let name = self.name.unwrap_or_else(hostname);
+        let mut labels = BTreeMap::new();
+        for l in self.labels.iter().filter(|l| !l.trim().is_empty()) {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("invalid label `{l}`: expected key=value"))?;
+            labels.insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+        let mut c = Config::new(
+            name,
+            self.scheduler_endpoint,
+            self.job_endpoint,
+            self.metrics_endpoint,
+            token,
+            work_dir,
+        );
+        c.backend = self.backend;
+        c.max_concurrent = self.max_concurrent;
+        c.gpus = self.gpus;
+        c.cpu = self.cpu;
+        c.memory_mib = self.memory_mib;
+        c.labels = labels;
+        c.log_ship_interval = Duration::from_millis(self.log_ship_interval_ms);
+        c.metrics_flush_interval = Duration::from_millis(self.metrics_flush_interval_ms);
+        c.default_termination_grace = Duration::from_secs(self.termination_grace_secs);
+        c.flush_timeout = Duration::from_secs(self.flush_timeout_secs);
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// The kernel's hostname, for the default runner name.
+pub fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "runner".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn gpu_setting_parses() {
+        assert_eq!("auto".parse::<GpuSetting>(), Ok(GpuSetting::Detect));
+        assert_eq!("none".parse::<GpuSetting>(), Ok(GpuSetting::Count(0)));
+        assert_eq!("2".parse::<GpuSetting>(), Ok(GpuSetting::Count(2)));
+        assert!("-1".parse::<GpuSetting>().is_err());
+    }
+
+    #[test]
+    fn later_backends_are_named_as_later() {
+        let e = "docker".parse::<BackendKind>().unwrap_err();
+        assert!(e.contains("later release"));
+        assert_eq!("process".parse::<BackendKind>(), Ok(BackendKind::Process));
+    }
+
+    #[test]
+    fn flags_become_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("service.token");
+        std::fs::write(&token, "tok\n").unwrap();
+        let args = Args::try_parse_from([
+            "runner",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--service-token-file",
+            token.to_str().unwrap(),
+            "--scheduler-endpoint",
+            "file:/tmp/sched.addr",
+            "--gpus",
+            "none",
+            "--max-concurrent",
+            "2",
+            "--label",
+            "zone=a,pool=b",
+            "--log-ship-interval-ms",
+            "50",
+        ])
+        .unwrap();
+        let c = args.into_config().unwrap();
+        assert_eq!(c.token, "tok");
+        assert_eq!(c.scheduler_endpoint, "file:/tmp/sched.addr");
+        assert_eq!(c.job_endpoint, "127.0.0.1:50051");
+        assert_eq!(c.metrics_endpoint, "127.0.0.1:50053");
+        assert_eq!(c.work_dir, dir.path().join("runner"));
+        assert_eq!(c.gpus, GpuSetting::Count(0));
+        assert_eq!(c.max_concurrent, 2);
+        assert_eq!(c.labels.get("pool").map(String::as_str), Some("b"));
+        assert_eq!(c.log_ship_interval, Duration::from_millis(50));
+        assert_eq!(c.metrics_flush_interval, Duration::from_millis(500));
+        assert!(!c.name.is_empty());
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused() {
+        let mut c = Config::new("n", "a", "b", "c", "t", "/tmp");
+        c.max_concurrent = 0;
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! The runner against an in-test scheduler, job-service and metrics-service
+//! (one tonic server on loopback implementing RunnerService,
+//! JobInternalService and MetricsService) that hands out assignments and
+//! records every call. Workloads are built with `sh` here; the product
+//! itself never builds shell strings.
+
+mod support;
+
+use support::*;
+use trainmesh_common::proto::job::v1::AttemptState;
+use trainmesh_common::proto::runner::v1::AttemptRef;
+use trainmesh_common::testing::wait_for;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_running_then_succeeded_after_shipping_logs_and_metrics() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let script = r#"echo hello
+echo "cid=$TRAINMESH_CORRELATION_ID gpus=[$CUDA_VISIBLE_DEVICES] attempt=$TRAINMESH_ATTEMPT"
+printf '{"step":1,"loss":0.5}\nnot json\n{"step":2,"loss":0.4}\n' >> "$TRAINMESH_METRICS_FILE"
+printf '{"step":3,"loss":0.3}' >> "$TRAINMESH_METRICS_FILE"
+echo bye >&2"#;
+    let mut a = assignment(&["/bin/sh", "-c", script]);
+    a.gpu_indexes = vec![1];
+    let (job_id, cid) = (a.job_id.clone(), a.correlation_id.clone());
+    m.fake.assign(a);
+
+    let last = m.fake.final_report(&job_id).await;
+    let reports = m.fake.reports(&job_id);
+    assert_eq!(
+        states(&reports),
+        [AttemptState::Running, AttemptState::Succeeded]
+    );
+    assert_eq!(last.exit_code, Some(0));
+    assert!(last.error.is_none());
+    assert_eq!(last.runner_id, "runner-1");
+
+    let lines = m.fake.log_lines(&job_id);
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    // stdout keeps its order; stderr ("bye") is another pipe and may
+    // interleave anywhere.
+    let stdout: Vec<&str> = texts.iter().copied().filter(|t| *t != "bye").collect();
+    assert_eq!(
+        stdout,
+        ["hello", format!("cid={cid} gpus=[1] attempt=1").as_str()]
+    );
+    assert!(texts.contains(&"bye"), "{texts:?}");
+    assert_eq!(
+        lines.iter().map(|l| l.number).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert!(lines.iter().all(|l| l.attempt == 1));
+    assert_eq!(last.log_tail, texts);
+
+    // Every valid record once, the unterminated last one included (the job
+    // had exited), the invalid line skipped.
+    assert_eq!(
+        m.fake.metrics(&job_id),
+        [
+            r#"{"step":1,"loss":0.5}"#,
+            r#"{"step":2,"loss":0.4}"#,
+            r#"{"step":3,"loss":0.3}"#
+        ]
+    );
+
+    // Logs and metrics were flushed before the final report.
+    let calls = m.fake.calls();
+    let final_at = index_of(
+        &calls,
+        |c| matches!(c, Call::Report(r, _) if r.job_id == job_id && r.state == AttemptState::Succeeded as i32),
+    );
+    let running_at = index_of(
+        &calls,
+        |c| matches!(c, Call::Report(r, _) if r.job_id == job_id && r.state == AttemptState::Running as i32),
+    );
+    assert!(running_at < final_at);
+    for (i, c) in calls.iter().enumerate() {
+        if matches!(c, Call::Logs(..) | Call::Metrics(..)) {
+            assert!(i < final_at, "{c:?} came after the final report");
+        }
+    }
+    // Every call made for the attempt carried its correlation id.
+    for c in &calls {
+        if let Call::Report(_, got) | Call::Logs(_, got) | Call::Metrics(_, got) = c {
+            assert_eq!(got.as_deref(), Some(cid.as_str()), "{c:?}");
+        }
+    }
+
+    // The registration described this node.
+    let Call::Register(reg) = &calls[0] else {
+        panic!("first call should register: {:?}", calls[0]);
+    };
+    let cap = reg.capacity.clone().unwrap();
+    assert_eq!(reg.name, "test-runner");
+    assert_eq!(reg.backend, "process");
+    assert_eq!(cap.gpus.len(), 2);
+    assert_eq!(cap.cpu, 4.0);
+    assert_eq!(cap.memory_mib, 8192);
+
+    let dir = runner.work.path().join(&job_id).join("1");
+    assert!(dir.join("output.log").is_file());
+    assert!(dir.join("metrics.jsonl").is_file());
+    assert!(dir.join("metrics.cursor").is_file());
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipping_failures_are_retried_without_renumbering() {
+    let m = mesh().await;
+    m.fake.with(|s| s.fail_shipping = 4);
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let a = assignment(&[
+        "/bin/sh",
+        "-c",
+        r#"for i in 1 2 3 4 5; do echo "line $i"; echo "{\"step\":$i}" >> "$TRAINMESH_METRICS_FILE"; done"#,
+    ]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Succeeded as i32);
+    let lines = m.fake.log_lines(&job_id);
+    assert_eq!(
+        lines.iter().map(|l| l.number).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(lines[4].text, "line 5");
+    assert_eq!(m.fake.metrics(&job_id).len(), 5);
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_traceback_becomes_the_structured_error() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let script = r#"echo "epoch 1"
+cat >&2 <<'EOF'
+Traceback (most recent call last):
+  File "/app/train.py", line 42, in <module>
+    main()
+ValueError: learning rate must be positive
+EOF
+exit 1"#;
+    let a = assignment(&["/bin/sh", "-c", script]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Failed as i32);
+    assert_eq!(last.exit_code, Some(1));
+    let err = last.error.unwrap();
+    assert_eq!(err.r#type, "ValueError");
+    assert_eq!(err.message, "learning rate must be positive");
+    assert_eq!(err.category, "user-code");
+    assert!(!err.retryable);
+    assert!(err.traceback.contains("line 42, in <module>"));
+    assert_eq!(
+        last.log_tail.last().map(String::as_str),
+        Some("ValueError: learning rate must be positive")
+    );
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_executable_is_reported_as_a_setup_failure() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let a = assignment(&["/nonexistent/trainmesh-train"]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(states(&m.fake.reports(&job_id)), [AttemptState::Failed]);
+    let err = last.error.unwrap();
+    assert_eq!(err.category, "setup");
+    assert_eq!(err.r#type, "ExecError");
+    assert!(
+        err.message.contains("/nonexistent/trainmesh-train"),
+        "{}",
+        err.message
+    );
+    assert_eq!(last.exit_code, Some(-1));
+    // The reason is in the job's log too.
+    assert!(m
+        .fake
+        .log_lines(&job_id)
+        .iter()
+        .any(|l| l.text.contains("cannot execute")));
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_cancel_stops_the_attempt_and_reports_cancelled() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let mut a = assignment(&["/bin/sh", "-c", "echo started; sleep 1000"]);
+    a.spec.as_mut().unwrap().termination_grace = Some(prost_types::Duration {
+        seconds: 5,
+        nanos: 0,
+    });
+    let job_id = a.job_id.clone();
+    let attempt_ref = AttemptRef {
+        job_id: job_id.clone(),
+        attempt: 1,
+    };
+    m.fake.assign(a);
+    wait_for("the job to start", WAIT, || async {
+        m.fake
+            .log_lines(&job_id)
+            .iter()
+            .any(|l| l.text == "started")
+            .then_some(())
+    })
+    .await;
+    // The runner says it is running the attempt.
+    wait_for("a heartbeat listing the attempt", WAIT, || async {
+        m.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Heartbeat(h) if h.active.contains(&attempt_ref)))
+            .then_some(())
+    })
+    .await;
+    m.fake.with(|s| s.cancel.push(attempt_ref.clone()));
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(
+        states(&m.fake.reports(&job_id)),
+        [AttemptState::Running, AttemptState::Cancelled]
+    );
+    assert_eq!(last.exit_code, Some(143));
+    assert!(last.error.is_none());
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_stops_the_attempt_and_reports_failed() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let mut a = assignment(&["/bin/sleep", "1000"]);
+    a.spec.as_mut().unwrap().deadline = Some(prost_types::Duration {
+        seconds: 0,
+        nanos: 300_000_000,
+    });
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Failed as i32);
+    let err = last.error.unwrap();
+    assert_eq!(err.category, "deadline");
+    assert_eq!(err.r#type, "DeadlineExceeded");
+    assert_eq!(last.exit_code, Some(143));
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_attempts_and_reports_them_before_returning() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let a = assignment(&["/bin/sh", "-c", "echo up; sleep 1000"]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    wait_for("the attempt to run", WAIT, || async {
+        (!m.fake.reports(&job_id).is_empty()).then_some(())
+    })
+    .await;
+    runner.shutdown().await.unwrap();
+    // Reported before `run` returned.
+    let reports = m.fake.reports(&job_id);
+    assert_eq!(
+        states(&reports),
+        [AttemptState::Running, AttemptState::Cancelled]
+    );
+    let err = reports[1].error.clone().unwrap();
+    assert_eq!(err.r#type, "RunnerShutdown");
+    assert!(err.retryable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_again_when_the_scheduler_forgot_the_runner() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    wait_for("the first registration", WAIT, || async {
+        (m.fake.with(|s| s.registrations) >= 1).then_some(())
+    })
+    .await;
+    m.fake.with(|s| s.forget_runner = true);
+    wait_for("a second registration", WAIT, || async {
+        (m.fake.with(|s| s.registrations) >= 2).then_some(())
+    })
+    .await;
+    // Heartbeats go on under the new id.
+    wait_for("a heartbeat from runner-2", WAIT, || async {
+        m.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Heartbeat(h) if h.runner_id == "runner-2"))
+            .then_some(())
+    })
+    .await;
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_a_scheduler_that_is_not_up_yet() {
+    let addr_dir = tempfile::tempdir().unwrap();
+    let addr_file = addr_dir.path().join("scheduler.addr");
+    let endpoint = format!("file:{}", addr_file.display());
+    let runner = Runner::start(|w| config(&endpoint, w));
+    // The runner retries while nothing is there; now the mesh comes up.
+    let m = mesh().await;
+    trainmesh_common::client::write_addr_file(&addr_file, m.addr).unwrap();
+    wait_for("a registration", WAIT, || async {
+        (m.fake.with(|s| s.registrations) >= 1).then_some(())
+    })
+    .await;
+    let a = assignment(&["/bin/true"]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Succeeded as i32);
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_before_the_scheduler_is_reachable_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("file:{}", dir.path().join("never.addr").display());
+    let runner = Runner::start(|w| config(&endpoint, w));
+    runner.shutdown().await.unwrap();
+}

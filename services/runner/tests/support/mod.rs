@@ -1,0 +1,427 @@
+//! An in-test scheduler, job-service and metrics-service: one tonic server
+//! on loopback implementing RunnerService, JobInternalService and
+//! MetricsService that hands out assignments and records every call; and
+//! helpers to start the runner against it.
+
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use runner::{Config, GpuSetting};
+use tokio::sync::{oneshot, Notify};
+use tonic::{Request, Response, Status};
+use trainmesh_common::auth::Role;
+use trainmesh_common::proto::job::v1::job_internal_service_server::{
+    JobInternalService, JobInternalServiceServer,
+};
+use trainmesh_common::proto::job::v1::{
+    AppendJobLogsRequest, AppendJobLogsResponse, AttachDiagnosisRequest, AttachDiagnosisResponse,
+    AttemptState, JobSpec, LogLine, UpdateJobStatusRequest, UpdateJobStatusResponse,
+};
+use trainmesh_common::proto::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use trainmesh_common::proto::metrics::v1::*;
+use trainmesh_common::proto::runner::v1::runner_service_server::{
+    RunnerService, RunnerServiceServer,
+};
+use trainmesh_common::proto::runner::v1::*;
+use trainmesh_common::testing::{test_tokens, wait_for};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// One recorded call, with the correlation id it carried.
+#[derive(Debug, Clone)]
+pub enum Call {
+    Register(RegisterRunnerRequest),
+    Heartbeat(HeartbeatRequest),
+    Report(ReportAttemptStatusRequest, Option<String>),
+    Logs(AppendJobLogsRequest, Option<String>),
+    Metrics(WriteMetricsRequest, Option<String>),
+}
+
+#[derive(Default)]
+pub struct State {
+    pub calls: Vec<Call>,
+    pub assignments: VecDeque<Assignment>,
+    /// Returned by the next heartbeats.
+    pub cancel: Vec<AttemptRef>,
+    /// Answer the next heartbeat with NOT_FOUND.
+    pub forget_runner: bool,
+    pub registrations: u32,
+    /// Fail this many WriteMetrics/AppendJobLogs calls with UNAVAILABLE first.
+    pub fail_shipping: u32,
+}
+
+#[derive(Clone, Default)]
+pub struct Fake {
+    state: Arc<Mutex<State>>,
+    assigned: Arc<Notify>,
+}
+
+impl Fake {
+    pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.state.lock().unwrap())
+    }
+
+    pub fn assign(&self, a: Assignment) {
+        self.with(|s| s.assignments.push_back(a));
+        self.assigned.notify_waiters();
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.with(|s| s.calls.clone())
+    }
+
+    pub fn reports(&self, job_id: &str) -> Vec<ReportAttemptStatusRequest> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Report(r, _) if r.job_id == job_id => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn log_lines(&self, job_id: &str) -> Vec<LogLine> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Logs(r, _) if r.job_id == job_id => Some(r.lines),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    pub fn metrics(&self, job_id: &str) -> Vec<String> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Metrics(r, _) if r.job_id == job_id => Some(r.json_records),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Waits for the attempt's final report and returns it.
+    pub async fn final_report(&self, job_id: &str) -> ReportAttemptStatusRequest {
+        wait_for("a final report", WAIT, || async {
+            self.reports(job_id).into_iter().find(|r| {
+                r.state != AttemptState::Running as i32 && r.state != AttemptState::Scheduled as i32
+            })
+        })
+        .await
+    }
+
+    pub fn fail_shipping_once(&self) -> bool {
+        self.with(|s| {
+            if s.fail_shipping > 0 {
+                s.fail_shipping -= 1;
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+pub fn service<T>(req: &Request<T>) -> Result<(), Status> {
+    trainmesh_common::auth::caller(req)?.require(Role::Service)
+}
+
+pub fn cid() -> Option<String> {
+    trainmesh_common::correlation::current()
+}
+
+#[tonic::async_trait]
+impl RunnerService for Fake {
+    async fn register_runner(
+        &self,
+        req: Request<RegisterRunnerRequest>,
+    ) -> Result<Response<RegisterRunnerResponse>, Status> {
+        service(&req)?;
+        let n = self.with(|s| {
+            s.calls.push(Call::Register(req.get_ref().clone()));
+            s.registrations += 1;
+            s.registrations
+        });
+        Ok(Response::new(RegisterRunnerResponse {
+            runner_id: format!("runner-{n}"),
+            lease_ttl: Some(prost_types::Duration {
+                seconds: 15,
+                nanos: 0,
+            }),
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 50_000_000,
+            }),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        service(&req)?;
+        self.with(|s| {
+            s.calls.push(Call::Heartbeat(req.get_ref().clone()));
+            if std::mem::take(&mut s.forget_runner) {
+                return Err(Status::not_found("runner `x` is not registered"));
+            }
+            Ok(Response::new(HeartbeatResponse {
+                lease_expire_time: None,
+                cancel: s.cancel.clone(),
+            }))
+        })
+    }
+
+    async fn acquire_assignments(
+        &self,
+        req: Request<AcquireAssignmentsRequest>,
+    ) -> Result<Response<AcquireAssignmentsResponse>, Status> {
+        service(&req)?;
+        let max = req.get_ref().max_assignments.max(0) as usize;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let notified = self.assigned.notified();
+            let taken: Vec<Assignment> = self.with(|s| {
+                let n = max.min(s.assignments.len());
+                s.assignments.drain(..n).collect()
+            });
+            if !taken.is_empty() {
+                return Ok(Response::new(AcquireAssignmentsResponse {
+                    assignments: taken,
+                }));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(AcquireAssignmentsResponse::default()));
+            }
+        }
+    }
+
+    async fn report_attempt_status(
+        &self,
+        req: Request<ReportAttemptStatusRequest>,
+    ) -> Result<Response<ReportAttemptStatusResponse>, Status> {
+        service(&req)?;
+        self.with(|s| s.calls.push(Call::Report(req.get_ref().clone(), cid())));
+        Ok(Response::new(ReportAttemptStatusResponse { changed: true }))
+    }
+}
+
+#[tonic::async_trait]
+impl JobInternalService for Fake {
+    async fn update_job_status(
+        &self,
+        _req: Request<UpdateJobStatusRequest>,
+    ) -> Result<Response<UpdateJobStatusResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn append_job_logs(
+        &self,
+        req: Request<AppendJobLogsRequest>,
+    ) -> Result<Response<AppendJobLogsResponse>, Status> {
+        service(&req)?;
+        if self.fail_shipping_once() {
+            return Err(Status::unavailable("job-service is restarting"));
+        }
+        let last = req.get_ref().lines.last().map(|l| l.number).unwrap_or(0);
+        self.with(|s| s.calls.push(Call::Logs(req.get_ref().clone(), cid())));
+        Ok(Response::new(AppendJobLogsResponse { last_number: last }))
+    }
+
+    async fn attach_diagnosis(
+        &self,
+        _req: Request<AttachDiagnosisRequest>,
+    ) -> Result<Response<AttachDiagnosisResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+}
+
+#[tonic::async_trait]
+impl MetricsService for Fake {
+    async fn write_metrics(
+        &self,
+        req: Request<WriteMetricsRequest>,
+    ) -> Result<Response<WriteMetricsResponse>, Status> {
+        service(&req)?;
+        if self.fail_shipping_once() {
+            return Err(Status::unavailable("metrics-service is restarting"));
+        }
+        let n = req.get_ref().json_records.len() as i32;
+        self.with(|s| s.calls.push(Call::Metrics(req.get_ref().clone(), cid())));
+        Ok(Response::new(WriteMetricsResponse {
+            accepted: n,
+            duplicates: 0,
+        }))
+    }
+
+    async fn stream_write_metrics(
+        &self,
+        _req: Request<tonic::Streaming<StreamWriteMetricsRequest>>,
+    ) -> Result<Response<StreamWriteMetricsResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn get_latest_metrics(
+        &self,
+        _req: Request<GetLatestMetricsRequest>,
+    ) -> Result<Response<GetLatestMetricsResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn query_metrics(
+        &self,
+        _req: Request<QueryMetricsRequest>,
+    ) -> Result<Response<QueryMetricsResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn list_metric_keys(
+        &self,
+        _req: Request<ListMetricKeysRequest>,
+    ) -> Result<Response<ListMetricKeysResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    type WatchMetricsStream = futures::stream::Empty<Result<WatchMetricsResponse, Status>>;
+    async fn watch_metrics(
+        &self,
+        _req: Request<WatchMetricsRequest>,
+    ) -> Result<Response<Self::WatchMetricsStream>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn list_anomalies(
+        &self,
+        _req: Request<ListAnomaliesRequest>,
+    ) -> Result<Response<ListAnomaliesResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+}
+
+/// Serves the fake on `listener` until the returned sender is dropped.
+pub fn serve(fake: &Fake, listener: tokio::net::TcpListener) -> oneshot::Sender<()> {
+    let routes = tonic::service::Routes::new(RunnerServiceServer::new(fake.clone()))
+        .add_service(JobInternalServiceServer::new(fake.clone()))
+        .add_service(MetricsServiceServer::new(fake.clone()));
+    let (tx, rx) = oneshot::channel::<()>();
+    let (trigger, _watch) = trainmesh_common::server::shutdown_pair();
+    tokio::spawn(trainmesh_common::server::serve(
+        "fake-mesh",
+        routes,
+        &[],
+        listener,
+        test_tokens().store,
+        trainmesh_common::server::ServerOptions {
+            drain_timeout: Duration::from_millis(100),
+            ..Default::default()
+        },
+        trigger,
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    tx
+}
+
+pub struct Mesh {
+    pub fake: Fake,
+    pub addr: SocketAddr,
+    pub _server: oneshot::Sender<()>,
+}
+
+pub async fn mesh() -> Mesh {
+    trainmesh_common::testing::init_test_logging();
+    let (listener, addr) = trainmesh_common::testing::listener().await;
+    let fake = Fake::default();
+    let server = serve(&fake, listener);
+    Mesh {
+        fake,
+        addr,
+        _server: server,
+    }
+}
+
+pub fn config(endpoint: &str, work_dir: &std::path::Path) -> Config {
+    let mut c = Config::new(
+        "test-runner",
+        endpoint,
+        endpoint,
+        endpoint,
+        test_tokens().service,
+        work_dir,
+    );
+    c.gpus = GpuSetting::Count(2);
+    c.cpu = Some(4.0);
+    c.memory_mib = Some(8192);
+    c.log_ship_interval = Duration::from_millis(20);
+    c.metrics_flush_interval = Duration::from_millis(20);
+    c.max_backoff = Duration::from_millis(200);
+    c.acquire_wait = Duration::from_secs(2);
+    c.flush_timeout = Duration::from_secs(10);
+    c
+}
+
+pub struct Runner {
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub stop: Option<oneshot::Sender<()>>,
+    pub work: tempfile::TempDir,
+}
+
+impl Runner {
+    pub fn start(config_for: impl FnOnce(&std::path::Path) -> Config) -> Runner {
+        let work = tempfile::tempdir().unwrap();
+        let config = config_for(work.path());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(runner::run(config, async move {
+            let _ = rx.await;
+        }));
+        Runner {
+            handle,
+            stop: Some(tx),
+            work,
+        }
+    }
+
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        drop(self.stop.take());
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("runner stops in time")
+            .expect("runner task")
+    }
+}
+
+pub fn assignment(argv: &[&str]) -> Assignment {
+    Assignment {
+        job_id: uuid::Uuid::now_v7().to_string(),
+        attempt: 1,
+        owner: "alice".into(),
+        org: "ml".into(),
+        spec: Some(JobSpec {
+            name: "test".into(),
+            command: argv.iter().map(|s| s.to_string()).collect(),
+            ..JobSpec::default()
+        }),
+        correlation_id: format!("cid-{}", uuid::Uuid::new_v4().simple()),
+        gpu_indexes: vec![],
+    }
+}
+
+pub fn states(reports: &[ReportAttemptStatusRequest]) -> Vec<AttemptState> {
+    reports
+        .iter()
+        .map(|r| AttemptState::try_from(r.state).unwrap())
+        .collect()
+}
+
+pub fn index_of(calls: &[Call], pred: impl Fn(&Call) -> bool) -> usize {
+    calls.iter().position(pred).expect("call present")
+}
