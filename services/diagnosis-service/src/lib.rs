@@ -1,1 +1,76 @@
-//! diagnosis-service (being written).
+//! trainmesh diagnosis-service.
+//!
+//! DiagnoseJob reads a job and the tail of its log from job-service, applies
+//! an ordered rule set ([`rules`]: resource checks of the spec, control
+//! checks of states and exit codes, execution checks of the error and the
+//! log) and answers `Healthy` / `Error` / `Analysis` / `Solution` with the
+//! evidence cited, stored for GetDiagnosis and ListDiagnoses. Without an
+//! LLM (a later release) the rules alone answer (`prompt_version`
+//! "rules-v1").
+
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod jobs;
+pub mod logwindow;
+pub mod prompt;
+pub mod repo;
+pub mod report;
+pub mod rules;
+pub mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tonic::service::Routes;
+use trainmesh_common::db::{self, Durability};
+use trainmesh_common::proto::diagnosis::v1::diagnosis_service_server::{
+    DiagnosisServiceServer, SERVICE_NAME,
+};
+use trainmesh_common::server;
+
+pub use config::{Args, Config};
+
+/// Serves diagnosis-service on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let rules = match &config.rules_file {
+        Some(path) => rules::RuleSet::load_file(path)?,
+        None => rules::RuleSet::builtin(),
+    };
+    let db = db::open(
+        &config.database_url,
+        Durability::Full,
+        &sqlx::migrate!("./migrations/sqlite"),
+        &sqlx::migrate!("./migrations/postgres"),
+    )
+    .await?;
+    let jobs = jobs::JobSource::new(
+        &config.job_endpoint,
+        config.service_token.as_deref(),
+        config.job_call_timeout,
+    )?;
+    // Nothing here streams or loops in the background, so the watch half of
+    // the pair is not needed.
+    let (trigger, _watch) = server::shutdown_pair();
+    let svc = Arc::new(service::Diagnoser::new(repo::Repo::new(db), jobs, rules));
+    let max = config.server.max_message_bytes;
+    let diagnosis = DiagnosisServiceServer::new(grpc::DiagnosisGrpc::new(svc))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    server::serve(
+        "diagnosis-service",
+        Routes::new(diagnosis),
+        &[SERVICE_NAME],
+        listener,
+        config.tokens,
+        config.server,
+        trigger,
+        shutdown,
+    )
+    .await
+}

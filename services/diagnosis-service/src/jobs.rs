@@ -1,0 +1,131 @@
+//! Reads a job and its log from job-service (`JobService.GetJob` and
+//! `StreamJobLogs(tail_lines = 1000, follow = false)`) with this service's
+//! own token; the `service` role may read any job, so the caller's right to
+//! see the job is checked by the service, not here.
+
+use std::time::Duration;
+
+use tonic::Code;
+use trainmesh_common::client::{self, Channel};
+use trainmesh_common::proto::job::v1 as jpb;
+use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
+
+use crate::domain::{JobFacts, JobId, LogLine};
+use crate::error::{Error, Result};
+use crate::logwindow::TAIL_LINES;
+
+/// Longest log line kept, in bytes; the rest of a longer line is cut.
+const MAX_LINE_BYTES: usize = 4096;
+
+/// A job and the tail of its log.
+#[derive(Clone, Debug)]
+pub struct JobSnapshot {
+    pub job: JobFacts,
+    pub log: Vec<LogLine>,
+    /// Why the log is missing, when it could not be read.
+    pub log_note: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct JobSource {
+    client: JobServiceClient<Channel>,
+    timeout: Duration,
+}
+
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_LINE_BYTES {
+        let mut end = MAX_LINE_BYTES;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+impl JobSource {
+    /// A lazily connecting client: diagnosis-service starts without job-service.
+    pub fn new(endpoint: &str, token: Option<&str>, timeout: Duration) -> anyhow::Result<Self> {
+        let channel = client::channel(endpoint, token)?;
+        Ok(Self {
+            client: JobServiceClient::new(channel),
+            timeout,
+        })
+    }
+
+    pub async fn fetch(&self, id: JobId) -> Result<JobSnapshot> {
+        let job = self.get_job(id).await?;
+        let (log, log_note) = match self.tail(id).await {
+            Ok(log) => (log, None),
+            // The job is there; a diagnosis without its log still helps.
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "job log unavailable; diagnosing without it");
+                (Vec::new(), Some(e.to_string()))
+            }
+        };
+        Ok(JobSnapshot { job, log, log_note })
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<JobFacts> {
+        let mut client = self.client.clone();
+        let req = jpb::GetJobRequest {
+            job_id: id.to_string(),
+        };
+        let resp = tokio::time::timeout(self.timeout, client.get_job(req))
+            .await
+            .map_err(|_| Error::JobService(format!("GetJob timed out after {:?}", self.timeout)))?
+            .map_err(|s| match s.code() {
+                Code::NotFound => Error::JobNotFound(id),
+                _ => Error::JobService(format!("GetJob: {:?}: {}", s.code(), s.message())),
+            })?;
+        let job = resp
+            .into_inner()
+            .job
+            .ok_or_else(|| Error::JobService("GetJob answered without a job".into()))?;
+        JobFacts::from_proto(&job)
+            .map_err(|e| Error::JobService(format!("GetJob answered a bad job: {e}")))
+    }
+
+    async fn tail(&self, id: JobId) -> Result<Vec<LogLine>> {
+        let mut client = self.client.clone();
+        let req = jpb::StreamJobLogsRequest {
+            job_id: id.to_string(),
+            attempt: 0,
+            tail_lines: TAIL_LINES as i32,
+            follow: false,
+        };
+        let read = async {
+            let mut stream = client
+                .stream_job_logs(req)
+                .await
+                .map_err(|s| format!("StreamJobLogs: {:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let mut lines = Vec::new();
+            while let Some(msg) = stream
+                .message()
+                .await
+                .map_err(|s| format!("StreamJobLogs: {:?}: {}", s.code(), s.message()))?
+            {
+                lines.extend(
+                    msg.lines
+                        .into_iter()
+                        .map(|l| LogLine::new(l.number, cut(l.text))),
+                );
+                // A peer that ignores tail_lines must not cost us memory.
+                if lines.len() > 2 * TAIL_LINES {
+                    lines.drain(..lines.len() - TAIL_LINES);
+                }
+            }
+            Ok::<_, String>(lines)
+        };
+        let mut lines = tokio::time::timeout(self.timeout, read)
+            .await
+            .map_err(|_| Error::JobService("StreamJobLogs timed out".into()))?
+            .map_err(Error::JobService)?;
+        if lines.len() > TAIL_LINES {
+            lines.drain(..lines.len() - TAIL_LINES);
+        }
+        Ok(lines)
+    }
+}

@@ -1,0 +1,79 @@
+//! Command-line flags and environment of `metrics-service`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use trainmesh_common::auth::TokenStore;
+use trainmesh_common::config::CommonArgs;
+use trainmesh_common::server::ServerOptions;
+
+/// Everything `run` needs; tests build it directly.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub tokens: Arc<TokenStore>,
+    pub server: ServerOptions,
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+    /// How often a watch looks for points written by another replica
+    /// (writes through this process wake watches at once).
+    pub watch_poll_interval: Duration,
+}
+
+impl Config {
+    /// Defaults for everything but the tokens and the database.
+    pub fn new(tokens: Arc<TokenStore>, database_url: impl Into<String>) -> Self {
+        Self {
+            tokens,
+            server: ServerOptions::default(),
+            database_url: database_url.into(),
+            watch_poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// trainmesh metrics-service: ingest, latest values, queries and watches of
+/// training metrics.
+#[derive(clap::Parser, Debug)]
+#[command(name = "metrics-service", version, about)]
+pub struct Args {
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "TRAINMESH_METRICS_LISTEN",
+        default_value = "0.0.0.0:50053"
+    )]
+    pub listen: String,
+
+    /// `sqlite://PATH`, `postgres://…`, or a plain file path for SQLite.
+    /// Default: the SQLite file metrics.db in the data dir.
+    #[arg(long, env = "TRAINMESH_METRICS_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// How often (ms) a watch polls for points written by another replica.
+    #[arg(long, env = "TRAINMESH_METRICS_WATCH_POLL_MS", default_value_t = 1000)]
+    pub watch_poll_ms: u64,
+}
+
+/// A plain path means a SQLite file.
+fn database_url(common: &CommonArgs, explicit: Option<&str>) -> String {
+    match explicit {
+        Some(u) if !u.contains(':') => {
+            trainmesh_common::db::sqlite_url(std::path::Path::new("."), u)
+        }
+        other => common.database_url(other, "metrics.db"),
+    }
+}
+
+impl Args {
+    pub async fn into_config(self) -> anyhow::Result<Config> {
+        Ok(Config {
+            tokens: self.common.token_store().await?,
+            server: self.common.server_options(),
+            database_url: database_url(&self.common, self.database_url.as_deref()),
+            watch_poll_interval: Duration::from_millis(self.watch_poll_ms.max(10)),
+        })
+    }
+}

@@ -1,0 +1,153 @@
+//! gRPC adapter: proto ⇄ domain, errors → `Status`.
+//!
+//! Any authenticated caller may write and read any job's metrics: job
+//! ownership lives in job-service, and checking it here would put a
+//! job-service call on the ingest path.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use trainmesh_common::auth;
+use trainmesh_common::error::FieldError;
+use trainmesh_common::proto::metrics::v1 as pb;
+use trainmesh_common::server::ShutdownWatch;
+
+use crate::domain::{JobId, LatestQuery, Point, RangeQuery, WatchQuery, WriteBatch};
+use crate::service::Metrics;
+
+#[derive(Debug, Clone)]
+pub struct MetricsGrpc {
+    svc: Arc<Metrics>,
+    shutdown: ShutdownWatch,
+}
+
+impl MetricsGrpc {
+    pub fn new(svc: Arc<Metrics>, shutdown: ShutdownWatch) -> Self {
+        Self { svc, shutdown }
+    }
+}
+
+fn points(points: &[Point]) -> Vec<pb::MetricPoint> {
+    points.iter().map(Point::to_proto).collect()
+}
+
+fn count(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchMetricsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::metrics_service_server::MetricsService for MetricsGrpc {
+    async fn write_metrics(
+        &self,
+        req: Request<pb::WriteMetricsRequest>,
+    ) -> Result<Response<pb::WriteMetricsResponse>, Status> {
+        auth::caller(&req)?;
+        let batch = WriteBatch::try_from(req.into_inner())?;
+        let out = self.svc.write(batch).await?;
+        Ok(Response::new(pb::WriteMetricsResponse {
+            accepted: count(out.accepted),
+            duplicates: count(out.duplicates),
+        }))
+    }
+
+    async fn stream_write_metrics(
+        &self,
+        req: Request<Streaming<pb::StreamWriteMetricsRequest>>,
+    ) -> Result<Response<pb::StreamWriteMetricsResponse>, Status> {
+        auth::caller(&req)?;
+        let mut stream = req.into_inner();
+        let mut resp = pb::StreamWriteMetricsResponse::default();
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            let n = resp.batches + 1;
+            let batch = WriteBatch::try_from(msg.batch.unwrap_or_default()).map_err(|e| {
+                FieldError::new(
+                    format!("batch.{}", e.field),
+                    format!(
+                        "{} (message {n} of the stream; the {} before it were stored)",
+                        e.description, resp.batches
+                    ),
+                )
+            })?;
+            let out = self.svc.write(batch).await?;
+            resp.accepted = resp.accepted.saturating_add(count(out.accepted));
+            resp.duplicates = resp.duplicates.saturating_add(count(out.duplicates));
+            resp.batches = n;
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn get_latest_metrics(
+        &self,
+        req: Request<pb::GetLatestMetricsRequest>,
+    ) -> Result<Response<pb::GetLatestMetricsResponse>, Status> {
+        auth::caller(&req)?;
+        let q = LatestQuery::try_from(req.into_inner())?;
+        let latest = self.svc.latest(q).await?;
+        Ok(Response::new(pb::GetLatestMetricsResponse {
+            points: points(&latest),
+        }))
+    }
+
+    async fn query_metrics(
+        &self,
+        req: Request<pb::QueryMetricsRequest>,
+    ) -> Result<Response<pb::QueryMetricsResponse>, Status> {
+        auth::caller(&req)?;
+        let q = RangeQuery::try_from(req.into_inner())?;
+        let series = self.svc.query(q).await?;
+        Ok(Response::new(pb::QueryMetricsResponse {
+            series: series
+                .into_iter()
+                .map(|s| pb::Series {
+                    points: points(&s.points),
+                    key: s.key.into_string(),
+                    downsampled: s.downsampled,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_metric_keys(
+        &self,
+        req: Request<pb::ListMetricKeysRequest>,
+    ) -> Result<Response<pb::ListMetricKeysResponse>, Status> {
+        auth::caller(&req)?;
+        let job = JobId::parse_field("job_id", &req.get_ref().job_id)?;
+        let keys = self.svc.keys(job).await?;
+        Ok(Response::new(pb::ListMetricKeysResponse { keys }))
+    }
+
+    type WatchMetricsStream = WatchStream;
+
+    async fn watch_metrics(
+        &self,
+        req: Request<pb::WatchMetricsRequest>,
+    ) -> Result<Response<Self::WatchMetricsStream>, Status> {
+        auth::caller(&req)?;
+        let q = WatchQuery::try_from(req.into_inner())?;
+        let rx = self.svc.watch(q, self.shutdown.clone()).await?;
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
+            item.map(|u| pb::WatchMetricsResponse {
+                points: points(&u.points),
+                cursor: u.cursor.to_string(),
+                resync: u.resync,
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_anomalies(
+        &self,
+        _req: Request<pb::ListAnomaliesRequest>,
+    ) -> Result<Response<pb::ListAnomaliesResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListAnomalies arrives with a later release",
+        ))
+    }
+}
