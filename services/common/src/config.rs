@@ -66,6 +66,22 @@ impl CommonArgs {
         Ok(t.trim().to_owned())
     }
 
+    /// This service's token for calls to peers, when it has one. A file
+    /// named with `--service-token-file` must be readable; the default file
+    /// may be missing: the service then starts, calls to peers are refused
+    /// (`what` says which), and outboxes keep their messages until a token
+    /// is configured.
+    pub fn optional_service_token(&self, what: &str) -> anyhow::Result<Option<String>> {
+        match self.service_token() {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if self.service_token_file.is_some() => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "no service token; {what}");
+                Ok(None)
+            }
+        }
+    }
+
     pub fn server_options(&self) -> ServerOptions {
         ServerOptions {
             max_concurrent_requests: self.max_concurrent_requests,

@@ -112,13 +112,9 @@ impl Args {
     pub async fn into_config(self) -> anyhow::Result<Config> {
         // Without the token, DiagnoseJob answers UNAVAILABLE but stored
         // diagnoses can still be read, so a missing token is not fatal.
-        let service_token = match self.common.service_token() {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::warn!(error = %e, "no service token; DiagnoseJob cannot read jobs");
-                None
-            }
-        };
+        let service_token = self
+            .common
+            .optional_service_token("DiagnoseJob cannot read jobs")?;
         Ok(Config {
             tokens: self.common.token_store().await?,
             server: self.common.server_options(),

@@ -69,17 +69,9 @@ impl Args {
         let database_url = self
             .common
             .database_url(self.database_url.as_deref(), "jobs.db");
-        // An explicitly named token file must be readable; the default one
-        // may be missing (then calls to peers are unauthenticated and the
-        // relay retries until a token is configured).
-        let service_token = match self.common.service_token() {
-            Ok(t) => Some(t),
-            Err(e) if self.common.service_token_file.is_none() => {
-                tracing::warn!(error = %e, "no service token; calls to the scheduler will be refused");
-                None
-            }
-            Err(e) => return Err(e),
-        };
+        let service_token = self
+            .common
+            .optional_service_token("calls to the scheduler will be refused")?;
         let data_roots = if self.data_roots.is_empty() {
             ["datasets", "outputs"]
                 .iter()

@@ -90,17 +90,9 @@ impl Args {
             anyhow::bail!("--default-max-attempts must be at least 1");
         }
         let tokens = self.common.token_store().await?;
-        // An explicitly named token file must be readable; the default one
-        // may be missing (job-service then refuses the updates, and the
-        // outbox keeps them until a token is configured).
-        let service_token = match self.common.service_token() {
-            Ok(t) => Some(t),
-            Err(e) if self.common.service_token_file.is_some() => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "no service token; status updates to job-service will be refused");
-                None
-            }
-        };
+        let service_token = self
+            .common
+            .optional_service_token("status updates to job-service will be refused")?;
         Ok(Config {
             database_url: self
                 .common
