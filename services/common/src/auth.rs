@@ -28,6 +28,16 @@ pub enum Role {
 }
 
 impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.trim() {
+            "user" => Some(Role::User),
+            "approver" => Some(Role::Approver),
+            "admin" => Some(Role::Admin),
+            "service" => Some(Role::Service),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::User => "user",
@@ -186,14 +196,19 @@ impl TokenStore {
             .await?;
         let mut entries = Vec::new();
         for r in rows {
+            let user: String = r.try_get(1)?;
             let roles: String = r.try_get(3)?;
             let roles = roles
                 .split(',')
-                .map(|s| serde_yaml::from_str::<Role>(s.trim()))
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|s| {
+                    Role::parse(s).ok_or_else(|| {
+                        anyhow::anyhow!("auth_tokens row for `{user}`: unknown role `{}`", s.trim())
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
             entries.push(TokenEntry {
                 sha256: r.try_get(0)?,
-                user: r.try_get(1)?,
+                user,
                 org: r.try_get(2)?,
                 roles,
             });
@@ -329,5 +344,39 @@ mod tests {
         assert!(admin.has(Role::Approver));
         assert!(!admin.has(Role::Service));
         assert!(admin.require(Role::Service).is_err());
+    }
+}
+
+#[cfg(test)]
+mod db_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tokens_load_from_a_database_table() {
+        for db in crate::testing::all_dbs().await {
+            let store = TokenStore::load(&db.url).await.expect("empty table loads");
+            assert!(store.authenticate("t1").is_none(), "{}", db.label);
+            let pool = crate::db::connect(&db.url, crate::db::Durability::Full)
+                .await
+                .unwrap();
+            sqlx::query("INSERT INTO auth_tokens VALUES ($1, $2, $3, $4)")
+                .bind(hash_token("t1"))
+                .bind("dana")
+                .bind("vision")
+                .bind("user, approver")
+                .execute(&pool.write)
+                .await
+                .unwrap();
+            let store = TokenStore::load(&db.url).await.expect("loads");
+            let caller = store.authenticate("t1").expect("known token");
+            assert_eq!(caller.user, "dana", "{}", db.label);
+            assert_eq!(caller.roles, vec![Role::User, Role::Approver]);
+            sqlx::query("UPDATE auth_tokens SET roles = 'superuser'")
+                .execute(&pool.write)
+                .await
+                .unwrap();
+            let err = TokenStore::load(&db.url).await.expect_err("unknown role");
+            assert!(err.to_string().contains("superuser"), "{err}");
+        }
     }
 }

@@ -252,3 +252,47 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, Service, ServiceExt};
+
+    #[tokio::test]
+    async fn calls_beyond_the_limit_are_refused_with_resource_exhausted() {
+        let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+        let inner = tower::service_fn(move |_req: http::Request<()>| {
+            let mut release = release_rx.clone();
+            async move {
+                let _ = release.wait_for(|r| *r).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+            }
+        });
+        let mut svc = ShedLayer::new(1).layer(inner);
+        let first = svc.ready().await.unwrap().call(http::Request::new(()));
+        let first = tokio::spawn(first);
+        let refused = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert_eq!(
+            refused.headers().get("grpc-status").unwrap(),
+            &(tonic::Code::ResourceExhausted as i32).to_string()
+        );
+        release_tx.send(true).unwrap();
+        let ok = first.await.unwrap().unwrap();
+        assert!(ok.headers().get("grpc-status").is_none());
+        // The permit came back: the next call is admitted.
+        let again = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+            .unwrap();
+        assert!(again.headers().get("grpc-status").is_none());
+    }
+}
