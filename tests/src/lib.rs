@@ -76,6 +76,8 @@ pub struct MeshOptions {
     pub no_runner: bool,
     /// Extra arguments per binary.
     pub extra_args: Vec<(String, Vec<String>)>,
+    /// Extra environment per binary.
+    pub extra_env: Vec<(String, Vec<(String, String)>)>,
 }
 
 impl Mesh {
@@ -179,14 +181,20 @@ impl Mesh {
             }
         }
         let root = self.dir.path();
-        let child = Command::new(bins.join(name))
+        let mut cmd = Command::new(bins.join(name));
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        for (n, vars) in &opts.extra_env {
+            if n == name {
+                cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+            }
+        }
+        let child = cmd
             .args(&args)
             .current_dir(workspace_root())
             .env("TRAINMESH_DATA_DIR", root)
             .env("TRAINMESH_LOG_FORMAT", "json")
             .env("TRAINMESH_LOG_LEVEL", "info")
             .env("TRAINMESH_LOG_FILE", self.log_path(name))
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(

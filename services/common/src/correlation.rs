@@ -48,6 +48,33 @@ pub async fn scope<F: Future>(correlation_id: impl Into<String>, fut: F) -> F::O
     CURRENT.scope(ctx, fut).await
 }
 
+/// Runs `fut` as background work for a request that happened earlier
+/// (an outbox delivery): under its correlation id, in a span `name` that
+/// joins the request's trace when `traceparent` is known.
+pub async fn scope_traced<F: Future>(
+    correlation_id: String,
+    traceparent: Option<String>,
+    name: &'static str,
+    fut: F,
+) -> F::Output {
+    let span = tracing::info_span!("work", otel.name = name, correlation_id = %correlation_id);
+    if let Some(tp) = &traceparent {
+        crate::telemetry::set_parent_from_traceparent(&span, tp);
+    }
+    let ctx = RequestContext {
+        correlation_id,
+        traceparent,
+    };
+    CURRENT.scope(ctx, fut.instrument(span)).await
+}
+
+/// The trace context to store with work that outlives this request: the
+/// current span's when tracing is on, else the caller's `traceparent`.
+pub fn traceparent() -> Option<String> {
+    crate::telemetry::current_traceparent()
+        .or_else(|| CURRENT.try_with(|c| c.traceparent.clone()).ok().flatten())
+}
+
 pub fn generate() -> String {
     uuid::Uuid::new_v4().to_string()
 }

@@ -10,7 +10,8 @@
 //!     id <autoincrement primary key>, topic TEXT NOT NULL, msg_key TEXT NOT NULL,
 //!     payload <blob> NOT NULL, correlation_id TEXT NOT NULL,
 //!     created_at BIGINT NOT NULL, attempts BIGINT NOT NULL DEFAULT 0,
-//!     next_attempt_at BIGINT NOT NULL DEFAULT 0, last_error TEXT);
+//!     next_attempt_at BIGINT NOT NULL DEFAULT 0, last_error TEXT,
+//!     traceparent TEXT);
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -33,6 +34,9 @@ pub struct OutboxMessage {
     pub key: String,
     pub payload: Vec<u8>,
     pub correlation_id: String,
+    /// Trace context of the request that caused the message, so the
+    /// delivery joins its trace.
+    pub traceparent: Option<String>,
     pub attempts: i64,
 }
 
@@ -49,7 +53,8 @@ pub enum Delivery {
 pub type Deliver =
     Arc<dyn Fn(OutboxMessage) -> Pin<Box<dyn Future<Output = Delivery> + Send>> + Send + Sync>;
 
-/// Writes a message inside the caller's transaction.
+/// Writes a message inside the caller's transaction, with the current trace
+/// context.
 pub async fn enqueue(
     conn: &mut AnyConnection,
     topic: &str,
@@ -58,14 +63,15 @@ pub async fn enqueue(
     correlation_id: &str,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO outbox (topic, msg_key, payload, correlation_id, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO outbox (topic, msg_key, payload, correlation_id, created_at, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(topic)
     .bind(key)
     .bind(payload.to_vec())
     .bind(correlation_id)
     .bind(now_micros())
+    .bind(crate::correlation::traceparent())
     .execute(conn)
     .await?;
     Ok(())
@@ -120,8 +126,8 @@ impl Relay {
     /// One pass; true when a full batch was delivered (more may be waiting).
     async fn round(&self, deliver: &Deliver) -> sqlx::Result<bool> {
         let rows = sqlx::query(
-            "SELECT id, topic, msg_key, payload, correlation_id, attempts, next_attempt_at \
-             FROM outbox ORDER BY id LIMIT $1",
+            "SELECT id, topic, msg_key, payload, correlation_id, attempts, next_attempt_at, \
+             traceparent FROM outbox ORDER BY id LIMIT $1",
         )
         .bind(BATCH)
         .fetch_all(&self.db.read)
@@ -142,6 +148,7 @@ impl Relay {
                 payload: r.try_get(3)?,
                 correlation_id: r.try_get(4)?,
                 attempts: r.try_get(5)?,
+                traceparent: r.try_get(7)?,
             };
             let next: i64 = r.try_get(6)?;
             if blocked.contains(&msg.key) {
@@ -159,8 +166,15 @@ impl Relay {
             async move {
                 let mut out = Vec::new();
                 for msg in chain {
-                    let cid = msg.correlation_id.clone();
-                    let outcome = crate::correlation::scope(cid, deliver(msg.clone())).await;
+                    // `deliver` is called inside the scope, so spans it
+                    // opens belong to the message's trace.
+                    let outcome = crate::correlation::scope_traced(
+                        msg.correlation_id.clone(),
+                        msg.traceparent.clone(),
+                        "outbox delivery",
+                        async { deliver(msg.clone()).await },
+                    )
+                    .await;
                     let stop = matches!(outcome, Delivery::Retry(_));
                     out.push((msg, outcome));
                     if stop {

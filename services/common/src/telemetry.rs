@@ -11,7 +11,7 @@
 
 use std::sync::OnceLock;
 
-use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TracerProvider as _;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -130,15 +130,47 @@ pub(crate) fn set_parent_from_headers(span: &tracing::Span, headers: &http::Head
     let _ = span.set_parent(parent);
 }
 
-/// Writes the current span's trace context into `md`; false when tracing is
-/// off, so the caller can pass an incoming `traceparent` through instead.
-pub(crate) fn inject_current(md: &mut tonic::metadata::MetadataMap) -> bool {
+/// Makes `span` a child of the W3C `traceparent` value, when OTLP export is on.
+pub(crate) fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
     if !otel_enabled() {
-        return false;
+        return;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_string(), traceparent.to_string());
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let _ = span.set_parent(parent);
+}
+
+/// The current span's `traceparent`, when OTLP export is on and a trace is
+/// active.
+pub(crate) fn current_traceparent() -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    if !otel_enabled() {
+        return None;
     }
     let cx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut MetaInject(md)));
-    true
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
+    carrier.remove("traceparent")
+}
+
+/// Writes the current span's trace context into `md`; false when there is
+/// none (tracing off, or no active trace), so the caller can pass an
+/// incoming `traceparent` through instead.
+pub(crate) fn inject_current(md: &mut tonic::metadata::MetadataMap) -> bool {
+    match current_traceparent() {
+        Some(tp) => match tonic::metadata::AsciiMetadataValue::try_from(tp) {
+            Ok(v) => {
+                md.insert("traceparent", v);
+                true
+            }
+            Err(_) => false,
+        },
+        None => false,
+    }
 }
 
 struct HeaderExtract<'a>(&'a http::HeaderMap);
@@ -149,19 +181,6 @@ impl Extractor for HeaderExtract<'_> {
     }
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
-    }
-}
-
-struct MetaInject<'a>(&'a mut tonic::metadata::MetadataMap);
-
-impl Injector for MetaInject<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
-            tonic::metadata::AsciiMetadataValue::try_from(value),
-        ) {
-            self.0.insert(k, v);
-        }
     }
 }
 

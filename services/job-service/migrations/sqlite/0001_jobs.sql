@@ -108,5 +108,6 @@ CREATE TABLE outbox (
     created_at BIGINT NOT NULL,
     attempts BIGINT NOT NULL DEFAULT 0,
     next_attempt_at BIGINT NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    traceparent TEXT
 );
