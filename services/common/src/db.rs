@@ -130,6 +130,18 @@ pub async fn connect(url: &str, durability: Durability) -> anyhow::Result<Db> {
     }
 }
 
+/// A read-only transaction whose statements all see one snapshot, for reads
+/// that span several statements (a job and its attempts). SQLite's WAL gives
+/// that to any transaction; PostgreSQL needs REPEATABLE READ.
+pub async fn snapshot(db: &Db) -> sqlx::Result<sqlx::Transaction<'static, sqlx::Any>> {
+    let mut tx = db.read.begin().await?;
+    if db.backend == Backend::Postgres {
+        tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await?;
+    }
+    Ok(tx)
+}
+
 /// Runs the migrations for the pool's backend.
 pub async fn migrate(db: &Db, sqlite: &Migrator, postgres: &Migrator) -> anyhow::Result<()> {
     let m = match db.backend {

@@ -160,7 +160,7 @@ impl Relay {
             }
             chains.entry(msg.key.clone()).or_default().push(msg);
         }
-        let mut progressed = false;
+        let mut done = Vec::new();
         let results = futures::future::join_all(chains.into_values().map(|chain| {
             let deliver = deliver.clone();
             async move {
@@ -187,14 +187,10 @@ impl Relay {
         .await;
         for (msg, outcome) in results.into_iter().flatten() {
             match outcome {
-                Delivery::Done => {
-                    progressed = true;
-                    self.delete(msg.id).await?;
-                }
+                Delivery::Done => done.push(msg.id),
                 Delivery::Drop(why) => {
                     tracing::error!(topic = %msg.topic, key = %msg.key, correlation_id = %msg.correlation_id, error = %why, "outbox message dropped");
-                    progressed = true;
-                    self.delete(msg.id).await?;
+                    done.push(msg.id);
                 }
                 Delivery::Retry(why) => {
                     let backoff = (100_000i64 << msg.attempts.clamp(0, 16)).min(MAX_BACKOFF_MICROS);
@@ -210,12 +206,19 @@ impl Relay {
                 }
             }
         }
+        let progressed = !done.is_empty();
+        self.delete(&done).await?;
         Ok(full && progressed)
     }
 
-    async fn delete(&self, id: i64) -> sqlx::Result<()> {
-        sqlx::query("DELETE FROM outbox WHERE id = $1")
-            .bind(id)
+    /// One statement for the whole round: a commit (and on SQLite the
+    /// single writer) per message would cap delivery at the fsync rate.
+    async fn delete(&self, ids: &[i64]) -> sqlx::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        sqlx::query(&format!("DELETE FROM outbox WHERE id IN ({list})"))
             .execute(&self.db.write)
             .await?;
         Ok(())

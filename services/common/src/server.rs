@@ -162,8 +162,11 @@ pub async fn serve(
         .tcp_nodelay(true)
         .layer(layers)
         .add_routes(routes)
+        // `tcp_nodelay` above is ignored for an incoming stream; set it on
+        // the accepted sockets, or every small response waits out Nagle and
+        // delayed ACK (~40 ms per hop).
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             graceful,
         );
     tokio::pin!(server);
