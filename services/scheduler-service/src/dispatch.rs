@@ -1,34 +1,66 @@
 //! The dispatch loop: woken by events (enqueue, finish, register,
-//! heartbeat, acquire) with a periodic sweep as the safety net. Each round
-//! first expires dead runners' leases, then plans and applies the plan, one
-//! transaction per placement.
+//! heartbeat, acquire) with a periodic sweep as the safety net. Only the
+//! leader replica (see [`crate::leader`]) runs rounds. Each round expires
+//! dead runners' leases and due approvals (so an expired approval is closed
+//! exactly when dispatch looks at the queue), then plans and applies the
+//! plan, one fenced transaction per placement.
 
 use std::sync::Arc;
 
+use sqlx::AnyConnection;
 use tracing::Instrument;
 use trainmesh_common::correlation;
-use trainmesh_common::proto::job::v1::{FailureCause, JobError};
+use trainmesh_common::proto::job::v1::{FailureCause, JobError, JobSpec};
 use trainmesh_common::server::ShutdownWatch;
 
 use crate::domain::{AttemptStatus, EntryState, RunnerId};
 use crate::error::{Error, Result};
+use crate::leader;
 use crate::plan::{plan, Placement};
 use crate::repo::{self, EntryRow};
-use crate::service::{job_span, status, Scheduler};
+use crate::retry::{self, Decision, Ending, Policy};
+use crate::service::{job_span, micros, status, Scheduler};
 
 pub const RUNNER_LOST: &str = "runner lost";
 
+/// Placements applied per transaction.
+const DISPATCH_BATCH: usize = 64;
+
+/// How an attempt ended without success, as [`Scheduler::end_attempt`]
+/// needs it.
+pub(crate) struct AttemptEnd {
+    pub runner_id: RunnerId,
+    pub attempt: i64,
+    pub ending: Ending,
+    /// FAILED or LOST, as sent to job-service.
+    pub attempt_state: AttemptStatus,
+    pub this_started: bool,
+    /// Started attempts including this one when it started.
+    pub started: i64,
+    pub exit_code: Option<i32>,
+    pub error: Option<JobError>,
+}
+
 impl Scheduler {
-    /// Runs until shutdown. Only this task dispatches and expires leases,
+    /// Runs until shutdown. Only the leader dispatches and expires leases,
     /// so a plan is never applied against capacity that a concurrent
     /// dispatch took.
     pub async fn run_dispatcher(self: Arc<Self>, mut shutdown: ShutdownWatch) {
         loop {
-            if let Err(e) = self.expire_leases().await {
-                tracing::warn!(error = %e, "lease expiry round failed");
-            }
-            if let Err(e) = self.dispatch_once().await {
-                tracing::warn!(error = %e, "dispatch round failed");
+            match self.ensure_leader().await {
+                Ok(true) => {
+                    if let Err(e) = self.expire_leases().await {
+                        tracing::warn!(error = %e, "lease expiry round failed");
+                    }
+                    if let Err(e) = self.expire_due_approvals().await {
+                        tracing::warn!(error = %e, "approval expiry round failed");
+                    }
+                    if let Err(e) = self.dispatch_once().await {
+                        tracing::warn!(error = %e, "dispatch round failed");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "leader lease check failed"),
             }
             tokio::select! {
                 _ = self.dispatch_wake.notified() => {}
@@ -46,18 +78,12 @@ impl Scheduler {
         }
         let p = plan(&planned.snapshot);
         let mut done = 0;
-        for placement in &p.placements {
-            let Some(entry) = planned.entries.get(&placement.job_id) else {
-                continue;
-            };
-            let span = job_span(entry.job_id, &entry.correlation_id);
-            let applied = correlation::scope(
-                entry.correlation_id.clone(),
-                self.apply(placement, entry).instrument(span),
-            )
-            .await?;
-            if applied {
-                done += 1;
+        // Several placements per transaction: one fence and one commit
+        // (fsync) for up to DISPATCH_BATCH jobs.
+        for batch in p.placements.chunks(DISPATCH_BATCH) {
+            match self.apply_batch(batch, &planned.entries).await? {
+                Some(n) => done += n,
+                None => break,
             }
         }
         if done > 0 {
@@ -66,44 +92,171 @@ impl Scheduler {
         Ok(done)
     }
 
-    async fn apply(&self, p: &Placement, entry: &EntryRow) -> Result<bool> {
+    /// Applies placements in one fenced transaction; `None` when this
+    /// replica is no longer the leader (nothing was applied).
+    async fn apply_batch(
+        &self,
+        batch: &[Placement],
+        entries: &std::collections::HashMap<crate::domain::JobId, EntryRow>,
+    ) -> Result<Option<usize>> {
         let now = self.now();
         let mut tx = self.db.write.begin().await?;
-        if !repo::runner_is_live(&mut tx, p.runner_id, now).await? {
-            return Ok(false);
+        if !leader::fence(&mut tx, &self.leader.id, now).await? {
+            self.leader.forget();
+            tracing::warn!("dispatch refused: this replica no longer holds the leader lease");
+            return Ok(None);
         }
-        let Some(attempt) = repo::dispatch_entry(&mut tx, p.job_id, p.runner_id, now).await? else {
-            // Cancelled since the snapshot.
-            return Ok(false);
+        let mut live = std::collections::HashMap::new();
+        let mut applied = Vec::with_capacity(batch.len());
+        for p in batch {
+            let Some(entry) = entries.get(&p.job_id) else {
+                continue;
+            };
+            let is_live = match live.get(&p.runner_id) {
+                Some(l) => *l,
+                None => {
+                    let l = repo::runner_is_live(&mut tx, p.runner_id, now).await?;
+                    live.insert(p.runner_id, l);
+                    l
+                }
+            };
+            if !is_live {
+                continue;
+            }
+            if let Some(attempt) = self.apply(&mut tx, p, entry, now).await? {
+                applied.push((p, entry, attempt));
+            }
+        }
+        tx.commit().await?;
+        for (p, entry, attempt) in &applied {
+            job_span(entry.job_id, &entry.correlation_id).in_scope(|| {
+                tracing::info!(
+                    runner_id = %p.runner_id,
+                    attempt,
+                    gpus = ?p.gpu_indexes,
+                    owner = %entry.owner,
+                    "job dispatched"
+                )
+            });
+            self.wake_runner(p.runner_id);
+        }
+        Ok(Some(applied.len()))
+    }
+
+    /// One placement inside the batch's transaction; the attempt number,
+    /// or `None` when the job was cancelled since the snapshot.
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        p: &Placement,
+        entry: &EntryRow,
+        now: i64,
+    ) -> Result<Option<i64>> {
+        let Some((attempt, waited)) = repo::dispatch_entry(tx, p.job_id, p.runner_id, now).await?
+        else {
+            return Ok(None);
         };
         repo::insert_assignment(
-            &mut tx,
+            tx,
             p.job_id,
             attempt,
             p.runner_id,
             &p.gpu_indexes,
             &entry.demand,
+            waited,
             now,
         )
         .await?;
         let mut update = status(EntryState::Scheduled, attempt, now);
         update.attempt_state = AttemptStatus::Scheduled.proto() as i32;
         update.runner_id = p.runner_id.to_string();
-        repo::push_status(&mut tx, p.job_id, &entry.correlation_id, update).await?;
-        tx.commit().await?;
-        tracing::info!(
-            runner_id = %p.runner_id,
-            attempt,
-            gpus = ?p.gpu_indexes,
-            owner = %entry.owner,
-            "job dispatched"
+        repo::push_status(tx, p.job_id, &entry.correlation_id, update).await?;
+        Ok(Some(attempt))
+    }
+
+    /// Requeues the job under its retry policy or ends it, with the status
+    /// update for job-service, inside the caller's transaction. Returns the
+    /// state the job moved to and the reason sent.
+    pub(crate) async fn end_attempt(
+        &self,
+        tx: &mut AnyConnection,
+        entry: &EntryRow,
+        end: AttemptEnd,
+        now: i64,
+    ) -> Result<(EntryState, String)> {
+        let spec = repo::get_spec(tx, entry.job_id).await?;
+        let spec = <JobSpec as prost::Message>::decode(spec.as_slice()).unwrap_or_default();
+        let policy = Policy::of(
+            spec.retry_policy.as_ref(),
+            entry.max_attempts,
+            self.settings.initial_backoff,
+            self.settings.max_backoff,
         );
-        self.wake_runner(p.runner_id);
-        Ok(true)
+        let cause = match end.ending {
+            Ending::Failed { cause, .. } => cause,
+            Ending::Lost => FailureCause::Platform,
+        };
+        let decision = if entry.cancel_requested {
+            None
+        } else {
+            Some(retry::decide(
+                &policy,
+                end.ending,
+                end.this_started,
+                end.started,
+                end.attempt,
+            ))
+        };
+        let (to, reason, sent_cause, not_before) = match decision {
+            None => (
+                EntryState::Cancelled,
+                entry.reason.clone(),
+                FailureCause::Cancelled,
+                0,
+            ),
+            Some(Decision::Retry { backoff, reason }) => (
+                EntryState::Queued,
+                reason,
+                FailureCause::Unspecified,
+                if backoff.is_zero() {
+                    0
+                } else {
+                    now.saturating_add(micros(backoff))
+                },
+            ),
+            Some(Decision::Final { why }) => {
+                let reason = match (end.ending, why.is_empty()) {
+                    (Ending::Lost, true) => RUNNER_LOST.to_owned(),
+                    (Ending::Lost, false) => format!("{RUNNER_LOST}; {why}"),
+                    (_, _) => why,
+                };
+                (EntryState::Failed, reason, cause, 0)
+            }
+        };
+        let moved = if to == EntryState::Queued {
+            repo::requeue_entry(tx, entry.job_id, end.attempt, &reason, not_before, now).await?
+        } else {
+            repo::set_entry_state(tx, entry.job_id, entry.state, to, &reason, now).await?
+        };
+        if !moved {
+            return Err(Error::Conflict(format!(
+                "job `{}` changed meanwhile",
+                entry.job_id
+            )));
+        }
+        let mut update = status(to, end.attempt, now);
+        update.attempt_state = end.attempt_state.proto() as i32;
+        update.runner_id = end.runner_id.to_string();
+        update.reason = reason.clone();
+        update.failure_cause = sent_cause as i32;
+        update.exit_code = end.exit_code;
+        update.error = end.error;
+        repo::push_status(tx, entry.job_id, &entry.correlation_id, update).await?;
+        Ok((to, reason))
     }
 
     /// Marks runners whose lease expired as dead; their active attempts are
-    /// lost and the jobs requeued while attempts remain, else failed.
+    /// lost and the jobs requeued under the retry policy, else failed.
     pub async fn expire_leases(&self) -> Result<usize> {
         let now = self.now();
         let expired = repo::expired_runners(&self.db, now).await?;
@@ -128,80 +281,13 @@ impl Scheduler {
         let held = repo::active_assignments_of(&mut tx, runner_id).await?;
         let mut lost = Vec::new();
         for a in &held {
-            if !repo::set_assignment_state(
-                &mut tx,
-                a.job_id,
-                a.attempt,
-                a.state,
-                AttemptStatus::Lost,
-                None,
-                None,
-                now,
-            )
-            .await?
-            {
-                // Its final report won the race: nothing was lost.
-                continue;
+            let why = format!(
+                "runner `{runner_id}` stopped renewing its lease while attempt {} was on it",
+                a.attempt
+            );
+            if let Some(moved) = self.lose_attempt(&mut tx, a, why, now).await? {
+                lost.push(moved);
             }
-            let Some(entry) = repo::get_entry(&mut tx, a.job_id).await? else {
-                continue;
-            };
-            if entry.attempt != a.attempt || entry.state.is_terminal() {
-                continue;
-            }
-            let error = JobError {
-                r#type: "RunnerLost".into(),
-                message: format!(
-                    "runner `{runner_id}` stopped renewing its lease while attempt {} was on it",
-                    a.attempt
-                ),
-                category: "runner-lost".into(),
-                retryable: true,
-                hint: "the job is retried on another runner while attempts remain".into(),
-                ..Default::default()
-            };
-            let (to, reason, cause) = if entry.cancel_requested {
-                (
-                    EntryState::Cancelled,
-                    entry.reason.clone(),
-                    FailureCause::Cancelled,
-                )
-            } else if entry.attempt < entry.max_attempts {
-                (
-                    EntryState::Queued,
-                    RUNNER_LOST.to_owned(),
-                    FailureCause::Unspecified,
-                )
-            } else {
-                (
-                    EntryState::Failed,
-                    format!(
-                        "{RUNNER_LOST}; no attempts left ({} of {})",
-                        entry.attempt, entry.max_attempts
-                    ),
-                    FailureCause::Platform,
-                )
-            };
-            let moved = if to == EntryState::Queued {
-                repo::requeue_entry(&mut tx, a.job_id, a.attempt, &reason, now).await?
-            } else {
-                repo::set_entry_state(&mut tx, a.job_id, entry.state, to, &reason, now).await?
-            };
-            if !moved {
-                // Rolled back; the next sweep sees the runner expired again.
-                return Err(Error::Conflict(format!(
-                    "job `{}` changed meanwhile",
-                    a.job_id
-                )));
-            }
-            let mut update = status(to, a.attempt, now);
-            update.attempt_state = AttemptStatus::Lost.proto() as i32;
-            update.runner_id = runner_id.to_string();
-            update.reason = reason.clone();
-            update.failure_cause = cause as i32;
-            update.error = Some(error);
-            repo::push_status(&mut tx, a.job_id, &entry.correlation_id, update).await?;
-            lost.push((entry, to, reason));
         }
         tx.commit().await?;
         tracing::warn!(runner_id = %runner_id, attempts_lost = lost.len(), "runner lease expired");
@@ -215,7 +301,7 @@ impl Scheduler {
                         attempt = entry.attempt,
                         state = to.as_str(),
                         reason = %reason,
-                        "attempt lost with its runner"
+                        "attempt lost"
                     );
                 }
                 .instrument(span),
@@ -224,5 +310,57 @@ impl Scheduler {
         }
         self.forget_runner(runner_id);
         Ok(true)
+    }
+
+    /// Marks an active attempt LOST and applies the retry policy; `None`
+    /// when its final report won the race or it is no longer current.
+    pub(crate) async fn lose_attempt(
+        &self,
+        tx: &mut AnyConnection,
+        a: &repo::AssignmentRow,
+        why: String,
+        now: i64,
+    ) -> Result<Option<(EntryRow, EntryState, String)>> {
+        if !repo::set_assignment_state(
+            tx,
+            a.job_id,
+            a.attempt,
+            a.state,
+            AttemptStatus::Lost,
+            None,
+            None,
+            now,
+        )
+        .await?
+        {
+            return Ok(None);
+        }
+        let Some(entry) = repo::get_entry(tx, a.job_id).await? else {
+            return Ok(None);
+        };
+        if entry.attempt != a.attempt || entry.state.is_terminal() {
+            return Ok(None);
+        }
+        let error = JobError {
+            r#type: "RunnerLost".into(),
+            message: why,
+            category: "runner-lost".into(),
+            retryable: true,
+            hint: "the job is retried on another runner while attempts remain".into(),
+            ..Default::default()
+        };
+        let this_started = a.state == AttemptStatus::Running;
+        let end = AttemptEnd {
+            runner_id: a.runner_id,
+            attempt: a.attempt,
+            ending: Ending::Lost,
+            attempt_state: AttemptStatus::Lost,
+            this_started,
+            started: entry.started_attempts,
+            exit_code: None,
+            error: Some(error),
+        };
+        let (to, reason) = self.end_attempt(tx, &entry, end, now).await?;
+        Ok(Some((entry, to, reason)))
     }
 }

@@ -9,7 +9,7 @@ use trainmesh_common::proto::job::v1::{
 };
 use trainmesh_common::proto::runner::v1 as runner_pb;
 use trainmesh_common::proto::scheduler::v1 as sched_pb;
-use trainmesh_common::time::from_timestamp;
+use trainmesh_common::time::{from_duration, from_timestamp};
 use trainmesh_common::typed_id;
 
 typed_id!(
@@ -25,6 +25,7 @@ typed_id!(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum EntryState {
     Queued,
+    AwaitingApproval,
     Scheduled,
     Running,
     Succeeded,
@@ -36,6 +37,7 @@ impl EntryState {
     pub fn as_str(self) -> &'static str {
         match self {
             EntryState::Queued => "QUEUED",
+            EntryState::AwaitingApproval => "AWAITING_APPROVAL",
             EntryState::Scheduled => "SCHEDULED",
             EntryState::Running => "RUNNING",
             EntryState::Succeeded => "SUCCEEDED",
@@ -47,6 +49,7 @@ impl EntryState {
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "QUEUED" => EntryState::Queued,
+            "AWAITING_APPROVAL" => EntryState::AwaitingApproval,
             "SCHEDULED" => EntryState::Scheduled,
             "RUNNING" => EntryState::Running,
             "SUCCEEDED" => EntryState::Succeeded,
@@ -59,6 +62,7 @@ impl EntryState {
     pub fn proto(self) -> JobState {
         match self {
             EntryState::Queued => JobState::Queued,
+            EntryState::AwaitingApproval => JobState::AwaitingApproval,
             EntryState::Scheduled => JobState::Scheduled,
             EntryState::Running => JobState::Running,
             EntryState::Succeeded => JobState::Succeeded,
@@ -254,6 +258,10 @@ pub struct NewEntry {
     pub max_attempts: Option<u32>,
     pub correlation_id: String,
     pub submit_time: Option<i64>,
+    /// What approval rules look at.
+    pub image: String,
+    pub labels: std::collections::HashMap<String, String>,
+    pub deadline: Option<std::time::Duration>,
 }
 
 impl TryFrom<sched_pb::EnqueueJobRequest> for NewEntry {
@@ -278,7 +286,27 @@ impl TryFrom<sched_pb::EnqueueJobRequest> for NewEntry {
                 ))
             }
         };
+        if let Some(p) = &spec.retry_policy {
+            for (name, d) in [
+                ("spec.retry_policy.initial_backoff", &p.initial_backoff),
+                ("spec.retry_policy.max_backoff", &p.max_backoff),
+            ] {
+                if d.as_ref().is_some_and(|d| from_duration(d).is_none()) {
+                    return Err(FieldError::new(name, "must not be negative"));
+                }
+            }
+        }
+        let deadline = match &spec.deadline {
+            None => None,
+            Some(d) => Some(
+                from_duration(d)
+                    .ok_or_else(|| FieldError::new("spec.deadline", "must not be negative"))?,
+            ),
+        };
         Ok(NewEntry {
+            image: spec.image.clone(),
+            labels: spec.labels.clone().into_iter().collect(),
+            deadline,
             job_id,
             owner: req.owner.trim().to_owned(),
             org: req.org.trim().to_owned(),

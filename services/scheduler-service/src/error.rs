@@ -12,6 +12,9 @@ pub enum Error {
     #[error("job `{0}` is not in the scheduler's queue")]
     JobNotFound(JobId),
 
+    #[error("job `{0}` has no approval")]
+    ApprovalNotFound(JobId),
+
     #[error("runner `{0}` is not registered or its lease expired; register again")]
     RunnerNotFound(RunnerId),
 
@@ -48,7 +51,9 @@ impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
             Error::Field(_) => ErrorCode::InvalidArgument,
-            Error::JobNotFound(_) | Error::RunnerNotFound(_) => ErrorCode::NotFound,
+            Error::JobNotFound(_) | Error::ApprovalNotFound(_) | Error::RunnerNotFound(_) => {
+                ErrorCode::NotFound
+            }
             Error::NotHolder { .. } | Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::OtherUsersQueue(_) => ErrorCode::PermissionDenied,
             Error::Conflict(_) => ErrorCode::Unavailable,

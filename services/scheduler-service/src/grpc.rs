@@ -12,12 +12,14 @@ use trainmesh_common::proto::scheduler::v1 as pb;
 use trainmesh_common::server::ShutdownWatch;
 use trainmesh_common::time::{from_duration, to_duration, to_timestamp};
 
+use crate::decisions::{approval_proto, Verdict};
 use crate::domain::{AttemptReport, JobId, NewEntry, Registration, RunnerId};
 use crate::error::Error;
+use crate::limits::{LimitKind, LimitRow, LimitTable, Scope};
 use crate::plan::WaitReason;
+use crate::repo::ApprovalState;
 use crate::service::{QueueItem, Scheduler};
 
-const LATER: &str = "arrives with a later release of trainmesh";
 const DEFAULT_PAGE_SIZE: usize = 100;
 const MAX_PAGE_SIZE: usize = 1000;
 
@@ -25,10 +27,6 @@ const MAX_PAGE_SIZE: usize = 1000;
 pub struct Grpc {
     pub sched: Arc<Scheduler>,
     pub shutdown: ShutdownWatch,
-}
-
-fn later(what: &str) -> Status {
-    Status::unimplemented(format!("{what} {LATER}"))
 }
 
 fn page(size: i32, token: &str) -> Result<(usize, usize), FieldError> {
@@ -49,9 +47,19 @@ fn page(size: i32, token: &str) -> Result<(usize, usize), FieldError> {
 
 fn pending_reason(w: &WaitReason) -> pb::PendingReason {
     match w {
+        WaitReason::Held => pb::PendingReason::Held,
+        WaitReason::AwaitingApproval { .. } => pb::PendingReason::AwaitingApproval,
+        WaitReason::Backoff { .. } => pb::PendingReason::Backoff,
+        WaitReason::GlobalLimit { .. } => pb::PendingReason::GlobalLimit,
+        WaitReason::OrgLimit { .. } => pb::PendingReason::OrgLimit,
         WaitReason::UserRunningLimit { .. } => pb::PendingReason::UserRunningLimit,
+        WaitReason::UserGpuLimit { .. } => pb::PendingReason::UserGpuLimit,
         WaitReason::NoRunnerCapacity { .. } => pb::PendingReason::NoRunnerCapacity,
     }
+}
+
+fn i32_of(v: impl TryInto<i32>) -> i32 {
+    v.try_into().unwrap_or(i32::MAX)
 }
 
 fn queue_entry(item: QueueItem) -> pb::QueueEntry {
@@ -69,15 +77,26 @@ fn queue_entry(item: QueueItem) -> pb::QueueEntry {
         owner: e.owner,
         org: e.org,
         priority: e.priority,
-        effective_priority: f64::from(e.priority),
-        position: i32::try_from(item.position).unwrap_or(i32::MAX),
-        estimated_wait: None,
+        effective_priority: item.effective_priority as f64,
+        position: i32_of(item.position),
+        estimated_wait: item.estimated_wait.map(to_duration),
         reason: reason as i32,
         reason_detail: detail,
-        gpus: i32::try_from(e.demand.gpus).unwrap_or(i32::MAX),
+        gpus: i32_of(e.demand.gpus),
         submit_time: Some(to_timestamp(e.submit_time)),
         state: e.state.proto() as i32,
     }
+}
+
+fn approval_state(v: i32) -> Result<Option<ApprovalState>, FieldError> {
+    Ok(match pb::ApprovalState::try_from(v) {
+        Ok(pb::ApprovalState::Unspecified) => None,
+        Ok(pb::ApprovalState::Pending) => Some(ApprovalState::Pending),
+        Ok(pb::ApprovalState::Approved) => Some(ApprovalState::Approved),
+        Ok(pb::ApprovalState::Rejected) => Some(ApprovalState::Rejected),
+        Ok(pb::ApprovalState::Expired) => Some(ApprovalState::Expired),
+        Err(_) => return Err(FieldError::new("state", "is not an ApprovalState")),
+    })
 }
 
 #[tonic::async_trait]
@@ -232,6 +251,7 @@ impl pb::scheduler_service_server::SchedulerService for Grpc {
             Some(who.user.clone())
         };
         let items = self.sched.queue(filter.as_deref()).await?;
+        let held = self.sched.hold().await?.is_some();
         let total = items.len();
         let entries: Vec<pb::QueueEntry> = items
             .into_iter()
@@ -247,17 +267,41 @@ impl pb::scheduler_service_server::SchedulerService for Grpc {
             } else {
                 String::new()
             },
-            held: false,
+            held,
         }))
     }
 
     async fn explain_job(
         &self,
-        _req: Request<pb::ExplainJobRequest>,
+        req: Request<pb::ExplainJobRequest>,
     ) -> Result<Response<pb::ExplainJobResponse>, Status> {
-        Err(later(
-            "ExplainJob (use GetQueue's reason and reason_detail meanwhile)",
-        ))
+        let who = caller(&req)?;
+        let job_id = JobId::parse_field("job_id", &req.into_inner().job_id)?;
+        let x = self.sched.explain(job_id).await?;
+        if !who.sees_everything() && x.entry.owner != who.user {
+            // Another user's job does not exist for this caller.
+            return Err(Error::JobNotFound(job_id).into());
+        }
+        let causes = x
+            .causes
+            .into_iter()
+            .map(|c| pb::BlockingCause {
+                reason: pending_reason(&c.cause.reason) as i32,
+                detail: c.cause.detail,
+                unblock: c.unblock,
+                scope: c.scope.map(|s| s.proto()).unwrap_or_default() as i32,
+                limit: c.limit,
+                current: c.current,
+            })
+            .collect();
+        Ok(Response::new(pb::ExplainJobResponse {
+            job_id: job_id.to_string(),
+            state: x.entry.state.proto() as i32,
+            causes,
+            position: i32_of(x.position),
+            estimated_wait: x.estimated_wait.map(to_duration),
+            summary: x.summary,
+        }))
     }
 
     async fn get_queue_stats(
@@ -281,83 +325,163 @@ impl pb::scheduler_service_server::SchedulerService for Grpc {
         Ok(Response::new(pb::GetQueueStatsResponse {
             queued: i(i64::from(s.queued)),
             running: i(i64::from(s.running)),
-            awaiting_approval: 0,
+            awaiting_approval: i(i64::from(s.awaiting_approval)),
             by_user,
-            average_wait: None,
+            average_wait: s.average_wait.map(to_duration),
             runners: i(s.runners),
             gpus_total: i(s.gpus_total),
             gpus_in_use: i(s.gpus_in_use),
-            held: false,
+            held: s.held,
         }))
     }
 
     async fn approve_job(
         &self,
-        _req: Request<pb::ApproveJobRequest>,
+        req: Request<pb::ApproveJobRequest>,
     ) -> Result<Response<pb::ApproveJobResponse>, Status> {
-        Err(later("approvals (ApproveJob)"))
+        let who = caller(&req)?;
+        who.require(Role::Approver)?;
+        let req = req.into_inner();
+        let job_id = JobId::parse_field("job_id", &req.job_id)?;
+        let a = self
+            .sched
+            .decide(job_id, Verdict::Approve, &who.user, &req.note)
+            .await?;
+        Ok(Response::new(pb::ApproveJobResponse {
+            approval: Some(approval_proto(&a)),
+        }))
     }
 
     async fn reject_job(
         &self,
-        _req: Request<pb::RejectJobRequest>,
+        req: Request<pb::RejectJobRequest>,
     ) -> Result<Response<pb::RejectJobResponse>, Status> {
-        Err(later("approvals (RejectJob)"))
+        let who = caller(&req)?;
+        who.require(Role::Approver)?;
+        let req = req.into_inner();
+        let job_id = JobId::parse_field("job_id", &req.job_id)?;
+        let a = self
+            .sched
+            .decide(job_id, Verdict::Reject, &who.user, &req.note)
+            .await?;
+        Ok(Response::new(pb::RejectJobResponse {
+            approval: Some(approval_proto(&a)),
+        }))
     }
 
     async fn list_approvals(
         &self,
-        _req: Request<pb::ListApprovalsRequest>,
+        req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
-        Err(later("approvals (ListApprovals)"))
+        let who = caller(&req)?;
+        let req = req.into_inner();
+        let state = approval_state(req.state)?;
+        let (size, offset) = page(req.page_size, &req.page_token)?;
+        // Approvers see every approval; a plain user only their own jobs'.
+        let owner = (!(who.has(Role::Approver) || who.sees_everything())).then(|| who.user.clone());
+        let rows = self
+            .sched
+            .list_approvals(state, owner.as_deref(), size as i64 + 1, offset as i64)
+            .await?;
+        let more = rows.len() > size;
+        let approvals: Vec<pb::Approval> = rows.iter().take(size).map(approval_proto).collect();
+        Ok(Response::new(pb::ListApprovalsResponse {
+            next_page_token: if more {
+                (offset + approvals.len()).to_string()
+            } else {
+                String::new()
+            },
+            approvals,
+        }))
     }
 
     async fn set_limits(
         &self,
-        _req: Request<pb::SetLimitsRequest>,
+        req: Request<pb::SetLimitsRequest>,
     ) -> Result<Response<pb::SetLimitsResponse>, Status> {
-        Err(later(
-            "SetLimits (limits are set with --max-running-per-user for now)",
-        ))
+        caller(&req)?.require(Role::Admin)?;
+        let row = LimitRow::try_from(req.into_inner().limits)?;
+        self.sched.set_limits(&row).await?;
+        Ok(Response::new(pb::SetLimitsResponse {
+            limits: Some(row.proto()),
+        }))
     }
 
     async fn get_limits(
         &self,
         req: Request<pb::GetLimitsRequest>,
     ) -> Result<Response<pb::GetLimitsResponse>, Status> {
-        caller(&req)?;
+        let who = caller(&req)?;
         let req = req.into_inner();
-        let max = self.sched.settings.limits.max_running_per_user;
-        let max_running_jobs = (max > 0).then(|| i32::try_from(max).unwrap_or(i32::MAX));
-        let limits = vec![pb::Limits {
-            scope: pb::LimitScope::UserDefault as i32,
-            subject: String::new(),
-            max_running_jobs,
-            max_gpus: None,
-            max_queued_jobs: None,
-        }];
-        let effective = match max_running_jobs {
-            Some(v) if !req.user.trim().is_empty() => vec![pb::EffectiveLimit {
-                name: "max_running_jobs".into(),
-                value: i64::from(v),
-                binding_scope: pb::LimitScope::UserDefault as i32,
-            }],
-            _ => Vec::new(),
+        let user = req.user.trim();
+        let org = req.org.trim();
+        let everything = who.sees_everything();
+        if !everything
+            && ((!user.is_empty() && user != who.user) || (!org.is_empty() && org != who.org))
+        {
+            return Err(Status::permission_denied(format!(
+                "`{}` may only read the limits of their own user and org",
+                who.user
+            )));
+        }
+        // A plain caller asking about themselves: their org is known.
+        let org = if org.is_empty() && !everything && user == who.user {
+            who.org.as_str()
+        } else {
+            org
+        };
+        let rows = self.sched.limit_rows().await?;
+        let table = LimitTable::from_rows(&rows);
+        let visible = |r: &&LimitRow| {
+            everything
+                || match r.scope {
+                    Scope::Global | Scope::UserDefault => true,
+                    Scope::Org => r.subject == who.org,
+                    Scope::User => r.subject == who.user,
+                }
+        };
+        let limits = rows.iter().filter(visible).map(LimitRow::proto).collect();
+        let effective = if user.is_empty() && org.is_empty() {
+            Vec::new()
+        } else {
+            LimitKind::ALL
+                .iter()
+                .filter_map(|kind| {
+                    table
+                        .effective(
+                            (!user.is_empty()).then_some(user),
+                            (!org.is_empty()).then_some(org),
+                            *kind,
+                        )
+                        .map(|b| pb::EffectiveLimit {
+                            name: kind.name().into(),
+                            value: i64::from(b.value),
+                            binding_scope: b.scope.proto() as i32,
+                        })
+                })
+                .collect()
         };
         Ok(Response::new(pb::GetLimitsResponse { limits, effective }))
     }
 
     async fn hold_queue(
         &self,
-        _req: Request<pb::HoldQueueRequest>,
+        req: Request<pb::HoldQueueRequest>,
     ) -> Result<Response<pb::HoldQueueResponse>, Status> {
-        Err(later("HoldQueue"))
+        let who = caller(&req)?;
+        who.require(Role::Admin)?;
+        let reason = req.into_inner().reason;
+        let held = self.sched.set_hold(&who.user, Some(&reason)).await?;
+        Ok(Response::new(pb::HoldQueueResponse { held }))
     }
 
     async fn release_queue(
         &self,
-        _req: Request<pb::ReleaseQueueRequest>,
+        req: Request<pb::ReleaseQueueRequest>,
     ) -> Result<Response<pb::ReleaseQueueResponse>, Status> {
-        Err(later("ReleaseQueue"))
+        let who = caller(&req)?;
+        who.require(Role::Admin)?;
+        let held = self.sched.set_hold(&who.user, None).await?;
+        Ok(Response::new(pb::ReleaseQueueResponse { held }))
     }
 }

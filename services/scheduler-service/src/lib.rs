@@ -1,8 +1,12 @@
-//! scheduler-service: the queue, per-user limits, runner leases and
-//! dispatch of trainmesh.
+//! scheduler-service: the queue, limits, approvals, retries, runner leases
+//! and dispatch of trainmesh.
 //!
-//! - [`plan`]: the decision as a pure function, property-tested;
-//! - [`service`], [`runners`], [`dispatch`]: the logic (no tonic types);
+//! - [`plan`]: the decision as a pure function, property-tested (public, so
+//!   benchmarks can time it);
+//! - [`limits`], [`approvals`], [`retry`]: the policies;
+//! - [`service`], [`runners`], [`dispatch`], [`decisions`], [`explain`]:
+//!   the logic (no tonic types);
+//! - [`leader`]: which replica dispatches when several share PostgreSQL;
 //! - [`repo`]: SQL for SQLite and PostgreSQL;
 //! - [`grpc`]: `SchedulerService`, `SchedulerInternalService` and
 //!   `RunnerService` adapters.
@@ -11,13 +15,20 @@
 //! requeues) go through the transactional outbox to
 //! `JobInternalService.UpdateJobStatus`, in order, with a per-job sequence.
 
+pub mod approvals;
+pub mod clock;
 pub mod config;
+pub mod decisions;
 pub mod dispatch;
 pub mod domain;
 pub mod error;
+pub mod explain;
 pub mod grpc;
+pub mod leader;
+pub mod limits;
 pub mod plan;
 pub mod repo;
+pub mod retry;
 pub mod runners;
 pub mod service;
 pub mod status_relay;
@@ -45,6 +56,16 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(15);
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// One priority point per this long waited.
+pub const DEFAULT_AGEING: Duration = Duration::from_secs(10 * 60);
+pub const DEFAULT_APPROVAL_SWEEP: Duration = Duration::from_secs(300);
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(600);
+/// The dispatch leader's lease; renewed every fifth of it.
+pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(5);
+/// How often a long-poll on a replica that is not the leader re-reads its
+/// runner's assignments (the leader's wake-ups do not cross processes).
+pub const REPLICA_POLL: Duration = Duration::from_millis(100);
 /// The server-side cap on an `AcquireAssignments` long-poll.
 pub const MAX_LONG_POLL: Duration = Duration::from_secs(30);
 
@@ -58,8 +79,21 @@ pub struct Config {
     pub job_endpoint: String,
     /// Sent on calls to job-service.
     pub service_token: Option<String>,
-    /// Jobs a user may have scheduled or running at once; 0 means no limit.
+    /// Seeds USER_DEFAULT max_running_jobs when no such row is stored; 0: none.
     pub max_running_per_user: u32,
+    /// Seeds USER_DEFAULT max_gpus; 0: none.
+    pub max_gpus_per_user: u32,
+    /// Seeds USER_DEFAULT max_queued_jobs; 0: none.
+    pub max_queued_per_user: u32,
+    /// One priority point per this long waited; zero turns ageing off.
+    pub ageing: Duration,
+    pub approval_rules: approvals::Rules,
+    /// `None`: the rules file's `ttl`, else 24 h.
+    pub approval_ttl: Option<Duration>,
+    pub approval_sweep: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub leader_ttl: Duration,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
     /// Dispatch sweep and lease check period (the safety net behind events).
@@ -80,6 +114,15 @@ impl Config {
             job_endpoint: "127.0.0.1:50051".into(),
             service_token: None,
             max_running_per_user: DEFAULT_MAX_RUNNING_PER_USER,
+            max_gpus_per_user: 0,
+            max_queued_per_user: 0,
+            ageing: DEFAULT_AGEING,
+            approval_rules: approvals::Rules::default(),
+            approval_ttl: None,
+            approval_sweep: DEFAULT_APPROVAL_SWEEP,
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            leader_ttl: DEFAULT_LEADER_TTL,
             lease_ttl: DEFAULT_LEASE_TTL,
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
@@ -90,10 +133,23 @@ impl Config {
     }
 
     fn settings(&self) -> service::Settings {
+        let some = |n: u32| (n > 0).then_some(n);
         service::Settings {
-            limits: plan::Limits {
-                max_running_per_user: self.max_running_per_user,
+            default_limits: limits::LimitValues {
+                max_running_jobs: some(self.max_running_per_user),
+                max_gpus: some(self.max_gpus_per_user),
+                max_queued_jobs: some(self.max_queued_per_user),
             },
+            ageing: self.ageing,
+            approval_rules: Arc::new(self.approval_rules.clone()),
+            approval_ttl: self
+                .approval_ttl
+                .or(self.approval_rules.ttl)
+                .unwrap_or(approvals::DEFAULT_TTL),
+            approval_sweep: self.approval_sweep.max(Duration::from_millis(10)),
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff.max(self.initial_backoff),
+            leader_ttl: self.leader_ttl.max(Duration::from_millis(100)),
             lease_ttl: self.lease_ttl,
             heartbeat_interval: self.heartbeat_interval,
             sweep_interval: self.sweep_interval.max(Duration::from_millis(10)),
@@ -121,13 +177,17 @@ pub async fn run(
     let (trigger, watch) = server::shutdown_pair();
     let relay = Relay::new(db.clone());
     let deliver = status_relay::deliverer(&config.job_endpoint, config.service_token.as_deref())?;
-    let sched = Arc::new(Scheduler::new(db, config.settings(), relay.clone()));
+    let settings = config.settings();
+    limits::seed_user_default(&db, settings.default_limits, settings.clock.now_micros()).await?;
+    let sched = Arc::new(Scheduler::new(db, settings, relay.clone()));
 
     let relay_task = tokio::spawn(relay.run(deliver, watch.clone()));
+    let leader_task = tokio::spawn(sched.clone().run_leader_lease(watch.clone()));
     let dispatch_task = tokio::spawn(sched.clone().run_dispatcher(watch.clone()));
+    let sweep_task = tokio::spawn(sched.clone().run_approval_sweep(watch.clone()));
 
     let api = grpc::Grpc {
-        sched,
+        sched: sched.clone(),
         shutdown: watch,
     };
     let max = config.server.max_message_bytes;
@@ -163,6 +223,9 @@ pub async fn run(
     .await;
     // The trigger fired inside `serve`; the loops end on their own.
     let _ = dispatch_task.await;
+    let _ = sweep_task.await;
+    let _ = leader_task.await;
+    sched.resign().await;
     let _ = relay_task.await;
     served
 }

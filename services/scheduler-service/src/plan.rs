@@ -1,35 +1,41 @@
 //! The scheduling decision as a pure function: `plan(&Snapshot) -> Plan`.
 //!
 //! No I/O, no clock, no randomness: the dispatcher builds a [`Snapshot`]
-//! from the database, calls [`plan`], and applies each [`Placement`] in its
-//! own transaction. `GetQueue` calls the same function to explain why each
-//! job waits, so the reason a user sees is the reason the dispatcher acts on.
+//! from the database (including "now"), calls [`plan`], and applies each
+//! [`Placement`] in its own fenced transaction. `GetQueue` and `ExplainJob`
+//! call the same function, so the reason a user sees is the reason the
+//! dispatcher acts on. Public so benchmarks can time it on large snapshots.
 //!
-//! Order: priority (highest first), then submit time, then job id. The scan
-//! goes past jobs that cannot start (their user is at the limit, or nothing
-//! fits), so one blocked user or one large job never blocks the others.
+//! Order: effective priority (priority plus one per ageing step waited, so
+//! nothing starves), then submit time, then job id. The scan goes past jobs
+//! that cannot start (their user or org is at a limit, they are in backoff,
+//! nothing fits), so one blocked user or one large job never blocks others.
+//!
+//! Limits: per user (the user's own row, else USER_DEFAULT, capped by the
+//! org's row), per org (sum over its users) and global, each on running jobs
+//! and GPUs in use. "Running" means SCHEDULED or RUNNING.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
 
-use crate::domain::{Demand, GpuInfo, JobId, RunnerCapacity, RunnerId};
+pub use crate::domain::{Demand, GpuInfo, JobId, RunnerCapacity, RunnerId};
+pub use crate::limits::{Bound, LimitKind, LimitTable, LimitValues, Scope};
 
-/// Limits that apply to this plan.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Jobs a user may have scheduled or running at once; 0 means no limit.
-    pub max_running_per_user: u32,
-}
-
-/// A job waiting in the queue.
+/// A job waiting in the queue (QUEUED or AWAITING_APPROVAL).
 #[derive(Clone, Debug)]
 pub struct QueuedJob {
     pub job_id: JobId,
     pub owner: String,
+    /// Empty: the job belongs to no org (no org limit applies).
+    pub org: String,
     pub priority: i32,
     /// Microseconds since the epoch.
     pub submit_time: i64,
     pub demand: Demand,
+    /// Retry backoff: not dispatched before this time (0: no backoff).
+    pub not_before: i64,
+    /// The approval rule the job waits on, if it awaits approval.
+    pub approval_rule: Option<String>,
 }
 
 /// A live runner: its capacity and what its active attempts hold.
@@ -42,14 +48,54 @@ pub struct RunnerState {
     pub used_memory_mib: i64,
 }
 
+/// Running jobs and GPUs in use of one user, one org, or everyone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub running: u32,
+    pub gpus: u32,
+}
+
+impl Usage {
+    fn add(&mut self, d: &Demand) {
+        self.running = self.running.saturating_add(1);
+        self.gpus = self.gpus.saturating_add(d.gpus);
+    }
+}
+
 /// Everything the decision depends on.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub queued: Vec<QueuedJob>,
-    /// Scheduled or running jobs per owner.
-    pub running_per_user: HashMap<String, u32>,
+    /// Usage per user (owner).
+    pub users: HashMap<String, Usage>,
+    /// Usage per org.
+    pub orgs: HashMap<String, Usage>,
+    pub global: Usage,
     pub runners: Vec<RunnerState>,
-    pub limits: Limits,
+    pub limits: LimitTable,
+    /// Microseconds since the epoch: ageing and backoff are measured to it.
+    pub now: i64,
+    /// One priority point per this many microseconds waited; 0: no ageing.
+    pub ageing_step_micros: i64,
+    /// `Some(description)` while an admin holds the queue.
+    pub held: Option<String>,
+}
+
+impl Snapshot {
+    /// A snapshot with nothing running, no hold and no ageing.
+    pub fn new(queued: Vec<QueuedJob>, runners: Vec<RunnerState>, limits: LimitTable) -> Self {
+        Snapshot {
+            queued,
+            users: HashMap::new(),
+            orgs: HashMap::new(),
+            global: Usage::default(),
+            runners,
+            limits,
+            now: 0,
+            ageing_step_micros: 0,
+            held: None,
+        }
+    }
 }
 
 /// Start `job_id` on `runner_id` with these GPUs.
@@ -60,20 +106,61 @@ pub struct Placement {
     pub gpu_indexes: Vec<i32>,
 }
 
-/// Why a job keeps waiting.
+/// One reason a job cannot start now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WaitReason {
-    UserRunningLimit { running: u32, limit: u32 },
-    NoRunnerCapacity { fits_any_idle_runner: bool },
+    Held,
+    AwaitingApproval {
+        rule: String,
+    },
+    Backoff {
+        until: i64,
+    },
+    GlobalLimit {
+        kind: LimitKind,
+        limit: u32,
+        current: u32,
+    },
+    OrgLimit {
+        kind: LimitKind,
+        limit: u32,
+        current: u32,
+    },
+    UserRunningLimit {
+        limit: u32,
+        running: u32,
+        scope: Scope,
+    },
+    UserGpuLimit {
+        limit: u32,
+        in_use: u32,
+        scope: Scope,
+    },
+    NoRunnerCapacity {
+        fits_any_idle_runner: bool,
+        /// Most free GPUs of the wanted type on one runner now.
+        largest_free_gpus: u32,
+    },
+}
+
+/// A blocking cause with its human-readable detail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cause {
+    pub reason: WaitReason,
+    pub detail: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Waiting {
     pub job_id: JobId,
-    /// 1-based position among the jobs that keep waiting.
+    /// 1-based position among the jobs that keep waiting, in queue order.
     pub position: u32,
+    /// The first of `causes`, the one shown in queue listings.
     pub reason: WaitReason,
     pub detail: String,
+    /// Every cause that blocks the job now (never empty).
+    pub causes: Vec<Cause>,
+    pub effective_priority: i64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,12 +171,22 @@ pub struct Plan {
     pub waiting: Vec<Waiting>,
 }
 
-/// Queue order: priority desc, submit time asc, job id asc.
-pub fn queue_order(a: &QueuedJob, b: &QueuedJob) -> Ordering {
-    b.priority
-        .cmp(&a.priority)
-        .then(a.submit_time.cmp(&b.submit_time))
-        .then(a.job_id.cmp(&b.job_id))
+/// Priority plus one point per `step` microseconds waited since submission.
+pub fn effective_priority(job: &QueuedJob, now: i64, step: i64) -> i64 {
+    let aged = if step > 0 {
+        now.saturating_sub(job.submit_time).max(0) / step
+    } else {
+        0
+    };
+    i64::from(job.priority).saturating_add(aged)
+}
+
+/// Queue order of two jobs given their effective priorities: effective
+/// priority desc, submit time asc, job id asc.
+pub fn queue_order(a: (i64, &QueuedJob), b: (i64, &QueuedJob)) -> Ordering {
+    b.0.cmp(&a.0)
+        .then(a.1.submit_time.cmp(&b.1.submit_time))
+        .then(a.1.job_id.cmp(&b.1.job_id))
 }
 
 /// Case-insensitive substring match of the wanted type in the GPU model.
@@ -130,6 +227,13 @@ impl Free {
         }
     }
 
+    fn free_of_type(&self, wanted: &str) -> usize {
+        self.gpus
+            .iter()
+            .filter(|(_, model)| wanted.is_empty() || model.contains(wanted))
+            .count()
+    }
+
     /// The free GPUs this job would get here, if it fits now.
     fn fit(&self, d: &Demand, wanted: &str) -> Option<Vec<i32>> {
         if d.cpu_milli > self.cpu_milli || d.memory_mib > self.memory_mib {
@@ -143,6 +247,14 @@ impl Free {
             .map(|(i, _)| *i)
             .collect();
         (picked.len() == d.gpus as usize).then_some(picked)
+    }
+
+    /// Whether the job fits in what is free now ([`Free::fit`] without
+    /// picking the GPUs).
+    fn fits_now(&self, d: &Demand, wanted: &str) -> bool {
+        d.cpu_milli <= self.cpu_milli
+            && d.memory_mib <= self.memory_mib
+            && self.free_of_type(wanted) >= d.gpus as usize
     }
 
     /// Whether the job would fit if nothing ran here.
@@ -164,75 +276,217 @@ impl Free {
     }
 }
 
-/// Decides which queued jobs start where, and why the others wait.
-pub fn plan(snapshot: &Snapshot) -> Plan {
-    let mut order: Vec<&QueuedJob> = snapshot.queued.iter().collect();
-    order.sort_by(|a, b| queue_order(a, b));
-
-    let mut free: Vec<Free> = snapshot.runners.iter().map(Free::new).collect();
-    free.sort_by_key(|a| a.runner_id);
-    let limit = snapshot.limits.max_running_per_user;
-    let mut running: HashMap<&str, u32> = snapshot
-        .running_per_user
-        .iter()
-        .map(|(u, n)| (u.as_str(), *n))
-        .collect();
-
-    let mut out = Plan::default();
-    for job in order {
-        let now_running = running.get(job.owner.as_str()).copied().unwrap_or(0);
-        if limit > 0 && now_running >= limit {
-            let position = out.waiting.len() as u32 + 1;
-            out.waiting.push(Waiting {
-                job_id: job.job_id,
-                position,
-                reason: WaitReason::UserRunningLimit {
-                    running: now_running,
+/// The limit causes (global, org, user) that block `job` given the usage
+/// so far, in that order.
+fn limit_causes(
+    s: &Snapshot,
+    job: &QueuedJob,
+    user: Usage,
+    org: Usage,
+    global: Usage,
+) -> Vec<Cause> {
+    let mut out = Vec::new();
+    let d = &job.demand;
+    for kind in [LimitKind::RunningJobs, LimitKind::Gpus] {
+        if let Some(limit) = s.limits.global.get(kind) {
+            if kind.blocks(global, limit, d) {
+                let current = kind.current(global);
+                out.push(Cause {
+                    reason: WaitReason::GlobalLimit {
+                        kind,
+                        limit,
+                        current,
+                    },
+                    detail: format!(
+                        "global limit {}={limit}; {}{}",
+                        kind.name(),
+                        kind.describe(current),
+                        kind.needs(d)
+                    ),
+                });
+            }
+        }
+    }
+    let org_limits = (!job.org.is_empty())
+        .then(|| s.limits.orgs.get(&job.org))
+        .flatten();
+    for kind in [LimitKind::RunningJobs, LimitKind::Gpus] {
+        let Some(limit) = org_limits.and_then(|v| v.get(kind)) else {
+            continue;
+        };
+        if kind.blocks(org, limit, d) {
+            let current = kind.current(org);
+            out.push(Cause {
+                reason: WaitReason::OrgLimit {
+                    kind,
                     limit,
+                    current,
                 },
                 detail: format!(
-                    "user `{}` has {now_running} of {limit} allowed jobs scheduled or running",
-                    job.owner
+                    "org `{}` limit {}={limit}; the org has {}{}",
+                    job.org,
+                    kind.name(),
+                    kind.describe(current),
+                    kind.needs(d)
                 ),
             });
-            continue;
         }
-        let wanted = job.demand.gpu_type.to_lowercase();
-        // Best fit: the runner left with the fewest free GPUs, so large
-        // runners stay whole for large jobs; ties by runner id for determinism.
-        let best = free
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| f.fit(&job.demand, &wanted).map(|g| (i, g)))
-            .min_by_key(|(i, g)| (free[*i].gpus.len() - g.len(), *i));
-        match best {
-            Some((i, gpus)) => {
-                free[i].take(&job.demand, &gpus);
-                *running.entry(job.owner.as_str()).or_insert(0) += 1;
-                out.placements.push(Placement {
-                    job_id: job.job_id,
-                    runner_id: free[i].runner_id,
-                    gpu_indexes: gpus,
-                });
-            }
-            None => {
-                let fits_any_idle_runner = free.iter().any(|f| f.fits_idle(&job.demand, &wanted));
-                let position = out.waiting.len() as u32 + 1;
-                out.waiting.push(Waiting {
-                    job_id: job.job_id,
-                    position,
-                    reason: WaitReason::NoRunnerCapacity {
-                        fits_any_idle_runner,
-                    },
-                    detail: capacity_detail(&job.demand, fits_any_idle_runner, free.len()),
-                });
-            }
+    }
+    if let Some(b) = s
+        .limits
+        .user_limit(&job.owner, &job.org, LimitKind::RunningJobs)
+    {
+        if LimitKind::RunningJobs.blocks(user, b.value, d) {
+            out.push(Cause {
+                reason: WaitReason::UserRunningLimit {
+                    limit: b.value,
+                    running: user.running,
+                    scope: b.scope,
+                },
+                detail: format!(
+                    "user limit max_running_jobs={} from {}; {} has {} running",
+                    b.value,
+                    b.scope.name(),
+                    job.owner,
+                    user.running
+                ),
+            });
+        }
+    }
+    if let Some(b) = s.limits.user_limit(&job.owner, &job.org, LimitKind::Gpus) {
+        if LimitKind::Gpus.blocks(user, b.value, d) {
+            out.push(Cause {
+                reason: WaitReason::UserGpuLimit {
+                    limit: b.value,
+                    in_use: user.gpus,
+                    scope: b.scope,
+                },
+                detail: format!(
+                    "user limit max_gpus={} from {}; {} has {} GPU(s) in use, the job needs {}",
+                    b.value,
+                    b.scope.name(),
+                    job.owner,
+                    user.gpus,
+                    d.gpus
+                ),
+            });
         }
     }
     out
 }
 
-fn capacity_detail(d: &Demand, fits_idle: bool, runners: usize) -> String {
+/// Decides which queued jobs start where, and why the others wait.
+pub fn plan(snapshot: &Snapshot) -> Plan {
+    let s = snapshot;
+    let mut order: Vec<(i64, &QueuedJob)> = s
+        .queued
+        .iter()
+        .map(|j| (effective_priority(j, s.now, s.ageing_step_micros), j))
+        .collect();
+    order.sort_by(|a, b| queue_order(*a, *b));
+
+    let mut free: Vec<Free> = s.runners.iter().map(Free::new).collect();
+    free.sort_by_key(|a| a.runner_id);
+    let mut users: HashMap<&str, Usage> = s.users.iter().map(|(u, n)| (u.as_str(), *n)).collect();
+    let mut orgs: HashMap<&str, Usage> = s.orgs.iter().map(|(o, n)| (o.as_str(), *n)).collect();
+    let mut global = s.global;
+
+    let mut out = Plan::default();
+    for (eff, job) in order {
+        let mut causes = Vec::new();
+        if let Some(why) = &s.held {
+            causes.push(Cause {
+                reason: WaitReason::Held,
+                detail: format!("the queue is held ({why})"),
+            });
+        }
+        if let Some(rule) = &job.approval_rule {
+            causes.push(Cause {
+                reason: WaitReason::AwaitingApproval { rule: rule.clone() },
+                detail: format!("approval required by rule `{rule}`"),
+            });
+        }
+        if job.not_before > s.now {
+            let secs = (job.not_before - s.now + 999_999) / 1_000_000;
+            causes.push(Cause {
+                reason: WaitReason::Backoff {
+                    until: job.not_before,
+                },
+                detail: format!("in retry backoff for another {secs}s"),
+            });
+        }
+        let user = users.get(job.owner.as_str()).copied().unwrap_or_default();
+        let org = orgs.get(job.org.as_str()).copied().unwrap_or_default();
+        causes.extend(limit_causes(s, job, user, org, global));
+
+        let wanted = if job.demand.gpu_type.is_empty() {
+            std::borrow::Cow::Borrowed("")
+        } else {
+            std::borrow::Cow::Owned(job.demand.gpu_type.to_lowercase())
+        };
+        if causes.is_empty() {
+            // Best fit: the runner left with the fewest free GPUs, so large
+            // runners stay whole for large jobs; ties by runner id.
+            let best = free
+                .iter()
+                .enumerate()
+                .filter_map(|(i, f)| f.fit(&job.demand, &wanted).map(|g| (i, g)))
+                .min_by_key(|(i, g)| (free[*i].gpus.len() - g.len(), *i));
+            if let Some((i, gpus)) = best {
+                free[i].take(&job.demand, &gpus);
+                users
+                    .entry(job.owner.as_str())
+                    .or_default()
+                    .add(&job.demand);
+                if !job.org.is_empty() {
+                    orgs.entry(job.org.as_str()).or_default().add(&job.demand);
+                }
+                global.add(&job.demand);
+                out.placements.push(Placement {
+                    job_id: job.job_id,
+                    runner_id: free[i].runner_id,
+                    gpu_indexes: gpus,
+                });
+                continue;
+            }
+        }
+        // Blocked (or nothing fits): only whether it would fit matters, for
+        // the explanation; checked without allocating, as most of a long
+        // queue takes this path.
+        if !free.iter().any(|f| f.fits_now(&job.demand, &wanted)) {
+            let fits_any_idle_runner = free.iter().any(|f| f.fits_idle(&job.demand, &wanted));
+            let largest_free_gpus = free
+                .iter()
+                .map(|f| f.free_of_type(&wanted))
+                .max()
+                .unwrap_or(0) as u32;
+            causes.push(Cause {
+                reason: WaitReason::NoRunnerCapacity {
+                    fits_any_idle_runner,
+                    largest_free_gpus,
+                },
+                detail: capacity_detail(
+                    &job.demand,
+                    fits_any_idle_runner,
+                    free.len(),
+                    largest_free_gpus,
+                ),
+            });
+        }
+        let first = causes[0].clone();
+        out.waiting.push(Waiting {
+            job_id: job.job_id,
+            position: out.waiting.len() as u32 + 1,
+            reason: first.reason,
+            detail: first.detail,
+            causes,
+            effective_priority: eff,
+        });
+    }
+    out
+}
+
+fn capacity_detail(d: &Demand, fits_idle: bool, runners: usize, largest: u32) -> String {
     let gpus = if d.gpu_type.is_empty() {
         format!("{} GPU(s)", d.gpus)
     } else {
@@ -246,115 +500,14 @@ fn capacity_detail(d: &Demand, fits_idle: bool, runners: usize) -> String {
     if runners == 0 {
         format!("needs {need}; no runner is registered")
     } else if fits_idle {
-        format!("needs {need}; waiting for a runner to free them")
+        format!(
+            "needs {need}; waiting for a runner to free them (largest free now: {largest} GPU(s))"
+        )
     } else {
-        format!("needs {need}; no registered runner has that much capacity")
+        format!("needs {need}; no registered runner has that much capacity (largest free now: {largest} GPU(s))")
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn job(owner: &str, priority: i32, t: i64, gpus: u32) -> QueuedJob {
-        QueuedJob {
-            job_id: JobId::new(),
-            owner: owner.into(),
-            priority,
-            submit_time: t,
-            demand: Demand {
-                gpus,
-                ..Default::default()
-            },
-        }
-    }
-
-    fn runner(gpus: i32, model: &str) -> RunnerState {
-        RunnerState {
-            runner_id: RunnerId::new(),
-            capacity: RunnerCapacity {
-                gpus: (0..gpus)
-                    .map(|index| GpuInfo {
-                        index,
-                        model: model.into(),
-                    })
-                    .collect(),
-                cpu_milli: 16_000,
-                memory_mib: 65_536,
-            },
-            used_gpus: BTreeSet::new(),
-            used_cpu_milli: 0,
-            used_memory_mib: 0,
-        }
-    }
-
-    fn snapshot(queued: Vec<QueuedJob>, runners: Vec<RunnerState>, limit: u32) -> Snapshot {
-        Snapshot {
-            queued,
-            running_per_user: HashMap::new(),
-            runners,
-            limits: Limits {
-                max_running_per_user: limit,
-            },
-        }
-    }
-
-    #[test]
-    fn skips_users_at_their_limit() {
-        let a: Vec<_> = (0..5).map(|i| job("alice", 5, i, 1)).collect();
-        let b = job("bob", 0, 10, 1);
-        let mut q = a.clone();
-        q.push(b.clone());
-        let p = plan(&snapshot(q, vec![runner(8, "H100")], 2));
-        let placed: Vec<_> = p.placements.iter().map(|p| p.job_id).collect();
-        assert_eq!(placed, vec![a[0].job_id, a[1].job_id, b.job_id]);
-        assert_eq!(p.waiting.len(), 3);
-        assert!(p.waiting.iter().all(|w| matches!(
-            w.reason,
-            WaitReason::UserRunningLimit {
-                running: 2,
-                limit: 2
-            }
-        )));
-        assert_eq!(
-            p.waiting.iter().map(|w| w.position).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
-    }
-
-    #[test]
-    fn allocates_distinct_gpus_of_the_wanted_type() {
-        let mut j1 = job("a", 0, 0, 1);
-        j1.demand.gpu_type = "h100".into();
-        let j2 = job("b", 0, 1, 1);
-        let mut j3 = job("c", 0, 2, 1);
-        j3.demand.gpu_type = "a100".into();
-        let p = plan(&snapshot(
-            vec![j1, j2, j3.clone()],
-            vec![runner(2, "NVIDIA H100 80GB HBM3")],
-            0,
-        ));
-        assert_eq!(p.placements.len(), 2);
-        assert_eq!(p.placements[0].gpu_indexes, vec![0]);
-        assert_eq!(p.placements[1].gpu_indexes, vec![1]);
-        assert_eq!(p.waiting[0].job_id, j3.job_id);
-        assert_eq!(
-            p.waiting[0].reason,
-            WaitReason::NoRunnerCapacity {
-                fits_any_idle_runner: false
-            }
-        );
-    }
-
-    #[test]
-    fn prefers_the_runner_left_with_fewest_free_gpus() {
-        let big = runner(8, "H100");
-        let small = runner(1, "H100");
-        let p = plan(&snapshot(
-            vec![job("a", 0, 0, 1)],
-            vec![big, small.clone()],
-            0,
-        ));
-        assert_eq!(p.placements[0].runner_id, small.runner_id);
-    }
-}
+#[path = "plan_tests.rs"]
+mod tests;

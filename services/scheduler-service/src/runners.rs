@@ -9,12 +9,17 @@ use trainmesh_common::correlation;
 use trainmesh_common::proto::job::v1::FailureCause;
 use trainmesh_common::server::ShutdownWatch;
 
+use crate::dispatch::AttemptEnd;
 use crate::domain::{
     failure_cause, AttemptReport, AttemptStatus, EntryState, JobId, Registration, RunnerId,
 };
 use crate::error::{Error, Result};
 use crate::repo::{self, Delivery};
-use crate::service::{job_span, retrying, status, Scheduler};
+use crate::retry::Ending;
+use crate::service::{job_span, micros, retrying, status, Scheduler};
+
+/// Consecutive heartbeats without an attempt after which it is LOST.
+pub const MISSED_HEARTBEATS_LOST: i64 = 2;
 
 /// Most assignments handed out by one `AcquireAssignments`.
 pub const MAX_ASSIGNMENTS_PER_CALL: i64 = 64;
@@ -31,10 +36,6 @@ pub struct HeartbeatOutcome {
     pub lease_expires_at: i64,
     /// Attempts the runner must stop.
     pub cancel: Vec<(JobId, i64)>,
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 impl Scheduler {
@@ -62,20 +63,73 @@ impl Scheduler {
 
     /// Renews the lease and returns the attempts the runner must stop: those
     /// with a cancel request, and those it runs that it no longer holds.
+    /// Also syncs status from the runner's list of active attempts: one
+    /// it held for a whole heartbeat interval yet leaves out of
+    /// [`MISSED_HEARTBEATS_LOST`] consecutive heartbeats is LOST (then
+    /// retried under the policy); a single miss changes nothing.
     pub async fn heartbeat(
+        &self,
+        runner_id: RunnerId,
+        active: &[(JobId, i64)],
+    ) -> Result<HeartbeatOutcome> {
+        retrying(|| self.heartbeat_once(runner_id, active)).await
+    }
+
+    async fn heartbeat_once(
         &self,
         runner_id: RunnerId,
         active: &[(JobId, i64)],
     ) -> Result<HeartbeatOutcome> {
         let now = self.now();
         let expires = now.saturating_add(micros(self.settings.lease_ttl));
-        if !repo::renew_lease(&self.db, runner_id, now, expires).await? {
+        let mut tx = self.db.write.begin().await?;
+        let Some(previous) = repo::renew_lease(&mut tx, runner_id, now, expires).await? else {
             return Err(Error::RunnerNotFound(runner_id));
+        };
+        let held = repo::active_assignments_of(&mut tx, runner_id).await?;
+        let listed: HashSet<(JobId, i64)> = active.iter().copied().collect();
+        let mut lost = Vec::new();
+        for a in &held {
+            if listed.contains(&(a.job_id, a.attempt)) {
+                if a.missed_heartbeats > 0 {
+                    repo::note_heartbeat(&mut tx, a.job_id, a.attempt, true).await?;
+                }
+                continue;
+            }
+            // Only an attempt delivered before the previous heartbeat can
+            // be expected in this one.
+            if !a.delivered || a.delivered_at >= previous {
+                continue;
+            }
+            let missed = repo::note_heartbeat(&mut tx, a.job_id, a.attempt, false).await?;
+            if missed >= MISSED_HEARTBEATS_LOST {
+                let why = format!(
+                    "runner `{runner_id}` stopped listing attempt {} as active ({missed} heartbeats in a row)",
+                    a.attempt
+                );
+                if let Some(moved) = self.lose_attempt(&mut tx, a, why, now).await? {
+                    lost.push(moved);
+                }
+            }
         }
-        let mut conn = self.db.read.acquire().await?;
-        let held = repo::active_assignments_of(&mut conn, runner_id).await?;
-        drop(conn);
-        let held_set: HashSet<(JobId, i64)> = held.iter().map(|a| (a.job_id, a.attempt)).collect();
+        tx.commit().await?;
+        for (entry, to, reason) in &lost {
+            let span = job_span(entry.job_id, &entry.correlation_id);
+            span.in_scope(|| {
+                tracing::warn!(runner_id = %runner_id, attempt = entry.attempt,
+                    state = to.as_str(), reason = %reason, "attempt lost: its runner no longer runs it")
+            });
+        }
+        if !lost.is_empty() {
+            self.relay.notify();
+        }
+        let lost_ids: HashSet<(JobId, i64)> =
+            lost.iter().map(|(e, _, _)| (e.job_id, e.attempt)).collect();
+        let held_set: HashSet<(JobId, i64)> = held
+            .iter()
+            .map(|a| (a.job_id, a.attempt))
+            .filter(|k| !lost_ids.contains(k))
+            .collect();
         let mut cancel: Vec<(JobId, i64)> = held
             .iter()
             .filter(|a| a.cancel_requested)
@@ -124,7 +178,7 @@ impl Scheduler {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = repo::take_undelivered(&self.db, runner_id, max).await?;
+            let got = repo::take_undelivered(&self.db, runner_id, max, self.now()).await?;
             if !got.is_empty() {
                 for d in &got {
                     let span = job_span(d.job_id, &d.correlation_id);
@@ -137,9 +191,20 @@ impl Scheduler {
             if tokio::time::Instant::now() >= deadline || shutdown.is_shutting_down() {
                 return Ok(Vec::new());
             }
+            // Assignments made by another replica (the leader) wake nothing
+            // here: poll for them while this replica is not the leader.
+            let poll = if self.is_leader() {
+                deadline
+            } else {
+                tokio::time::Instant::now() + crate::REPLICA_POLL
+            };
             tokio::select! {
                 _ = &mut notified => {}
-                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                _ = tokio::time::sleep_until(poll.min(deadline)) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Ok(Vec::new());
+                    }
+                }
                 _ = shutdown.wait() => return Ok(Vec::new()),
             }
         }
@@ -169,6 +234,11 @@ impl Scheduler {
         };
         if a.runner_id != r.runner_id {
             return Err(not_holder("it is assigned to another runner"));
+        }
+        // Fenced by the lease too: once it has run out, the attempt belongs
+        // to the expiry (which may not have swept yet), not to the runner.
+        if a.state.is_active() && !repo::runner_is_live(&mut tx, r.runner_id, self.now()).await? {
+            return Err(not_holder("the runner's lease expired"));
         }
         if a.state == r.state {
             return Ok(false);
@@ -212,9 +282,36 @@ impl Scheduler {
                     r.attempt, r.job_id
                 )));
             }
-            let to = r.state.job_state();
+            let mut to = r.state.job_state();
             let current_attempt = entry.attempt == r.attempt;
-            if current_attempt {
+            // Started: reported RUNNING, or exited with a code of its own.
+            let counts_now = a.state == AttemptStatus::Scheduled
+                && (r.state == AttemptStatus::Running
+                    || r.exit_code.is_some_and(|c| c != 0 && c != -1));
+            if current_attempt && counts_now {
+                repo::count_started(&mut tx, r.job_id).await?;
+            }
+            if current_attempt && r.state == AttemptStatus::Failed && !entry.cancel_requested {
+                let cause = failure_cause(r.exit_code, r.error.as_ref());
+                let end = AttemptEnd {
+                    runner_id: r.runner_id,
+                    attempt: r.attempt,
+                    ending: Ending::Failed {
+                        cause,
+                        exit_code: r.exit_code,
+                    },
+                    attempt_state: AttemptStatus::Failed,
+                    this_started: a.state == AttemptStatus::Running || counts_now,
+                    started: entry.started_attempts + i64::from(counts_now),
+                    exit_code: r.exit_code,
+                    error: r.error.clone(),
+                };
+                let (moved_to, reason) = self.end_attempt(&mut tx, &entry, end, now).await?;
+                to = moved_to;
+                if to == EntryState::Queued {
+                    tracing::info!(attempt = r.attempt, reason = %reason, "attempt failed; job requeued");
+                }
+            } else if current_attempt {
                 if !repo::set_entry_state(&mut tx, r.job_id, entry.state, to, &entry.reason, now)
                     .await?
                 {
@@ -239,6 +336,7 @@ impl Scheduler {
                 match r.state {
                     AttemptStatus::Failed => {
                         update.failure_cause = failure_cause(r.exit_code, r.error.as_ref()) as i32;
+                        update.reason = entry.reason.clone();
                     }
                     AttemptStatus::Cancelled => {
                         update.failure_cause = FailureCause::Cancelled as i32;
@@ -249,7 +347,7 @@ impl Scheduler {
                 repo::push_status(&mut tx, r.job_id, &entry.correlation_id, update).await?;
             }
             tx.commit().await?;
-            if to.is_terminal() {
+            if to.is_terminal() || to == EntryState::Queued {
                 tracing::info!(
                     state = to.as_str(),
                     attempt = r.attempt,

@@ -19,15 +19,27 @@ use trainmesh_common::outbox::Relay;
 use trainmesh_common::proto::job::v1::{FailureCause, UpdateJobStatusRequest};
 use trainmesh_common::time::{to_timestamp, Clock};
 
+use crate::approvals::{JobFacts, Rules};
 use crate::domain::{AttemptStatus, EntryState, JobId, NewEntry, RunnerId};
 use crate::error::{Error, Result};
-use crate::plan::{plan, Limits, QueuedJob, RunnerState, Snapshot, Waiting};
+use crate::leader::Leader;
+use crate::limits::{self, LimitTable, LimitValues};
+use crate::plan::{QueuedJob, RunnerState, Snapshot, Usage, Waiting};
 use crate::repo::{self, EntryRow};
 
 /// Settings the logic needs (the part of `Config` that is not plumbing).
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub limits: Limits,
+    /// Seeds the USER_DEFAULT row at startup when none is stored.
+    pub default_limits: LimitValues,
+    /// One priority point per this long waited; zero: no ageing.
+    pub ageing: Duration,
+    pub approval_rules: Arc<Rules>,
+    pub approval_ttl: Duration,
+    pub approval_sweep: Duration,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub leader_ttl: Duration,
     pub lease_ttl: Duration,
     pub heartbeat_interval: Duration,
     pub sweep_interval: Duration,
@@ -45,6 +57,7 @@ pub struct Scheduler {
     pub(crate) dispatch_wake: Arc<Notify>,
     /// Wakes a runner's long-poll when something is assigned to it.
     runner_wake: Mutex<HashMap<RunnerId, Arc<Notify>>>,
+    pub(crate) leader: Leader,
 }
 
 /// The plan's input together with the rows it was built from.
@@ -60,6 +73,8 @@ pub struct QueueItem {
     /// 1-based among waiting jobs; 0 for jobs that are starting or running.
     pub position: u32,
     pub waiting: Option<Waiting>,
+    pub effective_priority: i64,
+    pub estimated_wait: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -73,10 +88,19 @@ pub struct UserStats {
 pub struct QueueStats {
     pub queued: u32,
     pub running: u32,
+    pub awaiting_approval: u32,
+    /// Mean time from queued to dispatched of attempts dispatched in the
+    /// last hour; `None` when there were none.
+    pub average_wait: Option<Duration>,
+    pub held: bool,
     pub by_user: Vec<(String, UserStats)>,
     pub runners: i64,
     pub gpus_total: i64,
     pub gpus_in_use: i64,
+}
+
+pub(crate) fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// A status update for job-service, filled in by the caller.
@@ -121,6 +145,7 @@ impl Scheduler {
             relay,
             dispatch_wake: Arc::new(Notify::new()),
             runner_wake: Mutex::new(HashMap::new()),
+            leader: Leader::new(),
         }
     }
 
@@ -172,7 +197,13 @@ impl Scheduler {
         let max_attempts = i64::from(e.max_attempts.unwrap_or(self.settings.default_max_attempts));
         let submit = e.submit_time.unwrap_or(now);
         let mut tx = self.db.write.begin().await?;
-        if !repo::insert_entry(&mut tx, &e, max_attempts, &cid, submit, now).await? {
+        let rule = self.approval_rule_for(&mut tx, &e).await?;
+        let state = if rule.is_some() {
+            EntryState::AwaitingApproval
+        } else {
+            EntryState::Queued
+        };
+        if !repo::insert_entry(&mut tx, &e, state, max_attempts, &cid, submit, now).await? {
             let state = repo::get_entry(&mut tx, e.job_id)
                 .await?
                 .map(|r| r.state)
@@ -184,18 +215,51 @@ impl Scheduler {
             );
             return Ok((state, false));
         }
-        repo::push_status(&mut tx, e.job_id, &cid, status(EntryState::Queued, 0, now)).await?;
+        let mut update = status(state, 0, now);
+        if let Some(rule) = &rule {
+            let expires = now.saturating_add(micros(self.settings.approval_ttl));
+            repo::insert_approval(&mut tx, e.job_id, &e.owner, rule, now, expires).await?;
+            update.reason = format!("approval required by rule `{rule}`");
+        }
+        repo::push_status(&mut tx, e.job_id, &cid, update).await?;
         tx.commit().await?;
         tracing::info!(
             owner = %e.owner,
             priority = e.priority,
             gpus = e.demand.gpus,
             max_attempts,
-            "job queued"
+            approval_rule = rule.as_deref().unwrap_or(""),
+            "{}",
+            if rule.is_some() { "job awaits approval" } else { "job queued" }
         );
         self.relay.notify();
         self.wake_dispatcher();
-        Ok((EntryState::Queued, true))
+        Ok((state, true))
+    }
+
+    /// The first approval rule the new job matches, if any.
+    async fn approval_rule_for(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        e: &NewEntry,
+    ) -> Result<Option<String>> {
+        let rules = &self.settings.approval_rules;
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let first_job_of_user = if rules.needs_first_job() {
+            !repo::owner_has_other_jobs(conn, &e.owner, e.job_id).await?
+        } else {
+            false
+        };
+        let facts = JobFacts {
+            gpus: e.demand.gpus,
+            deadline: e.deadline,
+            image: &e.image,
+            labels: &e.labels,
+            first_job_of_user,
+        };
+        Ok(rules.first_match(&facts).map(|r| r.name.clone()))
     }
 
     /// Cancels a queued job at once; a dispatched one is cancelled by its
@@ -236,11 +300,19 @@ impl Scheduler {
             let mut update = status(EntryState::Cancelled, entry.attempt, now);
             update.failure_cause = FailureCause::Cancelled as i32;
             update.reason = reason.clone();
-            if entry.state == EntryState::Queued {
+            if matches!(
+                entry.state,
+                EntryState::Queued | EntryState::AwaitingApproval
+            ) {
+                if entry.state == EntryState::AwaitingApproval {
+                    // Closed with the job, so ListApprovals shows no
+                    // pending approval for a cancelled job.
+                    repo::close_approval(&mut tx, job_id, &reason, now).await?;
+                }
                 if !repo::set_entry_state(
                     &mut tx,
                     job_id,
-                    EntryState::Queued,
+                    entry.state,
                     EntryState::Cancelled,
                     &reason,
                     now,
@@ -315,27 +387,51 @@ impl Scheduler {
 
     /// Reads what the plan depends on. Every concurrent change other than a
     /// dispatch only frees capacity or adds work, so a snapshot read in
-    /// several statements is conservative.
+    /// several statements is conservative; dispatches come from the leader
+    /// alone (see [`crate::leader`]).
     pub(crate) async fn snapshot(&self) -> Result<Planned> {
         let now = self.now();
-        let queued: Vec<EntryRow> = repo::entries_in(&self.db, &[EntryState::Queued])
-            .await?
-            .into_iter()
-            .filter(|e| !e.cancel_requested)
-            .collect();
-        if queued.is_empty() {
+        let waiting: Vec<EntryRow> = repo::entries_in(
+            &self.db,
+            &[EntryState::Queued, EntryState::AwaitingApproval],
+        )
+        .await?
+        .into_iter()
+        .filter(|e| !e.cancel_requested)
+        .collect();
+        let limits = LimitTable::from_rows(&limits::load(&self.db).await?);
+        let held = repo::get_hold(&self.db).await?.map(|h| h.describe());
+        let mut snapshot = Snapshot::new(Vec::new(), Vec::new(), limits);
+        snapshot.now = now;
+        snapshot.ageing_step_micros = micros(self.settings.ageing);
+        snapshot.held = held;
+        if waiting.is_empty() {
             // The common idle sweep: nothing to plan, nothing else to read.
             return Ok(Planned {
-                snapshot: Snapshot {
-                    queued: Vec::new(),
-                    running_per_user: HashMap::new(),
-                    runners: Vec::new(),
-                    limits: self.settings.limits.clone(),
-                },
+                snapshot,
                 entries: HashMap::new(),
             });
         }
-        let running_per_user = repo::running_per_user(&self.db).await?;
+        let rules: HashMap<JobId, String> = if waiting
+            .iter()
+            .any(|e| e.state == EntryState::AwaitingApproval)
+        {
+            repo::pending_approval_rules(&self.db).await?
+        } else {
+            HashMap::new()
+        };
+        for (owner, org, u) in repo::running_usage(&self.db).await? {
+            let user = snapshot.users.entry(owner).or_default();
+            user.running += u.running;
+            user.gpus += u.gpus;
+            if !org.is_empty() {
+                let o = snapshot.orgs.entry(org).or_default();
+                o.running += u.running;
+                o.gpus += u.gpus;
+            }
+            snapshot.global.running += u.running;
+            snapshot.global.gpus += u.gpus;
+        }
         let runners = repo::live_runners(&self.db, now).await?;
         let usage = repo::active_usage(&self.db).await?;
         let mut states: HashMap<RunnerId, RunnerState> = runners
@@ -360,97 +456,33 @@ impl Scheduler {
                 r.used_memory_mib += u.memory_mib;
             }
         }
-        let snapshot = Snapshot {
-            queued: queued
-                .iter()
-                .map(|e| QueuedJob {
-                    job_id: e.job_id,
-                    owner: e.owner.clone(),
-                    priority: e.priority,
-                    submit_time: e.submit_time,
-                    demand: e.demand.clone(),
-                })
-                .collect(),
-            running_per_user,
-            runners: states.into_values().collect(),
-            limits: self.settings.limits.clone(),
-        };
+        snapshot.queued = waiting
+            .iter()
+            .map(|e| QueuedJob {
+                job_id: e.job_id,
+                owner: e.owner.clone(),
+                org: e.org.clone(),
+                priority: e.priority,
+                submit_time: e.submit_time,
+                demand: e.demand.clone(),
+                not_before: e.not_before,
+                approval_rule: (e.state == EntryState::AwaitingApproval).then(|| {
+                    rules
+                        .get(&e.job_id)
+                        .cloned()
+                        .unwrap_or_else(|| "unknown".to_owned())
+                }),
+            })
+            .collect();
+        snapshot.runners = states.into_values().collect();
         Ok(Planned {
             snapshot,
-            entries: queued.into_iter().map(|e| (e.job_id, e)).collect(),
+            entries: waiting.into_iter().map(|e| (e.job_id, e)).collect(),
         })
     }
+}
 
-    /// Waiting jobs in queue order with the plan's reason, then the ones
-    /// that are scheduled or running. `owner` restricts the result.
-    pub async fn queue(&self, owner: Option<&str>) -> Result<Vec<QueueItem>> {
-        let planned = self.snapshot().await?;
-        let p = plan(&planned.snapshot);
-        let mut entries = planned.entries;
-        let mut items = Vec::new();
-        for w in &p.waiting {
-            if let Some(entry) = entries.remove(&w.job_id) {
-                items.push(QueueItem {
-                    entry,
-                    position: w.position,
-                    waiting: Some(w.clone()),
-                });
-            }
-        }
-        // Jobs the dispatcher is about to start.
-        for s in &p.placements {
-            if let Some(entry) = entries.remove(&s.job_id) {
-                items.push(QueueItem {
-                    entry,
-                    position: 0,
-                    waiting: None,
-                });
-            }
-        }
-        let mut active =
-            repo::entries_in(&self.db, &[EntryState::Scheduled, EntryState::Running]).await?;
-        active.sort_by(|a, b| {
-            b.priority
-                .cmp(&a.priority)
-                .then(a.submit_time.cmp(&b.submit_time))
-                .then(a.job_id.cmp(&b.job_id))
-        });
-        items.extend(active.into_iter().map(|entry| QueueItem {
-            entry,
-            position: 0,
-            waiting: None,
-        }));
-        if let Some(owner) = owner {
-            items.retain(|i| i.entry.owner == owner);
-        }
-        Ok(items)
-    }
-
-    pub async fn stats(&self) -> Result<QueueStats> {
-        let now = self.now();
-        let queued = repo::entries_in(&self.db, &[EntryState::Queued]).await?;
-        let active =
-            repo::entries_in(&self.db, &[EntryState::Scheduled, EntryState::Running]).await?;
-        let (runners, gpus_total) = repo::runner_totals(&self.db, now).await?;
-        let usage = repo::active_usage(&self.db).await?;
-        let mut by_user: HashMap<String, UserStats> = HashMap::new();
-        for e in &queued {
-            by_user.entry(e.owner.clone()).or_default().queued += 1;
-        }
-        for e in &active {
-            let u = by_user.entry(e.owner.clone()).or_default();
-            u.running += 1;
-            u.gpus_in_use += e.demand.gpus;
-        }
-        let mut by_user: Vec<(String, UserStats)> = by_user.into_iter().collect();
-        by_user.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(QueueStats {
-            queued: queued.len() as u32,
-            running: active.len() as u32,
-            by_user,
-            runners,
-            gpus_total,
-            gpus_in_use: usage.iter().map(|u| u.gpu_indexes.len() as i64).sum(),
-        })
-    }
+/// Usage counts as the plan sees them, for callers outside it.
+pub(crate) fn usage_of(s: &Snapshot, owner: &str) -> Usage {
+    s.users.get(owner).copied().unwrap_or_default()
 }

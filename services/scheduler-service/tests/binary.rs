@@ -190,3 +190,96 @@ async fn binary_logs_the_jobs_correlation_id_as_json() {
     let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     job_task.abort();
 }
+
+/// The flags T's cross-process tests rely on: `--approval-rules`,
+/// `--approval-sweep-secs` and the test clock `--clock-offset-file`.
+#[tokio::test]
+async fn binary_expires_approvals_when_the_offset_file_moves_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    TokensFile::default()
+        .with("svc-secret", "trainmesh", "system", &[Role::Service])
+        .write(&dir.path().join("tokens.yaml"))
+        .unwrap();
+    std::fs::write(dir.path().join("service.token"), "svc-secret\n").unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "rules:\n  - name: first-job\n    when: { first_job_of_user: true }\nttl: 1h\n",
+    )
+    .unwrap();
+    let offset = dir.path().join("clock-offset");
+
+    let jobs = FakeJobService::default();
+    let (job_listener, job_addr) = listener().await;
+    let svc = JobInternalServiceServer::new(jobs.clone());
+    let job_task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(job_listener))
+            .await;
+    });
+    let addr_file = dir.path().join("scheduler.addr");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scheduler-service"))
+        .args(["--listen", "127.0.0.1:0", "--approval-sweep-secs", "1"])
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--job-endpoint")
+        .arg(job_addr.to_string())
+        .arg("--approval-rules")
+        .arg(&rules)
+        .arg("--clock-offset-file")
+        .arg(&offset)
+        .env_remove("TRAINMESH_SCHEDULER_DATABASE_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for("addr file", DEADLINE, || async {
+        addr_file.exists().then_some(())
+    })
+    .await;
+    let ch = channel(&format!("file:{}", addr_file.display()), Some("svc-secret")).unwrap();
+    let internal = SchedulerInternalServiceClient::new(ch);
+    let job = new_job_id();
+    let r = wait_for("binary to serve", DEADLINE, || {
+        let mut internal = internal.clone();
+        let job = job.clone();
+        async move {
+            internal
+                .enqueue_job(EnqueueJobRequest {
+                    job_id: job,
+                    owner: "alice".into(),
+                    org: "ml".into(),
+                    spec: Some(spec(0)),
+                    correlation_id: String::new(),
+                    submit_time: None,
+                })
+                .await
+                .ok()
+        }
+    })
+    .await;
+    assert_eq!(r.into_inner().state, JobState::AwaitingApproval as i32);
+
+    std::fs::write(&offset, "3700\n").unwrap();
+    let cancelled = wait_for("approval-expired at job-service", DEADLINE, || async {
+        jobs.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| c.req.job_id == job && c.req.state == JobState::Cancelled as i32)
+            .map(|c| c.req.clone())
+    })
+    .await;
+    assert_eq!(cancelled.reason, "approval-expired");
+    assert_eq!(
+        cancelled.failure_cause,
+        trainmesh_common::proto::job::v1::FailureCause::ApprovalExpired as i32
+    );
+    child.start_kill().unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+    job_task.abort();
+}

@@ -53,13 +53,14 @@ pub async fn insert_assignment(
     runner_id: RunnerId,
     gpu_indexes: &[i32],
     demand: &Demand,
+    waited: i64,
     now: i64,
 ) -> Result<()> {
     let gpus = serde_json::to_string(gpu_indexes)
         .map_err(|e| Error::Corrupt(format!("gpu indexes: {e}")))?;
     sqlx::query(
         "INSERT INTO assignments (job_id, attempt, runner_id, gpu_indexes, cpu_milli, memory_mib, \
-         state, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'SCHEDULED', $7)",
+         state, created_at, waited) VALUES ($1, $2, $3, $4, $5, $6, 'SCHEDULED', $7, $8)",
     )
     .bind(job_id.to_string())
     .bind(attempt)
@@ -68,6 +69,7 @@ pub async fn insert_assignment(
     .bind(demand.cpu_milli)
     .bind(demand.memory_mib)
     .bind(now)
+    .bind(waited)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -82,9 +84,13 @@ pub struct AssignmentRow {
     pub state: AttemptStatus,
     pub delivered: bool,
     pub cancel_requested: bool,
+    pub delivered_at: i64,
+    /// Consecutive heartbeats of the runner that did not list it.
+    pub missed_heartbeats: i64,
 }
 
-const ASSIGNMENT_COLS: &str = "job_id, attempt, runner_id, state, delivered, cancel_requested";
+const ASSIGNMENT_COLS: &str =
+    "job_id, attempt, runner_id, state, delivered, cancel_requested, delivered_at, missed_heartbeats";
 
 fn assignment_from_row(r: &AnyRow) -> Result<AssignmentRow> {
     let state: String = r.try_get(3)?;
@@ -96,6 +102,8 @@ fn assignment_from_row(r: &AnyRow) -> Result<AssignmentRow> {
             .ok_or_else(|| Error::Corrupt(format!("attempt state `{state}`")))?,
         delivered: r.try_get::<i64, _>(4)? != 0,
         cancel_requested: r.try_get::<i64, _>(5)? != 0,
+        delivered_at: r.try_get(6)?,
+        missed_heartbeats: r.try_get(7)?,
     })
 }
 
@@ -193,7 +201,12 @@ pub struct Delivery {
 
 /// Claims up to `max` undelivered assignments of `runner_id`, marking them
 /// delivered in the same transaction.
-pub async fn take_undelivered(db: &Db, runner_id: RunnerId, max: i64) -> Result<Vec<Delivery>> {
+pub async fn take_undelivered(
+    db: &Db,
+    runner_id: RunnerId,
+    max: i64,
+    now: i64,
+) -> Result<Vec<Delivery>> {
     let mut tx = db.write.begin().await?;
     let rows = sqlx::query(
         "SELECT a.job_id, a.attempt, a.gpu_indexes, q.owner, q.org, q.spec, q.correlation_id \
@@ -210,11 +223,12 @@ pub async fn take_undelivered(db: &Db, runner_id: RunnerId, max: i64) -> Result<
         let job_id: String = r.try_get(0)?;
         let attempt: i64 = r.try_get(1)?;
         let claimed = sqlx::query(
-            "UPDATE assignments SET delivered = 1 WHERE job_id = $1 AND attempt = $2 \
-             AND delivered = 0 AND state = 'SCHEDULED' AND cancel_requested = 0",
+            "UPDATE assignments SET delivered = 1, delivered_at = $3 WHERE job_id = $1 \
+             AND attempt = $2 AND delivered = 0 AND state = 'SCHEDULED' AND cancel_requested = 0",
         )
         .bind(&job_id)
         .bind(attempt)
+        .bind(now)
         .execute(&mut *tx)
         .await?;
         if claimed.rows_affected() != 1 {
@@ -234,6 +248,55 @@ pub async fn take_undelivered(db: &Db, runner_id: RunnerId, max: i64) -> Result<
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// Records whether the runner's latest heartbeat listed the attempt;
+/// returns the consecutive misses now.
+pub async fn note_heartbeat(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    attempt: i64,
+    listed: bool,
+) -> Result<i64> {
+    let row = sqlx::query(
+        "UPDATE assignments SET missed_heartbeats = CASE WHEN $1 = 1 THEN 0 \
+         ELSE missed_heartbeats + 1 END WHERE job_id = $2 AND attempt = $3 \
+         RETURNING missed_heartbeats",
+    )
+    .bind(i64::from(listed))
+    .bind(job_id.to_string())
+    .bind(attempt)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row
+        .map(|r| r.try_get::<i64, _>(0))
+        .transpose()?
+        .unwrap_or(0))
+}
+
+/// Mean (waited) of attempts dispatched since `since`, and mean run time
+/// of attempts that started and finished since `since`.
+pub async fn recent_times(db: &Db, since: i64) -> Result<(Option<i64>, Option<i64>)> {
+    let wait = sqlx::query(
+        "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(waited), 0) AS BIGINT) \
+         FROM assignments WHERE created_at >= $1",
+    )
+    .bind(since)
+    .fetch_one(&db.read)
+    .await?;
+    let run = sqlx::query(
+        "SELECT CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(finished_at - started_at), 0) AS BIGINT) \
+         FROM assignments WHERE finished_at >= $1 AND started_at > 0 AND finished_at > started_at",
+    )
+    .bind(since)
+    .fetch_one(&db.read)
+    .await?;
+    let mean = |r: &AnyRow| -> Result<Option<i64>> {
+        let n: i64 = r.try_get(0)?;
+        let sum: i64 = r.try_get(1)?;
+        Ok((n > 0).then(|| sum / n))
+    };
+    Ok((mean(&wait)?, mean(&run)?))
 }
 
 /// Live-runner totals for queue statistics: (runners, GPUs).

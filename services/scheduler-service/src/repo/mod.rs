@@ -3,13 +3,14 @@
 //! The SQL is written once for SQLite and PostgreSQL (`$n` placeholders,
 //! BIGINT, `ON CONFLICT`, `RETURNING`).
 
+mod approvals;
 mod assignments;
 mod runners;
 
+pub use approvals::*;
 pub use assignments::*;
 pub use runners::*;
 
-use std::collections::HashMap;
 use std::str::FromStr;
 
 use prost::Message;
@@ -39,10 +40,17 @@ pub struct EntryRow {
     pub runner_id: Option<RunnerId>,
     pub cancel_requested: bool,
     pub reason: String,
+    /// Retry backoff: not dispatched before this time (0: none).
+    pub not_before: i64,
+    /// Attempts that reached RUNNING (the retry budget counts these).
+    pub started_attempts: i64,
+    /// When the entry last became QUEUED.
+    pub queued_at: i64,
 }
 
 const ENTRY_COLS: &str = "job_id, owner, org, priority, gpus, gpu_type, cpu_milli, memory_mib, \
-     correlation_id, submit_time, state, attempt, max_attempts, runner_id, cancel_requested, reason";
+     correlation_id, submit_time, state, attempt, max_attempts, runner_id, cancel_requested, reason, \
+     not_before, started_attempts, queued_at";
 
 pub(crate) fn parse_id<T: FromStr>(what: &str, s: &str) -> Result<T> {
     s.parse()
@@ -78,13 +86,19 @@ fn entry_from_row(r: &AnyRow) -> Result<EntryRow> {
             .transpose()?,
         cancel_requested: r.try_get::<i64, _>(14)? != 0,
         reason: r.try_get(15)?,
+        not_before: r.try_get(16)?,
+        started_attempts: r.try_get(17)?,
+        queued_at: r.try_get(18)?,
     })
 }
 
-/// Inserts a new entry in QUEUED; false when the job is already known.
+/// Inserts a new entry in `state` (QUEUED or AWAITING_APPROVAL); false
+/// when the job is already known.
+#[allow(clippy::too_many_arguments)]
 pub async fn insert_entry(
     conn: &mut AnyConnection,
     e: &NewEntry,
+    state: EntryState,
     max_attempts: i64,
     correlation_id: &str,
     submit_time: i64,
@@ -92,8 +106,9 @@ pub async fn insert_entry(
 ) -> Result<bool> {
     let row = sqlx::query(
         "INSERT INTO queue_entries (job_id, owner, org, priority, gpus, gpu_type, cpu_milli, \
-         memory_mib, spec, correlation_id, submit_time, enqueued_at, state, max_attempts, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, 'QUEUED', $13, $12) \
+         memory_mib, spec, correlation_id, submit_time, enqueued_at, state, max_attempts, updated_at, \
+         queued_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $14, $13, $12, $12) \
          ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
     )
     .bind(e.job_id.to_string())
@@ -109,6 +124,7 @@ pub async fn insert_entry(
     .bind(submit_time)
     .bind(now)
     .bind(max_attempts)
+    .bind(state.as_str())
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row.is_some())
@@ -186,23 +202,27 @@ pub async fn set_entry_state(
     Ok(done.rows_affected() == 1)
 }
 
-/// Requeues an entry whose attempt `attempt` was lost (clears its runner);
-/// false when the entry moved on meanwhile.
+/// Requeues an entry whose attempt `attempt` ended but may be retried
+/// (clears its runner; `not_before` is the backoff, 0 for none); false when
+/// the entry moved on meanwhile.
 pub async fn requeue_entry(
     conn: &mut AnyConnection,
     job_id: JobId,
     attempt: i64,
     reason: &str,
+    not_before: i64,
     now: i64,
 ) -> Result<bool> {
     let done = sqlx::query(
-        "UPDATE queue_entries SET state = 'QUEUED', runner_id = NULL, reason = $1, updated_at = $2 \
+        "UPDATE queue_entries SET state = 'QUEUED', runner_id = NULL, reason = $1, updated_at = $2, \
+         queued_at = $2, not_before = $5 \
          WHERE job_id = $3 AND attempt = $4 AND state IN ('SCHEDULED', 'RUNNING')",
     )
     .bind(reason)
     .bind(now)
     .bind(job_id.to_string())
     .bind(attempt)
+    .bind(not_before)
     .execute(&mut *conn)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -226,25 +246,53 @@ pub async fn request_entry_cancel(
 }
 
 /// Marks a queued entry dispatched to `runner_id` as the next attempt;
-/// `None` when it is no longer queued (cancelled meanwhile). Returns the new
-/// attempt number.
+/// `None` when it is no longer dispatchable (cancelled meanwhile, or still
+/// in backoff). Returns the new attempt number and how long it waited.
 pub async fn dispatch_entry(
     conn: &mut AnyConnection,
     job_id: JobId,
     runner_id: RunnerId,
     now: i64,
-) -> Result<Option<i64>> {
+) -> Result<Option<(i64, i64)>> {
     let row = sqlx::query(
         "UPDATE queue_entries SET state = 'SCHEDULED', attempt = attempt + 1, runner_id = $1, \
-         reason = '', updated_at = $2 \
-         WHERE job_id = $3 AND state = 'QUEUED' AND cancel_requested = 0 RETURNING attempt",
+         reason = '', not_before = 0, updated_at = $2 \
+         WHERE job_id = $3 AND state = 'QUEUED' AND cancel_requested = 0 AND not_before <= $2 \
+         RETURNING attempt, queued_at",
     )
     .bind(runner_id.to_string())
     .bind(now)
     .bind(job_id.to_string())
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.map(|r| r.try_get::<i64, _>(0)).transpose()?)
+    match row {
+        None => Ok(None),
+        Some(r) => {
+            let attempt: i64 = r.try_get(0)?;
+            let queued_at: i64 = r.try_get(1)?;
+            Ok(Some((attempt, (now - queued_at).max(0))))
+        }
+    }
+}
+
+/// Counts an attempt that reached RUNNING against the retry budget.
+pub async fn count_started(conn: &mut AnyConnection, job_id: JobId) -> Result<()> {
+    sqlx::query(
+        "UPDATE queue_entries SET started_attempts = started_attempts + 1 WHERE job_id = $1",
+    )
+    .bind(job_id.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The stored spec of a job (for its retry policy).
+pub async fn get_spec(conn: &mut AnyConnection, job_id: JobId) -> Result<Vec<u8>> {
+    let row = sqlx::query("SELECT spec FROM queue_entries WHERE job_id = $1")
+        .bind(job_id.to_string())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// Writes a status update for job-service into the outbox with the job's
@@ -275,18 +323,26 @@ pub async fn push_status(
     Ok(seq)
 }
 
-/// Scheduled-or-running jobs per owner.
-pub async fn running_per_user(db: &Db) -> Result<HashMap<String, u32>> {
+/// Scheduled-or-running jobs and their GPUs per (owner, org).
+pub async fn running_usage(db: &Db) -> Result<Vec<(String, String, crate::plan::Usage)>> {
     let rows = sqlx::query(
-        "SELECT owner, CAST(COUNT(*) AS BIGINT) FROM queue_entries \
-         WHERE state IN ('SCHEDULED', 'RUNNING') GROUP BY owner",
+        "SELECT owner, org, CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(gpus), 0) AS BIGINT) \
+         FROM queue_entries WHERE state IN ('SCHEDULED', 'RUNNING') GROUP BY owner, org",
     )
     .fetch_all(&db.read)
     .await?;
-    let mut out = HashMap::new();
+    let mut out = Vec::with_capacity(rows.len());
     for r in rows {
-        let n: i64 = r.try_get(1)?;
-        out.insert(r.try_get(0)?, u32::try_from(n).unwrap_or(u32::MAX));
+        let n: i64 = r.try_get(2)?;
+        let g: i64 = r.try_get(3)?;
+        out.push((
+            r.try_get(0)?,
+            r.try_get(1)?,
+            crate::plan::Usage {
+                running: u32::try_from(n).unwrap_or(u32::MAX),
+                gpus: u32::try_from(g).unwrap_or(u32::MAX),
+            },
+        ));
     }
     Ok(out)
 }

@@ -36,8 +36,25 @@ pub async fn insert_runner(
     Ok(())
 }
 
-/// Renews a live lease; false when the runner is unknown, dead or expired.
-pub async fn renew_lease(db: &Db, id: RunnerId, now: i64, expires_at: i64) -> Result<bool> {
+/// Renews a live lease and returns the previous heartbeat time; `None`
+/// when the runner is unknown, dead or expired.
+pub async fn renew_lease(
+    conn: &mut AnyConnection,
+    id: RunnerId,
+    now: i64,
+    expires_at: i64,
+) -> Result<Option<i64>> {
+    let prev = sqlx::query(
+        "SELECT last_heartbeat_at FROM runners WHERE runner_id = $1 AND state = 'live' \
+         AND lease_expires_at > $2",
+    )
+    .bind(id.to_string())
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(prev) = prev else {
+        return Ok(None);
+    };
     let done = sqlx::query(
         "UPDATE runners SET lease_expires_at = $1, last_heartbeat_at = $2 \
          WHERE runner_id = $3 AND state = 'live' AND lease_expires_at > $2",
@@ -45,9 +62,12 @@ pub async fn renew_lease(db: &Db, id: RunnerId, now: i64, expires_at: i64) -> Re
     .bind(expires_at)
     .bind(now)
     .bind(id.to_string())
-    .execute(&db.write)
+    .execute(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Ok(None);
+    }
+    Ok(Some(prev.try_get(0)?))
 }
 
 pub async fn runner_is_live(conn: &mut AnyConnection, id: RunnerId, now: i64) -> Result<bool> {

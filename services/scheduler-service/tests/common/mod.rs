@@ -88,7 +88,7 @@ pub struct Harness {
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     job_task: JoinHandle<()>,
-    _db: TestDb,
+    _db: Option<TestDb>,
 }
 
 impl Harness {
@@ -97,6 +97,17 @@ impl Harness {
     }
 
     pub async fn start_with(db: TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
+        let (url, label) = (db.url.clone(), db.label);
+        Self::start_url(url, label, Some(db), tweak).await
+    }
+
+    /// A scheduler on `url`, which other harnesses may share (replicas).
+    pub async fn start_url(
+        url: String,
+        label: &'static str,
+        db: Option<TestDb>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         testing::init_test_logging();
         let jobs = FakeJobService::default();
         let (job_listener, job_addr) = testing::listener().await;
@@ -110,7 +121,7 @@ impl Harness {
 
         let tokens = testing::test_tokens();
         let clock = OffsetClock::default();
-        let mut config = Config::new(db.url.clone(), tokens.store.clone());
+        let mut config = Config::new(url, tokens.store.clone());
         config.job_endpoint = job_addr.to_string();
         config.service_token = Some(tokens.service.to_owned());
         config.sweep_interval = Duration::from_millis(50);
@@ -126,7 +137,7 @@ impl Harness {
             addr,
             clock,
             jobs,
-            label: db.label,
+            label,
             stop: Some(stop),
             task: Some(task),
             job_task,
