@@ -61,6 +61,13 @@ pub struct Args {
     /// Seconds between WatchJobs heartbeats.
     #[arg(long, env = "TRAINMESH_JOB_WATCH_HEARTBEAT_SECS", default_value_t = 5)]
     pub watch_heartbeat_secs: u64,
+
+    /// Milliseconds a user's limits, fetched from the scheduler for the
+    /// queued-jobs limit at submit, are used before asking again. When the
+    /// scheduler cannot be reached the last known limits apply; when none
+    /// were ever known, no queued-jobs limit applies.
+    #[arg(long, env = "TRAINMESH_JOB_LIMITS_CACHE_MS", default_value_t = 2000)]
+    pub limits_cache_ms: u64,
 }
 
 impl Args {
@@ -96,6 +103,7 @@ impl Args {
             max_log_lines_per_attempt: self.max_log_lines_per_attempt,
             watch_heartbeat: Duration::from_secs(self.watch_heartbeat_secs.max(1)),
             stream_poll: Duration::from_secs(1),
+            limits_ttl: Duration::from_millis(self.limits_cache_ms),
         })
     }
 }

@@ -15,6 +15,9 @@ pub enum Error {
     PermissionDenied(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// A limit refuses the request (the message names it).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Transient: the caller should retry.
     #[error("{0}")]
     Retry(String),
@@ -34,6 +37,7 @@ impl ServiceError for Error {
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::Unimplemented(_) => ErrorCode::Unimplemented,
+            Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,
             Error::Retry(_) => ErrorCode::Unavailable,
             Error::Db(e) => db_error_code(e),
             Error::Corrupt(_) => ErrorCode::Internal,

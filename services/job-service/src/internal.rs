@@ -4,8 +4,9 @@
 use prost::Message;
 use sqlx::AnyConnection;
 use tracing::Instrument;
+use trainmesh_common::correlation;
+use trainmesh_common::db::Backend;
 use trainmesh_common::error::FieldError;
-use trainmesh_common::outbox;
 use trainmesh_common::proto::diagnosis::v1 as dpb;
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::time::now_micros;
@@ -17,25 +18,66 @@ use crate::error::{Error, Result};
 use crate::repo::{self, AttemptRecord, JobRecord, NewEvent};
 use crate::service::{JobService, JobView, Signals, TOPIC_DIAGNOSE};
 
+/// Event recorded when the scheduler puts a job up for approval.
+pub const EVENT_APPROVAL_REQUESTED: &str = "approval_requested";
+/// Event recorded when a job is cancelled because its approval expired.
+pub const EVENT_APPROVAL_EXPIRED: &str = "approval_expired";
+/// The job's `state_reason` after its approval expired.
+pub const APPROVAL_EXPIRED_REASON: &str = "approval-expired";
+
 impl JobService {
     /// UpdateJobStatus (CONVENTIONS flow 2): applies a legal, newer update;
     /// acknowledges stale ones and updates to finished jobs without change.
+    ///
+    /// On SQLite, updates arriving together share one transaction (one
+    /// fsync; [`crate::group_commit`]). On PostgreSQL each has its own:
+    /// there, concurrent transactions run their statements in parallel on
+    /// the pool, and a shared one measured slower.
     pub async fn update_status(&self, u: StatusUpdate) -> Result<JobView> {
         let span = tracing::info_span!("status", job_id = %u.job_id, attempt = u.attempt);
-        self.update_status_inner(u).instrument(span).await
+        let traceparent = correlation::traceparent();
+        if self.db.backend == Backend::Sqlite {
+            return self.statuses.submit(u, span, traceparent).await;
+        }
+        self.update_status_alone(u, traceparent)
+            .instrument(span)
+            .await
     }
 
-    async fn update_status_inner(&self, u: StatusUpdate) -> Result<JobView> {
+    /// One update in its own transaction.
+    pub(crate) async fn update_status_alone(
+        &self,
+        u: StatusUpdate,
+        traceparent: Option<String>,
+    ) -> Result<JobView> {
         let mut tx = self.db.write.begin().await?;
-        let Some(mut job) = repo::lock_job(&mut tx, self.db.backend, u.job_id).await? else {
+        let (view, applied) = self
+            .apply_status(&mut tx, u, traceparent.as_deref())
+            .await?;
+        tx.commit().await?;
+        if let Some(diagnose) = applied {
+            self.committed(diagnose);
+        }
+        Ok(view)
+    }
+
+    /// The body of UpdateJobStatus inside the caller's transaction. Returns
+    /// the job as it is then and, when something changed, whether a
+    /// diagnosis message was queued (`None`: ignored as stale).
+    pub(crate) async fn apply_status(
+        &self,
+        tx: &mut AnyConnection,
+        u: StatusUpdate,
+        traceparent: Option<&str>,
+    ) -> Result<(JobView, Option<bool>)> {
+        let Some(mut job) = repo::lock_job(tx, self.db.backend, u.job_id).await? else {
             return Err(Error::JobNotFound(u.job_id.to_string()));
         };
         if job.state.is_terminal() || u.sequence <= job.scheduler_sequence {
             tracing::debug!(state = %job.state, to = %u.state, sequence = u.sequence,
                 applied = job.scheduler_sequence, "status update ignored (stale or job finished)");
-            let view = self.load_view(&mut tx, job).await?;
-            tx.commit().await?;
-            return Ok(view);
+            let view = self.load_view(tx, job).await?;
+            return Ok((view, None));
         }
         if !job.state.can_become(u.state) {
             return Err(Error::FailedPrecondition(format!(
@@ -49,7 +91,13 @@ impl JobService {
         job.state = u.state;
         job.scheduler_sequence = u.sequence;
         job.update_time = now;
-        if !u.reason.is_empty() {
+        let approval_expired = u.state == JobState::Cancelled
+            && u.failure_cause == Some(pb::FailureCause::ApprovalExpired);
+        if approval_expired {
+            // One spelling everywhere (ISSUE 3 "Approvals"), whatever
+            // detail the scheduler adds (kept in the event's message).
+            job.state_reason = APPROVAL_EXPIRED_REASON.to_owned();
+        } else if !u.reason.is_empty() {
             job.state_reason = u.reason.clone();
         } else if u.state != JobState::Cancelled {
             job.state_reason.clear();
@@ -60,7 +108,7 @@ impl JobService {
             job.current_attempt
         };
         if attempt_no > 0 {
-            self.apply_attempt(&mut tx, &job, attempt_no, u.attempt > 0, &u, at)
+            self.apply_attempt(tx, &job, attempt_no, u.attempt > 0, &u, at)
                 .await?;
             job.current_attempt = job.current_attempt.max(attempt_no);
         }
@@ -96,7 +144,7 @@ impl JobService {
             }
             _ => {}
         }
-        repo::save_job(&mut tx, &job).await?;
+        repo::save_job(tx, &job).await?;
         let diagnose = u.state == JobState::Failed && self.settings.auto_diagnose;
         if diagnose {
             let msg = dpb::DiagnoseJobRequest {
@@ -105,35 +153,49 @@ impl JobService {
             };
             // Its own key: a diagnosis need not wait behind undelivered
             // scheduler messages of the same job.
-            outbox::enqueue(
-                &mut tx,
-                TOPIC_DIAGNOSE,
-                &format!("diagnose:{}", job.id),
-                &msg.encode_to_vec(),
-                &job.correlation_id,
+            let payload = msg.encode_to_vec();
+            repo::enqueue_outbox(
+                tx,
+                &[repo::OutboxRow {
+                    topic: TOPIC_DIAGNOSE,
+                    key: format!("diagnose:{}", job.id),
+                    payload: &payload,
+                    correlation_id: &job.correlation_id,
+                    traceparent,
+                }],
             )
             .await?;
         }
+        let event_type = if approval_expired {
+            EVENT_APPROVAL_EXPIRED
+        } else if u.state == JobState::AwaitingApproval && prev != JobState::AwaitingApproval {
+            EVENT_APPROVAL_REQUESTED
+        } else {
+            "state_changed"
+        };
+        let message = if approval_expired && u.reason.is_empty() {
+            APPROVAL_EXPIRED_REASON
+        } else {
+            u.reason.as_str()
+        };
         repo::append_event(
-            &mut tx,
+            tx,
             self.db.backend,
             &NewEvent {
                 job_id: job.id,
                 owner: &job.owner,
-                event_type: "state_changed",
+                event_type,
                 state: job.state,
                 previous_state: Some(prev),
-                message: &u.reason,
+                message,
                 attempt: attempt_no,
                 time: now,
             },
         )
         .await?;
-        let view = self.load_view(&mut tx, job).await?;
-        tx.commit().await?;
-        self.committed(diagnose);
-        tracing::info!(from = %prev, to = %u.state, attempt = attempt_no, sequence = u.sequence, "job state changed");
-        Ok(view)
+        let view = self.load_view(tx, job).await?;
+        tracing::info!(from = %prev, to = %u.state, attempt = attempt_no, sequence = u.sequence, event_type, "job state changed");
+        Ok((view, Some(diagnose)))
     }
 
     async fn apply_attempt(
@@ -146,8 +208,11 @@ impl JobService {
         at: i64,
     ) -> Result<()> {
         let existing = repo::get_attempt(conn, job.id, number).await?;
-        if !named && existing.as_ref().is_some_and(|a| a.state.is_terminal()) {
-            // An update that does not name an attempt leaves a finished one alone.
+        let finished = existing.as_ref().is_some_and(|a| a.state.is_terminal());
+        if finished && (!named || u.attempt_state.is_none()) {
+            // An update that does not name an attempt, or its state, leaves
+            // a finished one alone: a later QUEUED (backoff over) must not
+            // turn a FAILED attempt into LOST.
             return Ok(());
         }
         let mut a = existing.unwrap_or(AttemptRecord {

@@ -20,12 +20,26 @@
 //! - DeleteJob keeps the job's events (a final `deleted` event is added).
 //! - RetryJob makes a new job labelled `trainmesh.io/retry-of=<old id>`;
 //!   users cannot set `trainmesh.io/` labels themselves.
+//! - CreateJob/RetryJob enforce the scheduler's queued-jobs limits
+//!   ([`limits`]): PENDING + QUEUED + AWAITING_APPROVAL jobs of the user
+//!   (effective limit), the org and everyone are counted in the inserting
+//!   transaction; over a limit the answer is RESOURCE_EXHAUSTED naming it.
+//!   An idempotent retry of an existing key is never refused.
+//! - New jobs are committed in groups ([`group_commit`]); a job is
+//!   acknowledged only once committed.
+//! - Status updates: AWAITING_APPROVAL is recorded as an
+//!   `approval_requested` event; CANCELLED with cause APPROVAL_EXPIRED as
+//!   an `approval_expired` event with state_reason `approval-expired`; a
+//!   requeue (QUEUED naming a FAILED/LOST attempt) ends that attempt with
+//!   its exit code and error while the job waits again.
 
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod group_commit;
 pub mod grpc;
 pub mod internal;
+pub mod limits;
 pub mod paths;
 pub mod relay;
 pub mod repo;
@@ -48,6 +62,7 @@ use trainmesh_common::proto::job::v1::job_service_server::JobServiceServer;
 use trainmesh_common::server::{self, ServerOptions};
 
 use crate::grpc::{JobApi, JobInternalApi};
+use crate::limits::{LimitsCache, SchedulerLimits};
 use crate::paths::PathPolicy;
 use crate::service::{JobService, Settings};
 use crate::stream::StreamTiming;
@@ -70,6 +85,9 @@ pub struct Config {
     pub watch_heartbeat: Duration,
     /// How often streams re-read their tables without being woken.
     pub stream_poll: Duration,
+    /// How long a GetLimits answer from the scheduler is used before it is
+    /// asked again (queued-jobs limit at submit).
+    pub limits_ttl: Duration,
 }
 
 impl Config {
@@ -86,9 +104,14 @@ impl Config {
             max_log_lines_per_attempt: 200_000,
             watch_heartbeat: Duration::from_secs(5),
             stream_poll: Duration::from_secs(1),
+            limits_ttl: Duration::from_secs(2),
         }
     }
 }
+
+/// A submission waits at most this long for the scheduler's limits (then
+/// the last known ones apply).
+const LIMITS_CALL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves job-service on `listener` until `shutdown` resolves.
 pub async fn run(
@@ -111,6 +134,15 @@ pub async fn run(
         tracing::info!(roots = ?paths.roots(), "data roots");
     }
     let relay = Relay::new(db.clone());
+    let token = config.service_token.as_deref();
+    let scheduler = trainmesh_common::client::channel(&config.scheduler_endpoint, token)?;
+    let limits = LimitsCache::new(
+        SchedulerLimits {
+            channel: scheduler.clone(),
+            timeout: LIMITS_CALL_TIMEOUT,
+        },
+        config.limits_ttl,
+    );
     let svc = JobService::new(
         db,
         relay.clone(),
@@ -119,10 +151,10 @@ pub async fn run(
             auto_diagnose: config.diagnosis_endpoint.is_some(),
             max_log_lines_per_attempt: config.max_log_lines_per_attempt.max(1),
         },
+        Some(limits),
     );
-    let token = config.service_token.as_deref();
     let peers = relay::Peers {
-        scheduler: trainmesh_common::client::channel(&config.scheduler_endpoint, token)?,
+        scheduler,
         diagnosis: config
             .diagnosis_endpoint
             .as_deref()

@@ -19,6 +19,8 @@ use crate::domain::{
     JobId, JobState, LabelSelector, PageToken, RESERVED_LABEL_PREFIX, RETRY_OF_LABEL,
 };
 use crate::error::{Error, Result};
+use crate::group_commit::{CreateQueue, Inserted, NewJob, StatusQueue};
+use crate::limits::{LimitsCache, QueuedLimits};
 use crate::paths::PathPolicy;
 use crate::repo::{self, AttemptRecord, JobFilter, JobRecord, NewEvent};
 use crate::validate::{validate_idempotency_key, validate_reason, validate_spec, ValidSpec};
@@ -72,6 +74,12 @@ pub struct JobService {
     pub(crate) relay: Relay,
     pub(crate) settings: Settings,
     pub(crate) signals: Signals,
+    /// Queued-jobs limits from the scheduler; `None`: no limit.
+    pub(crate) limits: Option<LimitsCache>,
+    /// New jobs go through one writer that commits them in groups.
+    pub(crate) creates: CreateQueue,
+    /// Status updates, grouped the same way (used on SQLite).
+    pub(crate) statuses: StatusQueue,
 }
 
 /// Another user's job looks exactly like a missing one.
@@ -80,13 +88,23 @@ fn visible(caller: &Caller, job: &JobRecord) -> bool {
 }
 
 impl JobService {
-    pub fn new(db: Db, relay: Relay, settings: Settings) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(db: Db, relay: Relay, settings: Settings, limits: Option<LimitsCache>) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             db,
             relay,
             settings,
             signals: Signals::new(),
+            limits,
+            creates: CreateQueue::start(me.clone()),
+            statuses: StatusQueue::start(me.clone()),
         })
+    }
+
+    async fn queued_limits(&self, owner: &str, org: &str) -> QueuedLimits {
+        match &self.limits {
+            Some(cache) => cache.get(owner, org).await,
+            None => QueuedLimits::default(),
+        }
     }
 
     pub fn db(&self) -> &Db {
@@ -115,9 +133,12 @@ impl JobService {
     /// The job if `caller` may see it; otherwise NOT_FOUND.
     pub async fn get(&self, caller: &Caller, raw_id: &str) -> Result<JobView> {
         let id = JobId::parse_field("job_id", raw_id)?;
-        let mut conn = self.db.read.acquire().await?;
-        match repo::get_job(&mut conn, id).await? {
-            Some(job) if visible(caller, &job) => self.load_view(&mut conn, job).await,
+        // One snapshot for the job and its attempts: read apart, a status
+        // update committing in between shows a QUEUED job with a running
+        // attempt.
+        let mut tx = trainmesh_common::db::snapshot(&self.db).await?;
+        match repo::get_job(&mut tx, id).await? {
+            Some(job) if visible(caller, &job) => self.load_view(&mut tx, job).await,
             _ => Err(Error::JobNotFound(id.to_string())),
         }
     }
@@ -171,29 +192,11 @@ impl JobService {
         spec: pb::JobSpec,
         key: Option<&str>,
     ) -> Result<(JobView, bool)> {
+        // Asked before queueing: no network wait inside the transaction.
+        let limits = self.queued_limits(owner, org).await;
         let cid = correlation::current().unwrap_or_else(correlation::generate);
         let now = now_micros();
         let job = JobRecord::new(JobId::new(), owner, org, spec, &cid, now);
-        let mut tx = self.db.write.begin().await?;
-        if let Some(k) = key {
-            if !repo::claim_idempotency(&mut tx, owner, k, job.id, now).await? {
-                // Lost a race with a concurrent retry: answer with its job.
-                tx.rollback().await?;
-                let mut conn = self.db.write.acquire().await?;
-                let existing = match repo::find_idempotent(&mut conn, owner, k).await? {
-                    Some(id) => repo::get_job(&mut conn, id).await?,
-                    None => None,
-                };
-                return match existing {
-                    Some(j) => Ok((self.load_view(&mut conn, j).await?, true)),
-                    None => Err(Error::Retry(
-                        "a concurrent request with this idempotency key did not complete; retry"
-                            .into(),
-                    )),
-                };
-            }
-        }
-        repo::insert_job(&mut tx, &job).await?;
         let enqueue = spb::EnqueueJobRequest {
             job_id: job.id.to_string(),
             owner: job.owner.clone(),
@@ -202,39 +205,41 @@ impl JobService {
             correlation_id: cid.clone(),
             submit_time: Some(to_timestamp(now)),
         };
-        outbox::enqueue(
-            &mut tx,
-            TOPIC_ENQUEUE,
-            &job.id.to_string(),
-            &enqueue.encode_to_vec(),
-            &cid,
-        )
-        .await?;
-        repo::append_event(
-            &mut tx,
-            self.db.backend,
-            &NewEvent {
-                job_id: job.id,
-                owner,
-                event_type: "created",
-                state: JobState::Pending,
-                previous_state: None,
-                message: "",
-                attempt: 0,
-                time: now,
-            },
-        )
-        .await?;
-        tx.commit().await?;
-        self.committed(true);
-        tracing::info!(job_id = %job.id, owner, correlation_id = %cid, "job created");
-        Ok((
-            JobView {
-                job,
-                attempts: Vec::new(),
-            },
-            false,
-        ))
+        let item = NewJob {
+            job,
+            key: key.map(str::to_owned),
+            limits,
+            enqueue: enqueue.encode_to_vec(),
+            traceparent: correlation::traceparent(),
+        };
+        match self.creates.submit(item).await? {
+            Inserted::Created(job) => {
+                tracing::info!(job_id = %job.id, owner, correlation_id = %cid, "job created");
+                Ok((
+                    JobView {
+                        job: *job,
+                        attempts: Vec::new(),
+                    },
+                    false,
+                ))
+            }
+            Inserted::KeyTaken => {
+                // Lost a race with a concurrent retry: answer with its job.
+                let k = key.unwrap_or_default();
+                let mut conn = self.db.write.acquire().await?;
+                let existing = match repo::find_idempotent(&mut conn, owner, k).await? {
+                    Some(id) => repo::get_job(&mut conn, id).await?,
+                    None => None,
+                };
+                match existing {
+                    Some(j) => Ok((self.load_view(&mut conn, j).await?, true)),
+                    None => Err(Error::Retry(
+                        "a concurrent request with this idempotency key did not complete; retry"
+                            .into(),
+                    )),
+                }
+            }
+        }
     }
 
     /// ListJobs. A user may name only themself as `owner`.
@@ -283,7 +288,8 @@ impl JobService {
             // One more than asked tells whether another page exists.
             limit: limit + 1,
         };
-        let mut conn = self.db.read.acquire().await?;
+        // Jobs and their attempts from one snapshot (see `get`).
+        let mut conn = trainmesh_common::db::snapshot(&self.db).await?;
         let mut jobs = repo::list_jobs(&mut conn, &filter).await?;
         let more = jobs.len() as i64 > limit;
         jobs.truncate(limit as usize);

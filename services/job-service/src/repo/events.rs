@@ -84,6 +84,42 @@ pub async fn append_event(
     Ok(row.try_get(0)?)
 }
 
+/// The `created` event (sequence 1) of each of `jobs`, just inserted with
+/// [`super::insert_jobs`], in one statement. Same ordering rule as
+/// [`append_event`]: call it last in the transaction.
+pub async fn append_created_events(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    jobs: &[&super::JobRecord],
+) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT CAST(pg_advisory_xact_lock($1) AS TEXT)")
+            .bind(EVENT_ORDER_LOCK)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for chunk in jobs.chunks(200) {
+        let mut sql = Sql::new(
+            "INSERT INTO job_events (job_id, owner, sequence, event_type, state, \
+             previous_state, message, attempt, event_time) VALUES ",
+        );
+        for (i, job) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::Text(job.id.to_string())).push(", ");
+            sql.bind(Bind::Text(job.owner.clone()))
+                .push(", 1, 'created', ");
+            sql.bind(Bind::Text(job.state.as_str().to_owned()))
+                .push(", '', '', 0, ");
+            sql.bind(Bind::I64(job.create_time)).push(")");
+        }
+        sql.query().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 /// The newest event id (0 when there is none).
 pub async fn max_event_id(conn: &mut AnyConnection) -> Result<i64> {
     let row = sqlx::query("SELECT CAST(MAX(id) AS BIGINT) FROM job_events")

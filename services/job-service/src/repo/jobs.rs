@@ -135,39 +135,61 @@ fn job_from_row(r: &AnyRow) -> Result<JobRecord> {
     })
 }
 
-pub async fn insert_job(conn: &mut AnyConnection, job: &JobRecord) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO jobs (id, owner, org, name, state, spec, priority, failure_cause, \
-         error_message, state_reason, create_time, update_time, correlation_id, \
-         pipeline_id, pipeline_stage) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-    )
-    .bind(job.id.to_string())
-    .bind(&job.owner)
-    .bind(&job.org)
-    .bind(&job.name)
-    .bind(job.state.as_str())
-    .bind(job.spec.encode_to_vec())
-    .bind(i64::from(job.spec.priority))
-    .bind(failure_cause_name(job.failure_cause as i32))
-    .bind(&job.error_message)
-    .bind(&job.state_reason)
-    .bind(job.create_time)
-    .bind(job.update_time)
-    .bind(&job.correlation_id)
-    .bind(&job.pipeline_id)
-    .bind(&job.pipeline_stage)
-    .execute(&mut *conn)
-    .await?;
-    let mut labels: Vec<_> = job.spec.labels.iter().collect();
-    labels.sort();
-    for (k, v) in labels {
-        sqlx::query("INSERT INTO job_labels (job_id, label_key, label_value) VALUES ($1, $2, $3)")
-            .bind(job.id.to_string())
-            .bind(k)
-            .bind(v)
-            .execute(&mut *conn)
-            .await?;
+/// Rows per multi-row INSERT: keeps the bind count (15 per job, 3 per
+/// label) far below SQLite's and PostgreSQL's limits.
+const ROWS_PER_INSERT: usize = 200;
+
+/// Inserts new jobs and their labels, a few statements for all of them.
+/// Each is stored with `event_sequence = 1`: its `created` event must be
+/// added in the same transaction with [`super::append_created_events`].
+pub async fn insert_jobs(conn: &mut AnyConnection, jobs: &[&JobRecord]) -> Result<()> {
+    for chunk in jobs.chunks(ROWS_PER_INSERT) {
+        let mut sql = Sql::new(
+            "INSERT INTO jobs (id, owner, org, name, state, spec, priority, failure_cause, \
+             error_message, state_reason, create_time, update_time, correlation_id, \
+             pipeline_id, pipeline_stage, event_sequence) VALUES ",
+        );
+        for (i, job) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::Text(job.id.to_string())).push(", ");
+            sql.bind(Bind::Text(job.owner.clone())).push(", ");
+            sql.bind(Bind::Text(job.org.clone())).push(", ");
+            sql.bind(Bind::Text(job.name.clone())).push(", ");
+            sql.bind(Bind::Text(job.state.as_str().to_owned()))
+                .push(", ");
+            sql.bind(Bind::Bytes(job.spec.encode_to_vec())).push(", ");
+            sql.bind(Bind::I64(i64::from(job.spec.priority))).push(", ");
+            sql.bind(Bind::Text(
+                failure_cause_name(job.failure_cause as i32).to_owned(),
+            ))
+            .push(", ");
+            sql.bind(Bind::Text(job.error_message.clone())).push(", ");
+            sql.bind(Bind::Text(job.state_reason.clone())).push(", ");
+            sql.bind(Bind::I64(job.create_time)).push(", ");
+            sql.bind(Bind::I64(job.update_time)).push(", ");
+            sql.bind(Bind::Text(job.correlation_id.clone())).push(", ");
+            sql.bind(Bind::Text(job.pipeline_id.clone())).push(", ");
+            sql.bind(Bind::Text(job.pipeline_stage.clone()))
+                .push(", 1)");
+        }
+        sql.query().execute(&mut *conn).await?;
+    }
+    let mut labels: Vec<(String, &String, &String)> = Vec::new();
+    for job in jobs {
+        let id = job.id.to_string();
+        let mut own: Vec<_> = job.spec.labels.iter().collect();
+        own.sort();
+        labels.extend(own.into_iter().map(|(k, v)| (id.clone(), k, v)));
+    }
+    for chunk in labels.chunks(ROWS_PER_INSERT * 5) {
+        let mut sql = Sql::new("INSERT INTO job_labels (job_id, label_key, label_value) VALUES ");
+        for (i, (id, k, v)) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::Text(id.clone())).push(", ");
+            sql.bind(Bind::Text((*k).clone())).push(", ");
+            sql.bind(Bind::Text((*v).clone())).push(")");
+        }
+        sql.query().execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -412,24 +434,148 @@ pub async fn find_idempotent(
     }
 }
 
-/// Claims (owner, key) for `job`; false when another job holds it (the
-/// insert then waits for, or conflicts with, that job's transaction).
-pub async fn claim_idempotency(
+/// Claims (owner, key) for each job, in one statement; returns the jobs
+/// that got theirs (another job may hold a key already, possibly in an
+/// uncommitted transaction, which the insert then waits for). When two
+/// jobs of the list share one, the first gets it.
+pub async fn claim_idempotency_many(
     conn: &mut AnyConnection,
-    owner: &str,
-    key: &str,
-    job: JobId,
-    now: i64,
-) -> Result<bool> {
-    let row = sqlx::query(
-        "INSERT INTO idempotency (owner, idem_key, job_id, create_time) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (owner, idem_key) DO NOTHING RETURNING job_id",
-    )
-    .bind(owner)
-    .bind(key)
-    .bind(job.to_string())
-    .bind(now)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row.is_some())
+    claims: &[(&str, &str, JobId, i64)],
+) -> Result<std::collections::HashSet<JobId>> {
+    let mut won = std::collections::HashSet::new();
+    for chunk in claims.chunks(ROWS_PER_INSERT) {
+        let mut sql =
+            Sql::new("INSERT INTO idempotency (owner, idem_key, job_id, create_time) VALUES ");
+        for (i, (owner, key, job, now)) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::Text((*owner).to_owned())).push(", ");
+            sql.bind(Bind::Text((*key).to_owned())).push(", ");
+            sql.bind(Bind::Text(job.to_string())).push(", ");
+            sql.bind(Bind::I64(*now)).push(")");
+        }
+        sql.push(" ON CONFLICT (owner, idem_key) DO NOTHING RETURNING job_id");
+        for r in sql.query().fetch_all(&mut *conn).await? {
+            let id: String = r.try_get(0)?;
+            won.insert(
+                id.parse()
+                    .map_err(|_| Error::Corrupt(format!("idempotency job id `{id}`")))?,
+            );
+        }
+    }
+    Ok(won)
+}
+
+/// Gives up a claim made in this transaction (the job was refused).
+pub async fn release_idempotency(conn: &mut AnyConnection, owner: &str, key: &str) -> Result<()> {
+    sqlx::query("DELETE FROM idempotency WHERE owner = $1 AND idem_key = $2")
+        .bind(owner)
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// One outbox message to write with [`enqueue_outbox`].
+#[derive(Clone, Debug)]
+pub struct OutboxRow<'a> {
+    pub topic: &'a str,
+    pub key: String,
+    pub payload: &'a [u8],
+    pub correlation_id: &'a str,
+    pub traceparent: Option<&'a str>,
+}
+
+/// `trainmesh_common::outbox::enqueue` for many messages in one statement,
+/// with each one's trace context given explicitly: the group-commit writer
+/// inserts on behalf of requests whose task-local context it does not run
+/// in. Rows get ids in slice order (the relay delivers per key in id order).
+pub async fn enqueue_outbox(conn: &mut AnyConnection, rows: &[OutboxRow<'_>]) -> Result<()> {
+    let now = trainmesh_common::time::now_micros();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut sql = Sql::new(
+            "INSERT INTO outbox (topic, msg_key, payload, correlation_id, created_at, \
+             traceparent) VALUES ",
+        );
+        for (i, r) in chunk.iter().enumerate() {
+            sql.push(if i == 0 { "(" } else { ", (" });
+            sql.bind(Bind::Text(r.topic.to_owned())).push(", ");
+            sql.bind(Bind::Text(r.key.clone())).push(", ");
+            sql.bind(Bind::Bytes(r.payload.to_vec())).push(", ");
+            sql.bind(Bind::Text(r.correlation_id.to_owned())).push(", ");
+            sql.bind(Bind::I64(now)).push(", ");
+            sql.bind(Bind::OptText(r.traceparent.map(str::to_owned)))
+                .push(")");
+        }
+        sql.query().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Which not-yet-dispatched jobs to count against a queued-jobs limit.
+#[derive(Clone, Copy, Debug)]
+pub enum QueueScope<'a> {
+    Owner(&'a str),
+    Org(&'a str),
+    All,
+}
+
+/// States counted as queued: submitted and not yet given to a runner.
+const QUEUED_STATES: &str = "('PENDING', 'QUEUED', 'AWAITING_APPROVAL')";
+
+/// Namespace of the advisory locks that serialise submissions per scope
+/// (the two-key form, so it never collides with single-key locks).
+const QUEUE_LOCK_CLASS: i64 = 0x746d_7171; // "tmqq"
+
+impl QueueScope<'_> {
+    fn lock_key(&self) -> String {
+        match self {
+            QueueScope::Owner(o) => format!("user:{o}"),
+            QueueScope::Org(o) => format!("org:{o}"),
+            QueueScope::All => "global".into(),
+        }
+    }
+}
+
+/// On PostgreSQL, takes a transaction-scoped lock on `scope` so that
+/// concurrent submissions in it count and insert one after another. SQLite
+/// has a single writer, so its write transactions are serial already.
+/// Callers lock in the order All, Org, Owner (no deadlocks).
+pub async fn lock_queue_scope(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    scope: QueueScope<'_>,
+) -> Result<()> {
+    if backend == Backend::Postgres {
+        // `void` is not decodable by the Any driver: cast it.
+        sqlx::query(
+            "SELECT CAST(pg_advisory_xact_lock(CAST($1 AS INTEGER), hashtext($2)) AS TEXT)",
+        )
+        .bind(QUEUE_LOCK_CLASS)
+        .bind(scope.lock_key())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// How many jobs in `scope` are PENDING, QUEUED or AWAITING_APPROVAL.
+pub async fn count_queued(conn: &mut AnyConnection, scope: QueueScope<'_>) -> Result<i64> {
+    let mut sql =
+        format!("SELECT CAST(COUNT(*) AS BIGINT) FROM jobs WHERE state IN {QUEUED_STATES}");
+    let subject = match scope {
+        QueueScope::Owner(o) => {
+            sql.push_str(" AND owner = $1");
+            Some(o)
+        }
+        QueueScope::Org(o) => {
+            sql.push_str(" AND org = $1");
+            Some(o)
+        }
+        QueueScope::All => None,
+    };
+    let mut q = sqlx::query(&sql);
+    if let Some(s) = subject {
+        q = q.bind(s);
+    }
+    Ok(q.fetch_one(&mut *conn).await?.try_get(0)?)
 }

@@ -20,6 +20,8 @@ use sqlx::Any;
 pub(crate) enum Bind {
     I64(i64),
     Text(String),
+    OptText(Option<String>),
+    Bytes(Vec<u8>),
 }
 
 /// Builds `$n` placeholders in order for queries whose shape depends on
@@ -56,6 +58,8 @@ impl Sql {
             q = match b {
                 Bind::I64(v) => q.bind(*v),
                 Bind::Text(v) => q.bind(v.clone()),
+                Bind::OptText(v) => q.bind(v.clone()),
+                Bind::Bytes(v) => q.bind(v.clone()),
             };
         }
         q

@@ -410,3 +410,102 @@ async fn pipelines_are_unimplemented_for_now() {
         assert!(st.message().contains("later release"));
     }
 }
+
+#[tokio::test]
+async fn concurrent_creates_are_each_stored_with_labels_event_and_outbox_message() {
+    use std::collections::HashMap;
+    for db in all_dbs().await {
+        let app = App::start(&db).await;
+        let mut handles = Vec::new();
+        for i in 0..64 {
+            let mut c = if i % 2 == 0 {
+                app.alice()
+            } else {
+                app.jobs(app.tokens.bob)
+            };
+            handles.push(tokio::spawn(async move {
+                let mut s = spec(&format!("burst-{i}"));
+                s.labels.insert("n".into(), i.to_string());
+                s.labels.insert("team".into(), "ml".into());
+                c.create_job(pb::CreateJobRequest {
+                    spec: Some(s),
+                    idempotency_key: format!("burst-{i}"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .job
+                .unwrap()
+            }));
+        }
+        let mut acked = HashMap::new();
+        for h in handles {
+            let j = h.await.unwrap();
+            acked.insert(j.id.clone(), j);
+        }
+        assert_eq!(acked.len(), 64, "{}", app.label);
+        let mut admin = app.jobs(app.tokens.admin);
+        for (id, j) in &acked {
+            let n = &j.spec.as_ref().unwrap().labels["n"];
+            let found = list(
+                &mut admin,
+                pb::ListJobsRequest {
+                    label_selector: vec![format!("n={n}"), "team=ml".into()],
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let ids: Vec<_> = found.jobs.iter().map(|j| j.id.as_str()).collect();
+            assert_eq!(ids, [id.as_str()], "{}", app.label);
+        }
+        // One `created` event (sequence 1) per job, and later events follow on.
+        let mut stream = admin
+            .watch_jobs(pb::WatchJobsRequest {
+                from_start: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut created = 0;
+        while created < 64 {
+            let msg = tokio::time::timeout(WAIT, stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(pb::watch_jobs_response::Kind::Event(e)) = msg.kind {
+                assert_eq!((e.r#type.as_str(), e.sequence), ("created", 1));
+                assert!(acked.contains_key(&e.job_id));
+                created += 1;
+            }
+        }
+        let some = acked.keys().next().unwrap();
+        apply(&app, update(some, pb::JobState::Queued, 1))
+            .await
+            .unwrap();
+        let msg = loop {
+            let msg = tokio::time::timeout(WAIT, stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            if let Some(pb::watch_jobs_response::Kind::Event(e)) = msg.kind {
+                break e;
+            }
+        };
+        assert_eq!((msg.job_id.as_str(), msg.sequence), (some.as_str(), 2));
+        // Every job has its enqueue message waiting for the scheduler.
+        let db = trainmesh_common::db::connect(&db.url, trainmesh_common::db::Durability::Full)
+            .await
+            .unwrap();
+        let row: (i64,) = sqlx::query_as(
+            "SELECT CAST(COUNT(DISTINCT msg_key) AS BIGINT) FROM outbox WHERE topic = 'enqueue'",
+        )
+        .fetch_one(&db.read)
+        .await
+        .unwrap();
+        assert_eq!(row.0, 64, "{}", app.label);
+    }
+}

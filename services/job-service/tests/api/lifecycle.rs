@@ -458,3 +458,58 @@ async fn attached_diagnosis_is_shown_on_the_job() {
         assert_code(res, Code::NotFound);
     }
 }
+
+#[tokio::test]
+async fn concurrent_updates_apply_independently_and_refusals_stay_alone() {
+    for db in all_dbs().await {
+        let app = App::start(&db).await;
+        let mut jobs = Vec::new();
+        for i in 0..24 {
+            jobs.push(create(&mut app.alice(), spec(&format!("c-{i}"))).await.id);
+        }
+        // Many updates at once: legal ones for every job, and for every
+        // third job also an illegal one (PENDING cannot become RUNNING).
+        let mut tasks = Vec::new();
+        for (i, id) in jobs.iter().enumerate() {
+            let mut client = app.internal();
+            let job = id.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut u = update(&job, Queued, 1);
+                u.reason = format!("queued {i}");
+                client.update_job_status(u).await.map(|_| ())
+            }));
+            if i % 3 == 0 {
+                let mut client = app.internal();
+                let job = id.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut r = update(&job, Succeeded, 9);
+                    r.attempt = 1;
+                    client.update_job_status(r).await.map(|_| ())
+                }));
+            }
+        }
+        let (mut ok, mut refused) = (0, 0);
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(()) => ok += 1,
+                Err(s) => {
+                    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((ok, refused), (24, 8), "{}", app.label);
+        for (i, id) in jobs.iter().enumerate() {
+            let j = get(&mut app.alice(), id).await.unwrap();
+            assert_eq!(state(&j), Queued, "{}", app.label);
+            assert_eq!(j.state_reason, format!("queued {i}"));
+            assert!(j.attempts.is_empty());
+        }
+        // The next legal step still applies to each.
+        for id in &jobs {
+            let mut s = update(id, Scheduled, 2);
+            s.attempt = 1;
+            apply(&app, s).await.unwrap();
+        }
+    }
+}

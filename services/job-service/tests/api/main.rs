@@ -2,8 +2,10 @@
 //! with the test tokens, on SQLite and (when TRAINMESH_TEST_POSTGRES_URL is
 //! set) PostgreSQL.
 
+mod approvals;
 mod create;
 mod lifecycle;
+mod limits;
 mod outbox;
 mod support;
 mod validation;
