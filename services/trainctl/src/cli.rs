@@ -106,8 +106,22 @@ pub enum Command {
     Metrics(MetricsArgs),
     /// Diagnose a job: Healthy / Error / Analysis / Solution, with evidence.
     Diagnose(DiagnoseArgs),
-    /// Show the scheduler's queue.
+    /// Show the scheduler's queue (position, reason, estimated wait);
+    /// `queue hold`, `queue release` and `queue stats` manage it.
     Queue(QueueArgs),
+    /// Why a job is not running: every blocking cause, the limit or rule
+    /// behind it, and what would unblock it.
+    Explain(JobArg),
+    /// Approve a job awaiting approval (role approver or admin).
+    Approve(DecideArgs),
+    /// Reject a job awaiting approval (role approver or admin); the job is
+    /// cancelled.
+    Reject(DecideArgs),
+    /// List approvals (approvers see all; others see their own jobs').
+    Approvals(ApprovalsArgs),
+    /// Show limits and, with --user/--org, the effective ones; `limits set`
+    /// changes them (admin).
+    Limits(LimitsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -234,7 +248,10 @@ pub struct DiagnoseArgs {
 }
 
 #[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct QueueArgs {
+    #[command(subcommand)]
+    pub action: Option<QueueAction>,
     /// Only this user's entries.
     #[arg(long)]
     pub owner: Option<String>,
@@ -244,6 +261,129 @@ pub struct QueueArgs {
     /// Continue from a previous listing's next page token.
     #[arg(long)]
     pub page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum QueueAction {
+    /// Stop dispatching (admin): waiting jobs show the reason HELD.
+    Hold(HoldArgs),
+    /// Resume dispatching (admin).
+    Release,
+    /// Queue depth, running jobs, per-user counts, average wait, GPUs.
+    Stats,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct HoldArgs {
+    /// Why (shown to users whose jobs wait).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DecideArgs {
+    /// Job id.
+    pub job: String,
+    /// A note kept with the decision and shown in the job's reason.
+    #[arg(long)]
+    pub note: Option<String>,
+}
+
+/// Which approvals to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ApprovalFilter {
+    Pending,
+    Approved,
+    Rejected,
+    Expired,
+    All,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ApprovalsArgs {
+    /// Only approvals in this state.
+    #[arg(long, value_enum, default_value_t = ApprovalFilter::Pending)]
+    pub state: ApprovalFilter,
+    /// Page size.
+    #[arg(long)]
+    pub limit: Option<u32>,
+    /// Continue from a previous listing's next page token.
+    #[arg(long)]
+    pub page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct LimitsArgs {
+    #[command(subcommand)]
+    pub action: Option<LimitsAction>,
+    /// Also show the effective limits of this user (and which scope binds).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The user's org, for the org's ceiling.
+    #[arg(long)]
+    pub org: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum LimitsAction {
+    /// Set the limits of one scope (admin). Limits not named keep their
+    /// current value; `none` removes one. Example:
+    /// `trainctl limits set --scope user --subject alice --max-running 4 --max-gpus none`
+    Set(SetLimitsArgs),
+}
+
+/// The scope a limit applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    User,
+    Org,
+    Global,
+    /// The default of every user without a limit of their own.
+    UserDefault,
+}
+
+/// One limit value on the command line: a number, or `none` to remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitValue {
+    Set(i32),
+    Clear,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetLimitsArgs {
+    /// Which scope.
+    #[arg(long, value_enum)]
+    pub scope: ScopeArg,
+    /// The user (scope user) or org (scope org); not allowed otherwise.
+    #[arg(long)]
+    pub subject: Option<String>,
+    /// Running jobs (SCHEDULED or RUNNING) at once, or `none`.
+    #[arg(long, value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_running: Option<LimitValue>,
+    /// GPUs in use at once, or `none`.
+    #[arg(long, value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_gpus: Option<LimitValue>,
+    /// Submitted jobs not yet running (refused at submit beyond it), or `none`.
+    #[arg(long, value_parser = parse_limit, allow_negative_numbers = true)]
+    pub max_queued: Option<LimitValue>,
+}
+
+/// `4` → a limit of 4; `none` (or `unlimited`) → no limit.
+pub fn parse_limit(s: &str) -> Result<LimitValue, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("none") || t.eq_ignore_ascii_case("unlimited") {
+        return Ok(LimitValue::Clear);
+    }
+    match t.parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!(
+            "`{s}` is negative; a limit is 0 or more, or `none`"
+        )),
+        Ok(n) => i32::try_from(n)
+            .map(LimitValue::Set)
+            .map_err(|_| format!("`{s}` is too large")),
+        Err(_) => Err(format!("`{s}` is not a number or `none`")),
+    }
 }
 
 fn parse_state(s: &str) -> Result<i32, String> {
@@ -297,6 +437,112 @@ mod tests {
     fn bad_state_and_label_are_refused_by_the_parser() {
         assert!(Cli::try_parse_from(["trainctl", "list", "--state", "done"]).is_err());
         assert!(Cli::try_parse_from(["trainctl", "list", "--label", "team"]).is_err());
+    }
+
+    #[test]
+    fn queue_has_subcommands_and_still_lists_without_one() {
+        let cli = Cli::try_parse_from(["trainctl", "queue", "--owner", "bob"]).unwrap();
+        let Command::Queue(q) = cli.command else {
+            panic!("expected queue");
+        };
+        assert!(q.action.is_none());
+        assert_eq!(q.owner.as_deref(), Some("bob"));
+        let cli =
+            Cli::try_parse_from(["trainctl", "queue", "hold", "--reason", "upgrade"]).unwrap();
+        let Command::Queue(QueueArgs {
+            action: Some(QueueAction::Hold(h)),
+            ..
+        }) = cli.command
+        else {
+            panic!("expected queue hold");
+        };
+        assert_eq!(h.reason.as_deref(), Some("upgrade"));
+        for sub in ["release", "stats"] {
+            let cli = Cli::try_parse_from(["trainctl", "queue", sub, "-o", "json"]).unwrap();
+            assert!(matches!(
+                cli.command,
+                Command::Queue(QueueArgs {
+                    action: Some(_),
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn approvals_default_to_pending() {
+        let cli = Cli::try_parse_from(["trainctl", "approvals"]).unwrap();
+        let Command::Approvals(a) = cli.command else {
+            panic!("expected approvals");
+        };
+        assert_eq!(a.state, ApprovalFilter::Pending);
+        let cli = Cli::try_parse_from(["trainctl", "approvals", "--state", "all"]).unwrap();
+        let Command::Approvals(a) = cli.command else {
+            panic!("expected approvals");
+        };
+        assert_eq!(a.state, ApprovalFilter::All);
+        assert!(Cli::try_parse_from(["trainctl", "approvals", "--state", "done"]).is_err());
+    }
+
+    #[test]
+    fn approve_and_reject_take_a_job_and_a_note() {
+        let cli =
+            Cli::try_parse_from(["trainctl", "reject", "job-1", "--note", "too big"]).unwrap();
+        let Command::Reject(d) = cli.command else {
+            panic!("expected reject");
+        };
+        assert_eq!(
+            (d.job.as_str(), d.note.as_deref()),
+            ("job-1", Some("too big"))
+        );
+        assert!(Cli::try_parse_from(["trainctl", "approve"]).is_err());
+    }
+
+    #[test]
+    fn limits_set_parses_numbers_and_none() {
+        let cli = Cli::try_parse_from([
+            "trainctl",
+            "limits",
+            "set",
+            "--scope",
+            "user-default",
+            "--max-running",
+            "2",
+            "--max-gpus",
+            "none",
+        ])
+        .unwrap();
+        let Command::Limits(LimitsArgs {
+            action: Some(LimitsAction::Set(s)),
+            ..
+        }) = cli.command
+        else {
+            panic!("expected limits set");
+        };
+        assert_eq!(s.scope, ScopeArg::UserDefault);
+        assert_eq!(s.max_running, Some(LimitValue::Set(2)));
+        assert_eq!(s.max_gpus, Some(LimitValue::Clear));
+        assert_eq!(s.max_queued, None);
+        let neg = Cli::try_parse_from([
+            "trainctl",
+            "limits",
+            "set",
+            "--scope",
+            "global",
+            "--max-queued",
+            "-1",
+        ]);
+        assert!(neg.unwrap_err().to_string().contains("negative"));
+        assert!(parse_limit("-1").unwrap_err().contains("negative"));
+        assert!(parse_limit("x").is_err());
+        assert!(parse_limit("99999999999").is_err());
+        assert_eq!(parse_limit("Unlimited"), Ok(LimitValue::Clear));
+        let show = Cli::try_parse_from(["trainctl", "limits", "--user", "alice"]).unwrap();
+        let Command::Limits(l) = show.command else {
+            panic!("expected limits");
+        };
+        assert!(l.action.is_none());
+        assert_eq!(l.user.as_deref(), Some("alice"));
     }
 
     #[test]

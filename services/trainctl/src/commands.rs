@@ -9,11 +9,9 @@ use tonic::Code;
 use trainmesh_common::proto::diagnosis::v1 as diag;
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::proto::metrics::v1 as metrics;
-use trainmesh_common::proto::scheduler::v1 as sched;
 
 use crate::cli::{
-    CancelArgs, DiagnoseArgs, JobArg, ListArgs, LogsArgs, MetricsArgs, QueueArgs, SubmitArgs,
-    WatchArgs,
+    CancelArgs, DiagnoseArgs, JobArg, ListArgs, LogsArgs, MetricsArgs, SubmitArgs, WatchArgs,
 };
 use crate::context::{print, print_json, print_json_line, Context, Service};
 use crate::{json, output, spec};
@@ -22,11 +20,11 @@ use crate::{json, output, spec};
 /// giving up.
 const MAX_RECONNECTS: u32 = 30;
 
-fn now_secs() -> i64 {
+pub(crate) fn now_secs() -> i64 {
     trainmesh_common::time::now_micros() / 1_000_000
 }
 
-fn clamp_i32(v: Option<u32>) -> i32 {
+pub(crate) fn clamp_i32(v: Option<u32>) -> i32 {
     v.map(|v| i32::try_from(v).unwrap_or(i32::MAX))
         .unwrap_or_default()
 }
@@ -365,39 +363,6 @@ pub async fn diagnose(ctx: &Context, args: &DiagnoseArgs) -> anyhow::Result<u8> 
         print_json(&json::diagnosis(&d))?;
     } else {
         print(&output::diagnosis(&d))?;
-    }
-    Ok(0)
-}
-
-pub async fn queue(ctx: &Context, args: &QueueArgs) -> anyhow::Result<u8> {
-    let resp = ctx
-        .scheduler()?
-        .get_queue(sched::GetQueueRequest {
-            owner: args.owner.clone().unwrap_or_default(),
-            page_size: clamp_i32(args.limit),
-            page_token: args.page_token.clone().unwrap_or_default(),
-        })
-        .await
-        .map_err(ctx.err(Service::Scheduler))?
-        .into_inner();
-    if ctx.json() {
-        print_json(&json!({
-            "entries": resp.entries.iter().map(json::queue_entry).collect::<Vec<_>>(),
-            "next_page_token": resp.next_page_token,
-            "held": resp.held,
-        }))?;
-        return Ok(0);
-    }
-    if resp.held {
-        eprintln!("the queue is held: nothing new is dispatched until it is released");
-    }
-    if resp.entries.is_empty() {
-        eprintln!("the queue is empty");
-    } else {
-        print(&output::queue_table(&resp.entries, now_secs()))?;
-    }
-    if !resp.next_page_token.is_empty() {
-        eprintln!("more entries: add --page-token {}", resp.next_page_token);
     }
     Ok(0)
 }

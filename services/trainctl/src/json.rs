@@ -252,6 +252,95 @@ pub fn queue_entry(q: &sched::QueueEntry) -> Value {
     })
 }
 
+fn limit_scope(v: i32) -> Value {
+    enum_value(
+        sched::LimitScope::try_from(v).ok().map(|e| e.as_str_name()),
+        v,
+    )
+}
+
+fn approval_state(v: i32) -> Value {
+    enum_value(
+        sched::ApprovalState::try_from(v)
+            .ok()
+            .map(|e| e.as_str_name()),
+        v,
+    )
+}
+
+/// An unset limit is `null` (no limit at this scope).
+pub fn limits(l: &sched::Limits) -> Value {
+    json!({
+        "scope": limit_scope(l.scope),
+        "subject": l.subject,
+        "max_running_jobs": l.max_running_jobs,
+        "max_gpus": l.max_gpus,
+        "max_queued_jobs": l.max_queued_jobs,
+    })
+}
+
+pub fn get_limits(r: &sched::GetLimitsResponse) -> Value {
+    json!({
+        "limits": r.limits.iter().map(limits).collect::<Vec<_>>(),
+        "effective": r.effective.iter().map(|e| json!({
+            "name": e.name,
+            "value": e.value,
+            "binding_scope": limit_scope(e.binding_scope),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn explanation(e: &sched::ExplainJobResponse) -> Value {
+    json!({
+        "job_id": e.job_id,
+        "state": job_state(e.state),
+        "causes": e.causes.iter().map(|c| json!({
+            "reason": pending_reason(c.reason),
+            "detail": c.detail,
+            "unblock": c.unblock,
+            "scope": limit_scope(c.scope),
+            "limit": c.limit,
+            "current": c.current,
+        })).collect::<Vec<_>>(),
+        "position": e.position,
+        "estimated_wait": duration(e.estimated_wait.as_ref()),
+        "summary": e.summary,
+    })
+}
+
+pub fn approval(a: &sched::Approval) -> Value {
+    json!({
+        "job_id": a.job_id,
+        "owner": a.owner,
+        "state": approval_state(a.state),
+        "rule": a.rule,
+        "decided_by": a.decided_by,
+        "note": a.note,
+        "create_time": timestamp(a.create_time.as_ref()),
+        "expire_time": timestamp(a.expire_time.as_ref()),
+        "decide_time": timestamp(a.decide_time.as_ref()),
+    })
+}
+
+pub fn queue_stats(s: &sched::GetQueueStatsResponse) -> Value {
+    json!({
+        "queued": s.queued,
+        "running": s.running,
+        "awaiting_approval": s.awaiting_approval,
+        "by_user": s.by_user.iter().map(|u| json!({
+            "owner": u.owner,
+            "queued": u.queued,
+            "running": u.running,
+            "gpus_in_use": u.gpus_in_use,
+        })).collect::<Vec<_>>(),
+        "average_wait": duration(s.average_wait.as_ref()),
+        "runners": s.runners,
+        "gpus_total": s.gpus_total,
+        "gpus_in_use": s.gpus_in_use,
+        "held": s.held,
+    })
+}
+
 fn evidence(e: &diag::Evidence) -> Value {
     json!({ "source": e.source, "line_number": e.line_number, "text": e.text })
 }
@@ -376,5 +465,59 @@ mod tests {
         assert_eq!(v["attempts"][0]["exit_code"], json!(1));
         assert_eq!(v["attempts"][0]["state"], json!("ATTEMPT_STATE_FAILED"));
         assert_eq!(v["create_time"], Value::Null);
+    }
+
+    #[test]
+    fn limits_and_explanations_use_proto_names_and_null_for_no_limit() {
+        let l = sched::Limits {
+            scope: sched::LimitScope::User as i32,
+            subject: "alice".into(),
+            max_running_jobs: Some(4),
+            ..Default::default()
+        };
+        assert_eq!(
+            limits(&l),
+            json!({
+                "scope": "LIMIT_SCOPE_USER",
+                "subject": "alice",
+                "max_running_jobs": 4,
+                "max_gpus": null,
+                "max_queued_jobs": null,
+            })
+        );
+        let e = sched::ExplainJobResponse {
+            job_id: "j".into(),
+            state: pb::JobState::AwaitingApproval as i32,
+            causes: vec![sched::BlockingCause {
+                reason: sched::PendingReason::AwaitingApproval as i32,
+                detail: "rule `big-gpu-jobs`".into(),
+                unblock: "an approver (role approver) runs `trainctl approve j`".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v = explanation(&e);
+        assert_eq!(v["state"], "JOB_STATE_AWAITING_APPROVAL");
+        assert_eq!(v["causes"][0]["reason"], "PENDING_REASON_AWAITING_APPROVAL");
+        assert_eq!(v["causes"][0]["scope"], "LIMIT_SCOPE_UNSPECIFIED");
+        assert_eq!(v["estimated_wait"], Value::Null);
+        let a = approval(&sched::Approval {
+            state: sched::ApprovalState::Expired as i32,
+            ..Default::default()
+        });
+        assert_eq!(a["state"], "APPROVAL_STATE_EXPIRED");
+        assert_eq!(a["decide_time"], Value::Null);
+        let st = queue_stats(&sched::GetQueueStatsResponse {
+            held: true,
+            average_wait: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(
+            (st["held"].clone(), st["average_wait"].clone()),
+            (json!(true), json!("30s"))
+        );
     }
 }

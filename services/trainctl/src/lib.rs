@@ -2,7 +2,8 @@
 //! `trainctl up` to run the whole mesh on this machine.
 //!
 //! - [`cli`]: flags and subcommands (clap);
-//! - [`commands`]: one function per client command;
+//! - [`commands`]: one function per client command ([`scheduling`]: the
+//!   queue, explanations, approvals and limits);
 //! - [`up`]: `trainctl up`, the local mesh as supervised child processes;
 //! - [`spec`]: job spec YAML → `JobSpec`;
 //! - [`output`] and [`json`]: tables and `-o json`.
@@ -12,6 +13,7 @@ pub mod commands;
 pub mod context;
 pub mod json;
 pub mod output;
+pub mod scheduling;
 pub mod spec;
 pub mod up;
 
@@ -56,6 +58,11 @@ async fn dispatch(ctx: &Context, command: &Command) -> anyhow::Result<u8> {
         Command::Watch(a) => commands::watch(ctx, a).await,
         Command::Metrics(a) => commands::metrics(ctx, a).await,
         Command::Diagnose(a) => commands::diagnose(ctx, a).await,
-        Command::Queue(a) => commands::queue(ctx, a).await,
+        Command::Queue(a) => scheduling::queue(ctx, a).await,
+        Command::Explain(a) => scheduling::explain(ctx, a).await,
+        Command::Approve(a) => scheduling::approve(ctx, a).await,
+        Command::Reject(a) => scheduling::reject(ctx, a).await,
+        Command::Approvals(a) => scheduling::approvals(ctx, a).await,
+        Command::Limits(a) => scheduling::limits(ctx, a).await,
     }
 }

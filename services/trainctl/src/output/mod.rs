@@ -8,6 +8,9 @@ use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::proto::metrics::v1 as metrics;
 use trainmesh_common::proto::scheduler::v1 as sched;
 
+mod scheduling;
+pub use scheduling::*;
+
 /// How many lines of a job's `error_message` `get` shows.
 const ERROR_LINES: usize = 12;
 
