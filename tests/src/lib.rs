@@ -4,6 +4,18 @@
 //!
 //! Services find each other through `--addr-file` / `file:` endpoints, so no
 //! port is ever fixed.
+//!
+//! Beyond one plain mesh it can: move the scheduler's clock
+//! ([`MeshOptions::controllable_clock`], [`Mesh::advance_clock`]), put
+//! job-service and the scheduler on PostgreSQL ([`MeshOptions::postgres`]),
+//! start a second scheduler replica on the same database
+//! ([`MeshOptions::scheduler_replicas`]), give the scheduler approval rules,
+//! start more runners and SIGKILL one ([`Mesh::start_runner`],
+//! [`Mesh::kill`]). [`fake_runner`] speaks RunnerService from the test
+//! itself; [`jobs`] has helpers to submit jobs and wait on their state.
+
+pub mod fake_runner;
+pub mod jobs;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,10 +25,11 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use trainmesh_common::auth::{Role, TokensFile};
 use trainmesh_common::client::{channel, Channel};
-use trainmesh_common::testing::wait_for;
+use trainmesh_common::testing::{wait_for, TestDb};
 use trainmesh_proto::diagnosis::v1::diagnosis_service_client::DiagnosisServiceClient;
 use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::metrics::v1::metrics_service_client::MetricsServiceClient;
+use trainmesh_proto::runner::v1::runner_service_client::RunnerServiceClient;
 use trainmesh_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 
 pub const SERVICES: [&str; 4] = [
@@ -26,10 +39,28 @@ pub const SERVICES: [&str; 4] = [
     "diagnosis-service",
 ];
 
+/// Set to keep each mesh's directory (logs, databases, addresses) after
+/// the test, for debugging; its path is printed to stderr.
+pub const KEEP_ENV: &str = "TRAINMESH_TEST_KEEP_DIR";
+
+/// Instance name of the second scheduler replica.
+pub const SCHEDULER_2: &str = "scheduler-service-2";
+
 pub const ADMIN_TOKEN: &str = "tm_test_admin";
 pub const SERVICE_TOKEN: &str = "tm_test_service";
 pub const ALICE_TOKEN: &str = "tm_test_alice";
 pub const BOB_TOKEN: &str = "tm_test_bob";
+/// carol: a user with the `approver` role.
+pub const APPROVER_TOKEN: &str = "tm_test_carol";
+
+/// Plain users (role `user`, org `ml`), each with the token
+/// [`user_token`]`(name)`.
+pub const USERS: [&str; 5] = ["alice", "bob", "dave", "erin", "frank"];
+
+/// The token of one of [`USERS`] (or `carol`).
+pub fn user_token(user: &str) -> String {
+    format!("tm_test_{user}")
+}
 
 /// The workspace root (where `examples/` lives).
 pub fn workspace_root() -> PathBuf {
@@ -39,9 +70,20 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The packages whose binaries the mesh runs.
+pub const BINARY_PACKAGES: [&str; 5] = [
+    "job-service",
+    "scheduler-service",
+    "metrics-service",
+    "diagnosis-service",
+    "runner",
+];
+
 /// Directory holding the workspace's binaries, built once per test process.
 /// `cargo nextest run` builds test targets only, so the harness asks cargo
-/// for the binaries (a no-op when `.ci/run` already built them).
+/// for the binaries (a no-op when `.ci/run` already built them). Only the
+/// packages the mesh runs are built, so a broken tool elsewhere in the
+/// workspace (bench, trainctl) does not stop these tests.
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -52,32 +94,66 @@ pub fn bin_dir() -> &'static Path {
             .and_then(Path::parent)
             .expect("target dir")
             .to_path_buf();
+        let mut args = vec!["build", "--bins", "--quiet"];
+        for p in BINARY_PACKAGES {
+            args.extend(["-p", p]);
+        }
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--workspace", "--bins", "--quiet"])
+            .args(&args)
             .current_dir(workspace_root())
             .status()
             .expect("run cargo build for the service binaries");
-        assert!(status.success(), "cargo build --workspace --bins failed");
+        assert!(status.success(), "cargo {} failed", args.join(" "));
         dir
     })
 }
 
-/// One running mesh: four services and a runner.
+/// One running mesh: four services (optionally two schedulers) and runners.
 pub struct Mesh {
     pub dir: tempfile::TempDir,
+    /// (instance name, process); the instance name is the binary's name
+    /// except for extra runners and the second scheduler.
     children: Vec<(String, Child)>,
     /// A dataset root with a symlink that escapes it, for validation tests.
     pub data_root: PathBuf,
+    opts: MeshOptions,
+    /// Kept so that PostgreSQL databases outlive the processes using them.
+    _dbs: Vec<TestDb>,
 }
 
 #[derive(Default, Clone)]
 pub struct MeshOptions {
-    /// Start no runner (jobs stay queued).
+    /// Start no runner (jobs stay queued until [`Mesh::start_runner`]).
     pub no_runner: bool,
-    /// Extra arguments per binary.
+    /// Extra arguments per binary (every instance of it).
     pub extra_args: Vec<(String, Vec<String>)>,
-    /// Extra environment per binary.
+    /// Extra environment per binary (every instance of it); wins over the
+    /// harness's own settings.
     pub extra_env: Vec<(String, Vec<(String, String)>)>,
+    /// Start the scheduler(s) with `--clock-offset-file`, so that
+    /// [`Mesh::advance_clock`] moves their "now".
+    pub controllable_clock: bool,
+    /// Approval rules (YAML) written to a file and passed to the scheduler
+    /// with `--approval-rules`.
+    pub approval_rules: Option<String>,
+    /// job-service and the scheduler(s) on fresh PostgreSQL databases from
+    /// `TRAINMESH_TEST_POSTGRES_URL` (panics when it is unset).
+    pub postgres: bool,
+    /// Scheduler processes on the same database: 0 or 1 → one; 2 → also
+    /// [`SCHEDULER_2`] (needs `postgres`). job-service and the default
+    /// runner talk to the first.
+    pub scheduler_replicas: usize,
+}
+
+impl MeshOptions {
+    /// Adds arguments for every instance of `binary`.
+    pub fn arg(mut self, binary: &str, args: &[&str]) -> Self {
+        self.extra_args.push((
+            binary.to_string(),
+            args.iter().map(|s| s.to_string()).collect(),
+        ));
+        self
+    }
 }
 
 impl Mesh {
@@ -87,7 +163,17 @@ impl Mesh {
 
     pub async fn start_with(opts: MeshOptions) -> Mesh {
         let bins = bin_dir().to_path_buf();
-        let dir = tempfile::tempdir().expect("tempdir");
+        let mut dir = tempfile::Builder::new()
+            .prefix("trainmesh-mesh-")
+            .tempdir()
+            .expect("tempdir");
+        if std::env::var_os(KEEP_ENV).is_some() {
+            dir.disable_cleanup(true);
+            eprintln!(
+                "{KEEP_ENV}: mesh files are kept in {}",
+                dir.path().display()
+            );
+        }
         let root = dir.path().to_path_buf();
         std::fs::create_dir_all(root.join("logs")).expect("logs dir");
         std::fs::create_dir_all(root.join("run")).expect("run dir");
@@ -95,152 +181,292 @@ impl Mesh {
         std::fs::create_dir_all(data_root.join("ok")).expect("data root");
         std::os::unix::fs::symlink("/etc", data_root.join("escape")).expect("symlink");
 
-        TokensFile::default()
+        let mut tokens = TokensFile::default()
             .with(ADMIN_TOKEN, "admin", "ops", &[Role::Admin])
             .with(SERVICE_TOKEN, "trainmesh", "system", &[Role::Service])
-            .with(ALICE_TOKEN, "alice", "ml", &[Role::User])
-            .with(BOB_TOKEN, "bob", "ml", &[Role::User])
+            .with(APPROVER_TOKEN, "carol", "ml", &[Role::User, Role::Approver]);
+        for user in USERS {
+            tokens = tokens.with(&user_token(user), user, "ml", &[Role::User]);
+        }
+        assert_eq!(user_token("alice"), ALICE_TOKEN);
+        assert_eq!(user_token("bob"), BOB_TOKEN);
+        tokens
             .write(&root.join("tokens.yaml"))
             .expect("tokens file");
         std::fs::write(root.join("service.token"), SERVICE_TOKEN).expect("service token");
         std::fs::write(root.join("admin.token"), ADMIN_TOKEN).expect("admin token");
 
-        let addr = |name: &str| {
-            format!(
-                "file:{}",
-                root.join("run").join(format!("{name}.addr")).display()
-            )
-        };
+        let replicas = opts.scheduler_replicas.max(1);
+        assert!(replicas <= 2, "at most two scheduler replicas");
+        assert!(
+            replicas == 1 || opts.postgres,
+            "scheduler replicas share a PostgreSQL database: set `postgres`"
+        );
+        let mut dbs = Vec::new();
+        let mut job_db_url = None;
+        let mut scheduler_db_url = None;
+        if opts.postgres {
+            for slot in [&mut job_db_url, &mut scheduler_db_url] {
+                let db = trainmesh_common::testing::postgres_db()
+                    .await
+                    .expect("a PostgreSQL mesh needs TRAINMESH_TEST_POSTGRES_URL");
+                *slot = Some(db.url.clone());
+                dbs.push(db);
+            }
+        }
+
         let mut mesh = Mesh {
             dir,
             children: Vec::new(),
             data_root: data_root.clone(),
+            opts: opts.clone(),
+            _dbs: dbs,
         };
-        let peers = [
-            "--job-endpoint".to_string(),
-            addr("job-service"),
-            "--scheduler-endpoint".into(),
-            addr("scheduler-service"),
-            "--metrics-endpoint".into(),
-            addr("metrics-service"),
-            "--diagnosis-endpoint".into(),
-            addr("diagnosis-service"),
+        let mut scheduler_extra = Vec::new();
+        if opts.controllable_clock {
+            scheduler_extra.extend([
+                "--clock-offset-file".to_string(),
+                mesh.clock_offset_path().display().to_string(),
+            ]);
+        }
+        if let Some(rules) = &opts.approval_rules {
+            let path = root.join("approval-rules.yaml");
+            std::fs::write(&path, rules).expect("approval rules file");
+            scheduler_extra.extend(["--approval-rules".to_string(), path.display().to_string()]);
+        }
+        if let Some(url) = &scheduler_db_url {
+            scheduler_extra.extend(["--database-url".to_string(), url.clone()]);
+        }
+
+        let mut instances: Vec<(&str, &str)> = vec![
+            ("job-service", "job-service"),
+            ("scheduler-service", "scheduler-service"),
         ];
-        for name in SERVICES {
+        if replicas == 2 {
+            instances.push((SCHEDULER_2, "scheduler-service"));
+        }
+        instances.push(("metrics-service", "metrics-service"));
+        instances.push(("diagnosis-service", "diagnosis-service"));
+
+        for (instance, binary) in &instances {
             let mut args = vec![
                 "--listen".to_string(),
                 "127.0.0.1:0".into(),
                 "--addr-file".into(),
-                root.join("run")
-                    .join(format!("{name}.addr"))
-                    .display()
-                    .to_string(),
+                mesh.addr_file(instance).display().to_string(),
             ];
             // Each service takes only the peers it talks to.
-            let wanted: &[&str] = match name {
+            let wanted: &[&str] = match *binary {
                 "job-service" => &["--scheduler-endpoint", "--diagnosis-endpoint"],
                 "scheduler-service" => &["--job-endpoint"],
                 "diagnosis-service" => &["--job-endpoint", "--metrics-endpoint"],
                 _ => &[],
             };
-            for pair in peers.chunks(2) {
-                if wanted.contains(&pair[0].as_str()) {
-                    args.extend(pair.iter().cloned());
+            for (flag, peer) in [
+                ("--job-endpoint", "job-service"),
+                ("--scheduler-endpoint", "scheduler-service"),
+                ("--metrics-endpoint", "metrics-service"),
+                ("--diagnosis-endpoint", "diagnosis-service"),
+            ] {
+                if wanted.contains(&flag) {
+                    args.extend([flag.to_string(), mesh.endpoint(peer)]);
                 }
             }
-            if name == "job-service" {
-                args.extend(["--data-root".into(), data_root.display().to_string()]);
+            match *binary {
+                "job-service" => {
+                    args.extend(["--data-root".into(), data_root.display().to_string()]);
+                    if let Some(url) = &job_db_url {
+                        args.extend(["--database-url".to_string(), url.clone()]);
+                    }
+                }
+                "scheduler-service" => args.extend(scheduler_extra.iter().cloned()),
+                _ => {}
             }
-            mesh.spawn(&bins, name, args, &opts);
+            mesh.spawn(&bins, instance, binary, args);
         }
-        for name in SERVICES {
-            mesh.wait_healthy(name).await;
+        for (instance, _) in &instances {
+            mesh.wait_healthy(instance).await;
         }
         if !opts.no_runner {
-            let args = vec![
-                "--scheduler-endpoint".to_string(),
-                addr("scheduler-service"),
-                "--job-endpoint".into(),
-                addr("job-service"),
-                "--metrics-endpoint".into(),
-                addr("metrics-service"),
-                "--work-dir".into(),
-                root.join("runner").display().to_string(),
-                "--name".into(),
-                "test-runner".into(),
-            ];
-            mesh.spawn(&bins, "runner", args, &opts);
+            mesh.spawn_runner("runner", "test-runner", "scheduler-service", &[]);
         }
         mesh
     }
 
-    fn spawn(&mut self, bins: &Path, name: &str, mut args: Vec<String>, opts: &MeshOptions) {
-        for (n, extra) in &opts.extra_args {
-            if n == name {
+    fn addr_file(&self, instance: &str) -> PathBuf {
+        self.dir.path().join("run").join(format!("{instance}.addr"))
+    }
+
+    /// `file:` endpoint of an instance, for peers' flags.
+    pub fn endpoint(&self, instance: &str) -> String {
+        format!("file:{}", self.addr_file(instance).display())
+    }
+
+    fn spawn(&mut self, bins: &Path, instance: &str, binary: &str, mut args: Vec<String>) {
+        for (n, extra) in &self.opts.extra_args {
+            if n == binary {
                 args.extend(extra.iter().cloned());
             }
         }
         let root = self.dir.path();
-        let mut cmd = Command::new(bins.join(name));
-        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
-        for (n, vars) in &opts.extra_env {
-            if n == name {
-                cmd.envs(vars.iter().map(|(k, v)| (k, v)));
-            }
-        }
-        let child = cmd
+        let mut cmd = Command::new(bins.join(binary));
+        cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .args(&args)
             .current_dir(workspace_root())
             .env("TRAINMESH_DATA_DIR", root)
             .env("TRAINMESH_LOG_FORMAT", "json")
             .env("TRAINMESH_LOG_LEVEL", "info")
-            .env("TRAINMESH_LOG_FILE", self.log_path(name))
+            .env("TRAINMESH_LOG_FILE", self.log_path(instance));
+        for (n, vars) in &self.opts.extra_env {
+            if n == binary {
+                cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+            }
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
-                std::fs::File::create(root.join("logs").join(format!("{name}.stderr")))
+                std::fs::File::create(root.join("logs").join(format!("{instance}.stderr")))
                     .expect("stderr file"),
             ))
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
-        self.children.push((name.to_string(), child));
+            .unwrap_or_else(|e| panic!("start {instance}: {e}"));
+        self.children.push((instance.to_string(), child));
     }
 
-    pub fn log_path(&self, name: &str) -> PathBuf {
-        self.dir.path().join("logs").join(format!("{name}.log"))
+    fn spawn_runner(&mut self, instance: &str, name: &str, scheduler: &str, extra: &[&str]) {
+        let mut args = vec![
+            "--scheduler-endpoint".to_string(),
+            self.endpoint(scheduler),
+            "--job-endpoint".into(),
+            self.endpoint("job-service"),
+            "--metrics-endpoint".into(),
+            self.endpoint("metrics-service"),
+            "--work-dir".into(),
+            self.runner_work_dir(instance).display().to_string(),
+            "--name".into(),
+            name.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(bin_dir(), instance, "runner", args);
     }
 
-    pub fn log_text(&self, name: &str) -> String {
-        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    /// Starts one more runner process (instance and registration name
+    /// `instance`, talking to the first scheduler) and waits until it has
+    /// registered. Returns its runner id.
+    pub async fn start_runner(&mut self, instance: &str, extra: &[&str]) -> String {
+        self.spawn_runner(instance, instance, "scheduler-service", extra);
+        self.wait_runner_registered(instance).await
     }
 
-    /// `host:port` of a running service.
-    pub fn addr(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join("run").join(format!("{name}.addr")))
+    /// The runner id from the instance's (latest) "registered with the
+    /// scheduler" log line, once there is one.
+    pub async fn wait_runner_registered(&self, instance: &str) -> String {
+        wait_for(
+            &format!("{instance} to register with the scheduler"),
+            Duration::from_secs(30),
+            || {
+                let text = self.log_text(instance);
+                async move {
+                    text.lines()
+                        .rev()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .filter(|v| v["message"] == "registered with the scheduler")
+                        .find_map(|v| v["runner_id"].as_str().map(str::to_owned))
+                }
+            },
+        )
+        .await
+    }
+
+    /// `<work-dir>` of a runner instance; attempts run in
+    /// `<work-dir>/<job_id>/<attempt>/`.
+    pub fn runner_work_dir(&self, instance: &str) -> PathBuf {
+        self.dir.path().join(instance)
+    }
+
+    /// Sends SIGKILL to an instance and reaps it. The runner's job
+    /// processes die with it (PR_SET_PDEATHSIG).
+    pub async fn kill(&mut self, instance: &str) -> std::process::ExitStatus {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == instance)
+            .unwrap_or_else(|| panic!("no running instance `{instance}`"));
+        let (_, mut child) = self.children.remove(pos);
+        child.start_kill().expect("SIGKILL");
+        tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .expect("a killed process is reaped within 20 s")
+            .expect("wait")
+    }
+
+    fn clock_offset_path(&self) -> PathBuf {
+        self.dir.path().join("clock-offset")
+    }
+
+    /// The schedulers' clock offset in seconds (0 before any advance).
+    pub fn clock_offset(&self) -> i64 {
+        std::fs::read_to_string(self.clock_offset_path())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Moves the schedulers' "now" forward by `secs` seconds (atomically
+    /// replaces the offset file they read).
+    pub fn advance_clock(&self, secs: i64) {
+        assert!(
+            self.opts.controllable_clock,
+            "start the mesh with `controllable_clock` to move its clock"
+        );
+        assert!(secs >= 0, "the clock only moves forward");
+        let next = self.clock_offset() + secs;
+        let path = self.clock_offset_path();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{next}\n")).expect("write clock offset");
+        std::fs::rename(&tmp, &path).expect("replace clock offset");
+    }
+
+    pub fn log_path(&self, instance: &str) -> PathBuf {
+        self.dir.path().join("logs").join(format!("{instance}.log"))
+    }
+
+    pub fn log_text(&self, instance: &str) -> String {
+        std::fs::read_to_string(self.log_path(instance)).unwrap_or_default()
+    }
+
+    /// `host:port` of a running instance.
+    pub fn addr(&self, instance: &str) -> String {
+        std::fs::read_to_string(self.addr_file(instance))
             .unwrap_or_default()
             .trim()
             .to_string()
     }
 
-    async fn wait_healthy(&mut self, name: &str) {
-        let run = self.dir.path().join("run").join(format!("{name}.addr"));
+    async fn wait_healthy(&mut self, instance: &str) {
+        let run = self.addr_file(instance);
         let this = &mut *self;
         wait_for(
-            &format!("{name} to become healthy"),
+            &format!("{instance} to become healthy"),
             Duration::from_secs(60),
             || {
                 let run = run.clone();
                 let status = this
                     .children
                     .iter_mut()
-                    .find(|(n, _)| n == name)
+                    .find(|(n, _)| n == instance)
                     .and_then(|(_, c)| c.try_wait().ok().flatten());
-                let stderr = this.dir.path().join("logs").join(format!("{name}.stderr"));
+                let stderr = this
+                    .dir
+                    .path()
+                    .join("logs")
+                    .join(format!("{instance}.stderr"));
                 async move {
                     if let Some(st) = status {
                         panic!(
-                            "{name} exited early with {st}: {}",
+                            "{instance} exited early with {st}: {}",
                             std::fs::read_to_string(stderr).unwrap_or_default()
                         );
                     }
@@ -262,8 +488,8 @@ impl Mesh {
         .await;
     }
 
-    pub fn channel(&self, name: &str, token: Option<&str>) -> Channel {
-        channel(&self.addr(name), token).expect("channel")
+    pub fn channel(&self, instance: &str, token: Option<&str>) -> Channel {
+        channel(&self.addr(instance), token).expect("channel")
     }
 
     pub fn jobs(&self, token: &str) -> JobServiceClient<Channel> {
@@ -271,7 +497,18 @@ impl Mesh {
     }
 
     pub fn scheduler(&self, token: &str) -> SchedulerServiceClient<Channel> {
-        SchedulerServiceClient::new(self.channel("scheduler-service", Some(token)))
+        self.scheduler_at("scheduler-service", token)
+    }
+
+    /// SchedulerService of one scheduler instance (`scheduler-service` or
+    /// [`SCHEDULER_2`]).
+    pub fn scheduler_at(&self, instance: &str, token: &str) -> SchedulerServiceClient<Channel> {
+        SchedulerServiceClient::new(self.channel(instance, Some(token)))
+    }
+
+    /// RunnerService of one scheduler instance.
+    pub fn runner_service(&self, instance: &str, token: &str) -> RunnerServiceClient<Channel> {
+        RunnerServiceClient::new(self.channel(instance, Some(token)))
     }
 
     pub fn metrics(&self, token: &str) -> MetricsServiceClient<Channel> {
@@ -282,7 +519,7 @@ impl Mesh {
         DiagnosisServiceClient::new(self.channel("diagnosis-service", Some(token)))
     }
 
-    /// Stops every process with SIGTERM (runner first) and waits for it.
+    /// Stops every process with SIGTERM (runners first) and waits for it.
     pub async fn stop(mut self) -> Vec<(String, std::process::ExitStatus)> {
         let mut out = Vec::new();
         self.children.reverse();
@@ -312,4 +549,19 @@ pub fn with_correlation<T>(msg: T, id: &str) -> tonic::Request<T> {
     req.metadata_mut()
         .insert("x-correlation-id", id.parse().expect("ascii id"));
     req
+}
+
+/// Whether a process exists and is not a zombie (a killed job process that
+/// nobody reaped yet counts as dead).
+pub fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may contain
+    // spaces or parentheses itself.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("");
+    !matches!(state, "Z" | "X" | "x" | "")
 }
