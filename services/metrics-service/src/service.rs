@@ -271,14 +271,14 @@ mod tests {
                 after_seq: Some(0),
             };
             let mut rx = svc.watch(q, ShutdownWatch::never()).await.unwrap();
-            trainmesh_common::testing::wait_for("a full buffer", Duration::from_secs(10), || {
+            trainmesh_common::testing::wait_for("a full buffer", Duration::from_secs(60), || {
                 let full = rx.len() == WATCH_BUFFER;
                 async move { full.then_some(()) }
             })
             .await;
             let mut delivered = 0usize;
             let marker = loop {
-                let u = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                let u = tokio::time::timeout(Duration::from_secs(60), rx.recv())
                     .await
                     .expect("an update")
                     .expect("open")
