@@ -9,6 +9,7 @@
 //!   graceful shutdown).
 //! - [`db`]: sqlx pools for SQLite (default) and PostgreSQL, and migrations.
 //! - [`outbox`]: a transactional outbox relay for calls to other services.
+//! - [`group_commit`]: many small write transactions sharing one commit.
 //! - [`testing`]: helpers for tests that start real servers.
 
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod correlation;
 pub mod db;
 pub mod error;
+pub mod group_commit;
 pub mod id;
 pub mod outbox;
 pub mod server;

@@ -2,10 +2,13 @@
 //! and attempt reports (fenced by runner, job and attempt).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::AnyConnection;
 use tracing::Instrument;
 use trainmesh_common::correlation;
+use trainmesh_common::group_commit::Work;
 use trainmesh_common::proto::job::v1::FailureCause;
 use trainmesh_common::server::ShutdownWatch;
 
@@ -212,13 +215,54 @@ impl Scheduler {
 
     /// Applies a runner's report. Fenced: only the runner that holds the
     /// attempt may change it. Returns false for a duplicate or stale report.
-    pub async fn report(&self, r: AttemptReport) -> Result<bool> {
+    /// Reports share commits with the reports arriving at the same moment
+    /// (see `trainmesh_common::group_commit`).
+    pub async fn report(self: &Arc<Self>, r: AttemptReport) -> Result<bool> {
         retrying(|| self.report_once(r.clone())).await
     }
 
-    async fn report_once(&self, r: AttemptReport) -> Result<bool> {
-        let mut tx = self.db.write.begin().await?;
-        let Some(a) = repo::get_assignment(&mut tx, r.job_id, r.attempt).await? else {
+    async fn report_once(self: &Arc<Self>, r: AttemptReport) -> Result<bool> {
+        let this = Arc::clone(self);
+        let work: Work<ReportOutcome, Error> =
+            Box::new(move |tx| Box::pin(async move { this.report_in(tx, r).await }));
+        let outcome = self
+            .reports
+            .submit(work, || Error::Db(sqlx::Error::PoolClosed))
+            .await?;
+        let ReportOutcome::Changed {
+            to,
+            attempt,
+            runner_id,
+            exit_code,
+            span,
+            correlation_id,
+        } = outcome
+        else {
+            return Ok(false);
+        };
+        let log = async {
+            if to.is_terminal() || to == EntryState::Queued {
+                tracing::info!(
+                    state = to.as_str(),
+                    attempt,
+                    runner_id = %runner_id,
+                    exit_code,
+                    "job finished"
+                );
+                self.wake_dispatcher();
+            } else {
+                tracing::info!(attempt, runner_id = %runner_id, "job running");
+            }
+        };
+        correlation::scope(correlation_id, log.instrument(span)).await;
+        self.relay.notify();
+        Ok(true)
+    }
+
+    /// The report's changes, on `tx` (a savepoint of a group commit); the
+    /// caller acts on the outcome once the batch has committed.
+    async fn report_in(&self, tx: &mut AnyConnection, r: AttemptReport) -> Result<ReportOutcome> {
+        let Some(a) = repo::get_assignment(&mut *tx, r.job_id, r.attempt).await? else {
             return Err(Error::NotHolder {
                 runner_id: r.runner_id,
                 job_id: r.job_id,
@@ -237,18 +281,18 @@ impl Scheduler {
         }
         // Fenced by the lease too: once it has run out, the attempt belongs
         // to the expiry (which may not have swept yet), not to the runner.
-        if a.state.is_active() && !repo::runner_is_live(&mut tx, r.runner_id, self.now()).await? {
+        if a.state.is_active() && !repo::runner_is_live(&mut *tx, r.runner_id, self.now()).await? {
             return Err(not_holder("the runner's lease expired"));
         }
         if a.state == r.state {
-            return Ok(false);
+            return Ok(ReportOutcome::Unchanged);
         }
         if a.state == AttemptStatus::Lost {
             return Err(not_holder("it was lost when the runner's lease expired"));
         }
         if r.state.rank() < a.state.rank() {
             // A retried RUNNING that arrives after the final report.
-            return Ok(false);
+            return Ok(ReportOutcome::Unchanged);
         }
         if !a.state.is_active() {
             return Err(Error::FailedPrecondition(format!(
@@ -258,15 +302,16 @@ impl Scheduler {
                 a.state.as_str()
             )));
         }
-        let entry = repo::get_entry(&mut tx, r.job_id)
+        let entry = repo::get_entry(&mut *tx, r.job_id)
             .await?
             .ok_or(Error::JobNotFound(r.job_id))?;
         let span = job_span(r.job_id, &entry.correlation_id);
         let cid = entry.correlation_id.clone();
+        let log_span = span.clone();
         let fut = async move {
             let now = self.now();
             if !repo::set_assignment_state(
-                &mut tx,
+                &mut *tx,
                 r.job_id,
                 r.attempt,
                 a.state,
@@ -289,7 +334,7 @@ impl Scheduler {
                 && (r.state == AttemptStatus::Running
                     || r.exit_code.is_some_and(|c| c != 0 && c != -1));
             if current_attempt && counts_now {
-                repo::count_started(&mut tx, r.job_id).await?;
+                repo::count_started(&mut *tx, r.job_id).await?;
             }
             if current_attempt && r.state == AttemptStatus::Failed && !entry.cancel_requested {
                 let cause = failure_cause(r.exit_code, r.error.as_ref());
@@ -306,13 +351,13 @@ impl Scheduler {
                     exit_code: r.exit_code,
                     error: r.error.clone(),
                 };
-                let (moved_to, reason) = self.end_attempt(&mut tx, &entry, end, now).await?;
+                let (moved_to, reason) = self.end_attempt(&mut *tx, &entry, end, now).await?;
                 to = moved_to;
                 if to == EntryState::Queued {
                     tracing::info!(attempt = r.attempt, reason = %reason, "attempt failed; job requeued");
                 }
             } else if current_attempt {
-                if !repo::set_entry_state(&mut tx, r.job_id, entry.state, to, &entry.reason, now)
+                if !repo::set_entry_state(&mut *tx, r.job_id, entry.state, to, &entry.reason, now)
                     .await?
                 {
                     return Err(Error::Conflict(format!(
@@ -326,7 +371,7 @@ impl Scheduler {
                     let mut running = status(EntryState::Running, r.attempt, now);
                     running.attempt_state = AttemptStatus::Running.proto() as i32;
                     running.runner_id = r.runner_id.to_string();
-                    repo::push_status(&mut tx, r.job_id, &entry.correlation_id, running).await?;
+                    repo::push_status(&mut *tx, r.job_id, &entry.correlation_id, running).await?;
                 }
                 let mut update = status(to, r.attempt, now);
                 update.attempt_state = r.state.proto() as i32;
@@ -344,24 +389,30 @@ impl Scheduler {
                     }
                     _ => {}
                 }
-                repo::push_status(&mut tx, r.job_id, &entry.correlation_id, update).await?;
+                repo::push_status(&mut *tx, r.job_id, &entry.correlation_id, update).await?;
             }
-            tx.commit().await?;
-            if to.is_terminal() || to == EntryState::Queued {
-                tracing::info!(
-                    state = to.as_str(),
-                    attempt = r.attempt,
-                    runner_id = %r.runner_id,
-                    exit_code = r.exit_code,
-                    "job finished"
-                );
-                self.wake_dispatcher();
-            } else {
-                tracing::info!(attempt = r.attempt, runner_id = %r.runner_id, "job running");
-            }
-            self.relay.notify();
-            Ok(true)
+            Ok(ReportOutcome::Changed {
+                to,
+                attempt: r.attempt,
+                runner_id: r.runner_id,
+                exit_code: r.exit_code,
+                span: log_span,
+                correlation_id: cid.clone(),
+            })
         };
-        correlation::scope(cid, fut.instrument(span)).await
+        fut.instrument(span).await
     }
+}
+
+/// What a report changed, for the actions that follow its commit.
+pub(crate) enum ReportOutcome {
+    Unchanged,
+    Changed {
+        to: EntryState,
+        attempt: i64,
+        runner_id: RunnerId,
+        exit_code: Option<i32>,
+        span: tracing::Span,
+        correlation_id: String,
+    },
 }

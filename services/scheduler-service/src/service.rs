@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 use trainmesh_common::correlation;
 use trainmesh_common::db::Db;
+use trainmesh_common::group_commit::GroupCommit;
 use trainmesh_common::outbox::Relay;
 use trainmesh_common::proto::job::v1::{FailureCause, UpdateJobStatusRequest};
 use trainmesh_common::time::{to_timestamp, Clock};
@@ -58,6 +59,8 @@ pub struct Scheduler {
     /// Wakes a runner's long-poll when something is assigned to it.
     runner_wake: Mutex<HashMap<RunnerId, Arc<Notify>>>,
     pub(crate) leader: Leader,
+    /// Runner reports share commits (one fsync for a burst of reports).
+    pub(crate) reports: GroupCommit<crate::runners::ReportOutcome, Error>,
 }
 
 /// The plan's input together with the rows it was built from.
@@ -140,6 +143,7 @@ pub(crate) fn job_span(job_id: JobId, correlation_id: &str) -> tracing::Span {
 impl Scheduler {
     pub fn new(db: Db, settings: Settings, relay: Relay) -> Self {
         Scheduler {
+            reports: GroupCommit::start(&db),
             db,
             settings,
             relay,
