@@ -9,25 +9,22 @@
 //! The queued-jobs limit is checked per job inside the batch's transaction,
 //! so jobs earlier in the same batch are counted too.
 //!
-//! On SQLite, status updates from the scheduler are grouped the same way
-//! ([`StatusQueue`]): each runs in a savepoint of the shared transaction,
-//! so one refused update (illegal transition, unknown job) is rolled back
-//! alone, and each caller is answered after the commit.
+//! Status updates from the scheduler are grouped by the generic
+//! `trainmesh_common::group_commit` instead: they need no batch-wide
+//! bookkeeping, only a savepoint each.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Weak;
 
-use sqlx::{Acquire, AnyConnection};
+use sqlx::AnyConnection;
 use tokio::sync::{mpsc, oneshot};
-use tracing::Instrument;
 use trainmesh_common::db::Backend;
 use trainmesh_common::error::{ErrorCode, ServiceError};
 
-use crate::domain::StatusUpdate;
 use crate::error::{Error, Result};
 use crate::limits::{Ceiling, QueuedLimits};
 use crate::repo::{self, JobRecord, OutboxRow, QueueScope};
-use crate::service::{JobService, JobView, TOPIC_ENQUEUE};
+use crate::service::{JobService, TOPIC_ENQUEUE};
 
 /// Most jobs per transaction: bounds how long other writers wait for the
 /// connection behind one batch.
@@ -104,64 +101,6 @@ async fn write_loop(svc: Weak<JobService>, mut rx: mpsc::Receiver<Queued>) {
     }
 }
 
-struct QueuedStatus {
-    update: StatusUpdate,
-    span: tracing::Span,
-    traceparent: Option<String>,
-    reply: oneshot::Sender<Result<JobView>>,
-}
-
-/// The handle UpdateJobStatus submits through (SQLite only: see
-/// [`JobService::update_status`]).
-#[derive(Clone)]
-pub(crate) struct StatusQueue {
-    tx: mpsc::Sender<QueuedStatus>,
-}
-
-impl std::fmt::Debug for StatusQueue {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StatusQueue").finish_non_exhaustive()
-    }
-}
-
-impl StatusQueue {
-    /// Starts the writer for `svc`; it ends when the service is dropped.
-    pub fn start(svc: Weak<JobService>) -> Self {
-        let (tx, mut rx) = mpsc::channel::<QueuedStatus>(QUEUE_DEPTH);
-        tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(MAX_BATCH);
-            while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
-                let Some(svc) = svc.upgrade() else {
-                    return;
-                };
-                svc.write_status_batch(std::mem::take(&mut buf)).await;
-            }
-        });
-        Self { tx }
-    }
-
-    /// Applies `update`; returns once it is committed (or refused).
-    pub async fn submit(
-        &self,
-        update: StatusUpdate,
-        span: tracing::Span,
-        traceparent: Option<String>,
-    ) -> Result<JobView> {
-        let (reply, answer) = oneshot::channel();
-        let stopped = || Error::Retry("job-service is shutting down; retry".into());
-        self.tx
-            .send(QueuedStatus {
-                update,
-                span,
-                traceparent,
-                reply,
-            })
-            .await
-            .map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
-    }
-}
-
 impl JobService {
     async fn write_batch(&self, batch: Vec<Queued>) {
         let items: Vec<&NewJob> = batch.iter().map(|q| &q.item).collect();
@@ -219,81 +158,6 @@ impl JobService {
                 }
             }
         }
-    }
-
-    async fn write_status_batch(&self, batch: Vec<QueuedStatus>) {
-        if batch.len() == 1 {
-            if let Some(q) = batch.into_iter().next() {
-                let r = self
-                    .update_status_alone(q.update, q.traceparent)
-                    .instrument(q.span)
-                    .await;
-                let _ = q.reply.send(r);
-            }
-            return;
-        }
-        match self.apply_status_batch(&batch).await {
-            Ok(results) => {
-                let changed: Vec<bool> = results
-                    .iter()
-                    .filter_map(|r| r.as_ref().ok().and_then(|(_, d)| *d))
-                    .collect();
-                if !changed.is_empty() {
-                    self.committed(changed.contains(&true));
-                }
-                tracing::debug!(updates = batch.len(), "status updates committed together");
-                for (q, r) in batch.into_iter().zip(results) {
-                    let _ = q.reply.send(r.map(|(view, _)| view));
-                }
-            }
-            Err(e) if e.code() == ErrorCode::Unavailable => {
-                for q in batch {
-                    let _ = q.reply.send(Err(Error::Retry(format!(
-                        "the database is unavailable ({e}); retry"
-                    ))));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, updates = batch.len(), "batched status updates failed; applying one at a time");
-                for q in batch {
-                    let r = self
-                        .update_status_alone(q.update, q.traceparent)
-                        .instrument(q.span)
-                        .await;
-                    let _ = q.reply.send(r);
-                }
-            }
-        }
-    }
-
-    /// Each update in a savepoint of one transaction. The outer error
-    /// means nothing was committed.
-    #[allow(clippy::type_complexity)]
-    async fn apply_status_batch(
-        &self,
-        batch: &[QueuedStatus],
-    ) -> Result<Vec<Result<(JobView, Option<bool>)>>> {
-        let mut tx = self.db.write.begin().await?;
-        let mut out = Vec::with_capacity(batch.len());
-        for q in batch {
-            let mut sp = (&mut tx).begin().await?;
-            let r = self
-                .apply_status(&mut sp, q.update.clone(), q.traceparent.as_deref())
-                .instrument(q.span.clone())
-                .await;
-            match r {
-                Ok(v) => {
-                    sp.commit().await?;
-                    out.push(Ok(v));
-                }
-                Err(e) => {
-                    sp.rollback().await?;
-                    out.push(Err(e));
-                }
-            }
-        }
-        tx.commit().await?;
-        Ok(out)
     }
 
     /// One transaction for `items`. The outer error means nothing was

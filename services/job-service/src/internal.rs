@@ -1,12 +1,14 @@
 //! What other services call (JobInternalService): status updates from the
 //! scheduler, log lines from runners, diagnoses.
 
+use std::sync::Arc;
+
 use prost::Message;
 use sqlx::AnyConnection;
 use tracing::Instrument;
 use trainmesh_common::correlation;
-use trainmesh_common::db::Backend;
 use trainmesh_common::error::FieldError;
+use trainmesh_common::group_commit::Work;
 use trainmesh_common::proto::diagnosis::v1 as dpb;
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::time::now_micros;
@@ -29,32 +31,25 @@ impl JobService {
     /// UpdateJobStatus (CONVENTIONS flow 2): applies a legal, newer update;
     /// acknowledges stale ones and updates to finished jobs without change.
     ///
-    /// On SQLite, updates arriving together share one transaction (one
-    /// fsync; [`crate::group_commit`]). On PostgreSQL each has its own:
-    /// there, concurrent transactions run their statements in parallel on
-    /// the pool, and a shared one measured slower.
-    pub async fn update_status(&self, u: StatusUpdate) -> Result<JobView> {
+    /// Updates arriving together share one commit on SQLite (one fsync;
+    /// `trainmesh_common::group_commit`); on PostgreSQL each has its own.
+    pub async fn update_status(self: &Arc<Self>, u: StatusUpdate) -> Result<JobView> {
         let span = tracing::info_span!("status", job_id = %u.job_id, attempt = u.attempt);
         let traceparent = correlation::traceparent();
-        if self.db.backend == Backend::Sqlite {
-            return self.statuses.submit(u, span, traceparent).await;
-        }
-        self.update_status_alone(u, traceparent)
-            .instrument(span)
-            .await
-    }
-
-    /// One update in its own transaction.
-    pub(crate) async fn update_status_alone(
-        &self,
-        u: StatusUpdate,
-        traceparent: Option<String>,
-    ) -> Result<JobView> {
-        let mut tx = self.db.write.begin().await?;
+        let this = Arc::clone(self);
+        let work: Work<(JobView, Option<bool>), Error> = Box::new(move |tx| {
+            Box::pin(async move {
+                this.apply_status(tx, u, traceparent.as_deref())
+                    .instrument(span)
+                    .await
+            })
+        });
         let (view, applied) = self
-            .apply_status(&mut tx, u, traceparent.as_deref())
+            .statuses
+            .submit(work, || {
+                Error::Retry("job-service is shutting down; retry".into())
+            })
             .await?;
-        tx.commit().await?;
         if let Some(diagnose) = applied {
             self.committed(diagnose);
         }

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use trainmesh_common::auth::Caller;
 use trainmesh_common::db::Db;
 use trainmesh_common::error::FieldError;
+use trainmesh_common::group_commit::GroupCommit;
 use trainmesh_common::outbox::{self, Relay};
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::proto::scheduler::v1 as spb;
@@ -19,7 +20,7 @@ use crate::domain::{
     JobId, JobState, LabelSelector, PageToken, RESERVED_LABEL_PREFIX, RETRY_OF_LABEL,
 };
 use crate::error::{Error, Result};
-use crate::group_commit::{CreateQueue, Inserted, NewJob, StatusQueue};
+use crate::group_commit::{CreateQueue, Inserted, NewJob};
 use crate::limits::{LimitsCache, QueuedLimits};
 use crate::paths::PathPolicy;
 use crate::repo::{self, AttemptRecord, JobFilter, JobRecord, NewEvent};
@@ -78,8 +79,8 @@ pub struct JobService {
     pub(crate) limits: Option<LimitsCache>,
     /// New jobs go through one writer that commits them in groups.
     pub(crate) creates: CreateQueue,
-    /// Status updates, grouped the same way (used on SQLite).
-    pub(crate) statuses: StatusQueue,
+    /// Status updates share commits on SQLite (see `update_status`).
+    pub(crate) statuses: GroupCommit<(JobView, Option<bool>), Error>,
 }
 
 /// Another user's job looks exactly like a missing one.
@@ -90,13 +91,13 @@ fn visible(caller: &Caller, job: &JobRecord) -> bool {
 impl JobService {
     pub fn new(db: Db, relay: Relay, settings: Settings, limits: Option<LimitsCache>) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
+            statuses: GroupCommit::start(&db),
             db,
             relay,
             settings,
             signals: Signals::new(),
             limits,
             creates: CreateQueue::start(me.clone()),
-            statuses: StatusQueue::start(me.clone()),
         })
     }
 
