@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tracing::Instrument;
 use trainmesh_common::correlation;
 use trainmesh_common::db::Db;
-use trainmesh_common::group_commit::GroupCommit;
+use trainmesh_common::group_commit::{GroupCommit, Work};
 use trainmesh_common::outbox::Relay;
 use trainmesh_common::proto::job::v1::{FailureCause, UpdateJobStatusRequest};
 use trainmesh_common::time::{to_timestamp, Clock};
@@ -61,6 +61,19 @@ pub struct Scheduler {
     pub(crate) leader: Leader,
     /// Runner reports share commits (one fsync for a burst of reports).
     pub(crate) reports: GroupCommit<crate::runners::ReportOutcome, Error>,
+    /// So do enqueues.
+    enqueues: GroupCommit<Enqueued, Error>,
+}
+
+/// What an enqueue did, for the actions that follow its commit.
+pub(crate) enum Enqueued {
+    /// A redelivery: the job was known, in this state.
+    Existing(EntryState),
+    New {
+        state: EntryState,
+        rule: Option<String>,
+        max_attempts: i64,
+    },
 }
 
 /// The plan's input together with the rows it was built from.
@@ -144,6 +157,7 @@ impl Scheduler {
     pub fn new(db: Db, settings: Settings, relay: Relay) -> Self {
         Scheduler {
             reports: GroupCommit::start(&db),
+            enqueues: GroupCommit::start(&db),
             db,
             settings,
             relay,
@@ -186,7 +200,7 @@ impl Scheduler {
 
     /// Stores a job in the queue. A redelivery of the same job changes
     /// nothing and answers `created = false` with the state held now.
-    pub async fn enqueue(&self, e: NewEntry) -> Result<(EntryState, bool)> {
+    pub async fn enqueue(self: &Arc<Self>, e: NewEntry) -> Result<(EntryState, bool)> {
         let cid = if e.correlation_id.is_empty() {
             correlation::current().unwrap_or_else(correlation::generate)
         } else {
@@ -196,49 +210,87 @@ impl Scheduler {
         correlation::scope(cid.clone(), self.enqueue_in_scope(e, cid).instrument(span)).await
     }
 
-    async fn enqueue_in_scope(&self, e: NewEntry, cid: String) -> Result<(EntryState, bool)> {
+    /// Enqueues arriving together (the job-service relay delivers them
+    /// concurrently) share one commit on SQLite.
+    async fn enqueue_in_scope(
+        self: &Arc<Self>,
+        e: NewEntry,
+        cid: String,
+    ) -> Result<(EntryState, bool)> {
+        let this = Arc::clone(self);
+        let span = tracing::Span::current();
+        let entry = e.clone();
+        let work: Work<Enqueued, Error> = Box::new(move |tx| {
+            Box::pin(async move { this.enqueue_in(tx, &entry, &cid).instrument(span).await })
+        });
+        let out = self
+            .enqueues
+            .submit(work, || Error::Db(sqlx::Error::PoolClosed))
+            .await?;
+        match out {
+            Enqueued::Existing(state) => {
+                tracing::debug!(
+                    state = state.as_str(),
+                    "enqueue redelivered; nothing changed"
+                );
+                Ok((state, false))
+            }
+            Enqueued::New {
+                state,
+                rule,
+                max_attempts,
+            } => {
+                tracing::info!(
+                    owner = %e.owner,
+                    priority = e.priority,
+                    gpus = e.demand.gpus,
+                    max_attempts,
+                    approval_rule = rule.as_deref().unwrap_or(""),
+                    "{}",
+                    if rule.is_some() { "job awaits approval" } else { "job queued" }
+                );
+                self.relay.notify();
+                self.wake_dispatcher();
+                Ok((state, true))
+            }
+        }
+    }
+
+    /// The enqueue's writes on `tx` (a savepoint of a group commit).
+    async fn enqueue_in(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        e: &NewEntry,
+        cid: &str,
+    ) -> Result<Enqueued> {
         let now = self.now();
         let max_attempts = i64::from(e.max_attempts.unwrap_or(self.settings.default_max_attempts));
         let submit = e.submit_time.unwrap_or(now);
-        let mut tx = self.db.write.begin().await?;
-        let rule = self.approval_rule_for(&mut tx, &e).await?;
+        let rule = self.approval_rule_for(&mut *tx, e).await?;
         let state = if rule.is_some() {
             EntryState::AwaitingApproval
         } else {
             EntryState::Queued
         };
-        if !repo::insert_entry(&mut tx, &e, state, max_attempts, &cid, submit, now).await? {
-            let state = repo::get_entry(&mut tx, e.job_id)
+        if !repo::insert_entry(&mut *tx, e, state, max_attempts, cid, submit, now).await? {
+            let state = repo::get_entry(&mut *tx, e.job_id)
                 .await?
                 .map(|r| r.state)
                 .unwrap_or(EntryState::Queued);
-            tx.commit().await?;
-            tracing::debug!(
-                state = state.as_str(),
-                "enqueue redelivered; nothing changed"
-            );
-            return Ok((state, false));
+            return Ok(Enqueued::Existing(state));
         }
         let mut update = status(state, 0, now);
         if let Some(rule) = &rule {
             let expires = now.saturating_add(micros(self.settings.approval_ttl));
-            repo::insert_approval(&mut tx, e.job_id, &e.owner, rule, now, expires).await?;
+            repo::insert_approval(&mut *tx, e.job_id, &e.owner, rule, now, expires).await?;
             update.reason = format!("approval required by rule `{rule}`");
         }
-        repo::push_status(&mut tx, e.job_id, &cid, update).await?;
-        tx.commit().await?;
-        tracing::info!(
-            owner = %e.owner,
-            priority = e.priority,
-            gpus = e.demand.gpus,
+        repo::push_status(&mut *tx, e.job_id, cid, update).await?;
+        Ok(Enqueued::New {
+            state,
+            rule,
             max_attempts,
-            approval_rule = rule.as_deref().unwrap_or(""),
-            "{}",
-            if rule.is_some() { "job awaits approval" } else { "job queued" }
-        );
-        self.relay.notify();
-        self.wake_dispatcher();
-        Ok((state, true))
+        })
     }
 
     /// The first approval rule the new job matches, if any.
