@@ -21,6 +21,7 @@ struct Seen {
     users: Vec<String>,
     watches: Vec<pb::WatchJobsRequest>,
     lists: Vec<pb::ListJobsRequest>,
+    gets: usize,
 }
 
 #[derive(Clone)]
@@ -101,6 +102,7 @@ impl JobService for Fake {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::GetJobResponse>, Status> {
         self.record(&req)?;
+        self.seen.lock().unwrap().gets += 1;
         if req.get_ref().job_id != "job-1" {
             return Err(Status::not_found(format!(
                 "job `{}` not found",
@@ -344,8 +346,15 @@ async fn submit_wait_exits_1_when_the_job_fails() {
 async fn submit_wait_polls_when_watch_is_not_served() {
     let s = serve(pb::JobState::Succeeded, false).await;
     let state = s.fake.state.clone();
+    let seen = s.fake.seen.clone();
+    // The job finishes only after the CLI has polled it once while pending,
+    // so the test proves polling, not a lucky first read.
     tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        testing::wait_for("a GetJob poll", std::time::Duration::from_secs(30), || {
+            let polled = seen.lock().unwrap().gets > 0;
+            async move { polled.then_some(()) }
+        })
+        .await;
         *state.lock().unwrap() = pb::JobState::Succeeded;
     });
     let dir = tempfile::tempdir().unwrap();
