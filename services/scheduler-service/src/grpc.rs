@@ -232,6 +232,23 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
     }
 }
 
+impl Grpc {
+    /// ApproveJob and RejectJob: the approver role, then a compare-and-set
+    /// on the pending approval.
+    async fn decide(
+        &self,
+        who: &trainmesh_common::auth::Caller,
+        job_id: &str,
+        note: &str,
+        verdict: Verdict,
+    ) -> Result<pb::Approval, Status> {
+        who.require(Role::Approver)?;
+        let job_id = JobId::parse_field("job_id", job_id)?;
+        let a = self.sched.decide(job_id, verdict, &who.user, note).await?;
+        Ok(approval_proto(&a))
+    }
+}
+
 #[tonic::async_trait]
 impl pb::scheduler_service_server::SchedulerService for Grpc {
     async fn get_queue(
@@ -340,15 +357,12 @@ impl pb::scheduler_service_server::SchedulerService for Grpc {
         req: Request<pb::ApproveJobRequest>,
     ) -> Result<Response<pb::ApproveJobResponse>, Status> {
         let who = caller(&req)?;
-        who.require(Role::Approver)?;
         let req = req.into_inner();
-        let job_id = JobId::parse_field("job_id", &req.job_id)?;
-        let a = self
-            .sched
-            .decide(job_id, Verdict::Approve, &who.user, &req.note)
+        let approval = self
+            .decide(&who, &req.job_id, &req.note, Verdict::Approve)
             .await?;
         Ok(Response::new(pb::ApproveJobResponse {
-            approval: Some(approval_proto(&a)),
+            approval: Some(approval),
         }))
     }
 
@@ -357,15 +371,12 @@ impl pb::scheduler_service_server::SchedulerService for Grpc {
         req: Request<pb::RejectJobRequest>,
     ) -> Result<Response<pb::RejectJobResponse>, Status> {
         let who = caller(&req)?;
-        who.require(Role::Approver)?;
         let req = req.into_inner();
-        let job_id = JobId::parse_field("job_id", &req.job_id)?;
-        let a = self
-            .sched
-            .decide(job_id, Verdict::Reject, &who.user, &req.note)
+        let approval = self
+            .decide(&who, &req.job_id, &req.note, Verdict::Reject)
             .await?;
         Ok(Response::new(pb::RejectJobResponse {
-            approval: Some(approval_proto(&a)),
+            approval: Some(approval),
         }))
     }
 
