@@ -155,7 +155,8 @@ impl Metrics {
         // From an explicit cursor there may be history to catch up on.
         let mut more = q.after_seq.is_some();
         loop {
-            if !more {
+            // A pending resync waits for room below, not for new writes.
+            if !more && !resync {
                 tokio::select! {
                     _ = shutdown.wait() => return,
                     _ = tx.closed() => return,
@@ -163,26 +164,29 @@ impl Metrics {
                     _ = tokio::time::sleep(self.poll_interval) => {},
                 }
             }
-            more = false;
             if resync {
-                // Skip what the client could not take; tell it once there is room.
+                // Skip what the client could not take; tell it as soon as it
+                // makes room (waiting for the slot, not polling for it).
+                let permit = tokio::select! {
+                    p = tx.reserve() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = shutdown.wait() => return,
+                };
                 match self.repo.last_seq(q.job_id).await {
                     Ok(s) => cursor = cursor.max(s),
                     Err(e) => {
-                        let _ = tx.try_send(Err(e));
+                        permit.send(Err(e));
                         return;
                     }
                 }
-                let marker = WatchUpdate {
+                permit.send(Ok(WatchUpdate {
                     cursor,
                     resync: true,
                     ..WatchUpdate::default()
-                };
-                match tx.try_send(Ok(marker)) {
-                    Ok(()) => resync = false,
-                    Err(TrySendError::Full(_)) => continue,
-                    Err(TrySendError::Closed(_)) => return,
-                }
+                }));
+                resync = false;
             }
             let rows = match self.repo.after(q.job_id, cursor, WATCH_BATCH).await {
                 Ok(rows) => rows,
@@ -280,8 +284,8 @@ mod tests {
             let marker = loop {
                 let u = tokio::time::timeout(Duration::from_secs(60), rx.recv())
                     .await
-                    .expect("an update")
-                    .expect("open")
+                    .unwrap_or_else(|_| panic!("{}: no update after {delivered} points", tdb.label))
+                    .unwrap_or_else(|| panic!("{}: the watch ended", tdb.label))
                     .unwrap();
                 if u.resync {
                     break u;
