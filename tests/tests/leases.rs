@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(20);
 /// is gone (else exits 3) and succeeds. Each writes `<pid> <output dir>`
 /// to `$MARK_DIR/attempt-<n>`.
 const SCRIPT: &str = r#"
-import os, sys, time
+import os, signal, sys
 attempt = os.environ["TRAINMESH_ATTEMPT"]
 marks = os.environ["MARK_DIR"]
 def alive(pid):
@@ -35,7 +35,8 @@ with open(tmp, "w") as f:
 os.rename(tmp, os.path.join(marks, f"attempt-{attempt}"))
 if attempt == "1":
     print("attempt 1 runs until its runner dies", flush=True)
-    time.sleep(600)
+    # Blocks until a signal ends it: the kernel's SIGKILL when the runner dies.
+    signal.pause()
     sys.exit(0)
 first = int(open(os.path.join(marks, "attempt-1")).read().split()[0])
 if alive(first):
