@@ -263,7 +263,7 @@ impl Attempt {
                 })
                 .await
                 .unwrap_or_default();
-                let err = job_error::classify(t, &text);
+                let err = workload.failure().or_else(|| job_error::classify(t, &text));
                 (AttemptState::Failed, Some(t.exit_code()), err)
             }
             Outcome::Stopped(StopReason::Cancelled, t) => {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use trainmesh_common::proto::job::v1::JobError;
 
 use crate::domain::{AttemptKey, Termination};
 use crate::error::Error;
@@ -64,4 +65,13 @@ pub trait Workload: Send {
     /// Asks the workload to stop (SIGTERM to all of it), kills it when it
     /// has not ended after `grace`, and resolves like [`Workload::wait`].
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, std::io::Result<Termination>>;
+
+    /// What the backend knows about a failure that the exit code cannot
+    /// say (the engine's OOMKilled, an image that could not be pulled, a
+    /// pod that was never scheduled). Asked once `wait` resolved with a
+    /// failure; `None` leaves the error to be read from the exit code and
+    /// the log.
+    fn failure(&self) -> Option<JobError> {
+        None
+    }
 }
