@@ -62,18 +62,59 @@ pub async fn enqueue(
     payload: &[u8],
     correlation_id: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO outbox (topic, msg_key, payload, correlation_id, created_at, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+    enqueue_many(
+        conn,
+        topic,
+        &[Message {
+            key,
+            payload,
+            correlation_id,
+        }],
     )
-    .bind(topic)
-    .bind(key)
-    .bind(payload.to_vec())
-    .bind(correlation_id)
-    .bind(now_micros())
-    .bind(crate::correlation::traceparent())
-    .execute(conn)
-    .await?;
+    .await
+}
+
+/// One message for [`enqueue_many`].
+#[derive(Clone, Copy, Debug)]
+pub struct Message<'a> {
+    pub key: &'a str,
+    pub payload: &'a [u8],
+    pub correlation_id: &'a str,
+}
+
+/// Adds messages, in order, in one statement (many small inserts cost a
+/// round trip each).
+pub async fn enqueue_many(
+    conn: &mut AnyConnection,
+    topic: &str,
+    messages: &[Message<'_>],
+) -> sqlx::Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    // $1 topic, $2 created_at, $3 traceparent; then three per message.
+    let values = (0..messages.len())
+        .map(|i| {
+            let b = 4 + 3 * i;
+            format!("($1, ${b}, ${}, ${}, $2, $3)", b + 1, b + 2)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO outbox (topic, msg_key, payload, correlation_id, created_at, traceparent) \
+         VALUES {values}"
+    );
+    let mut q = sqlx::query(&sql)
+        .bind(topic)
+        .bind(now_micros())
+        .bind(crate::correlation::traceparent());
+    for m in messages {
+        q = q
+            .bind(m.key)
+            .bind(m.payload.to_vec())
+            .bind(m.correlation_id);
+    }
+    q.execute(conn).await?;
     Ok(())
 }
 

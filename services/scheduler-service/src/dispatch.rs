@@ -2,9 +2,11 @@
 //! heartbeat, acquire) with a periodic sweep as the safety net. Only the
 //! leader replica (see [`crate::leader`]) runs rounds. Each round expires
 //! dead runners' leases and due approvals (so an expired approval is closed
-//! exactly when dispatch looks at the queue), then plans and applies the
-//! plan, one fenced transaction per placement.
+//! exactly when dispatch looks at the queue), then plans over the leader's
+//! copy of the waiting queue ([`crate::queue_cache`]) and applies the plan,
+//! one fenced transaction per batch of placements.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::AnyConnection;
@@ -13,11 +15,11 @@ use trainmesh_common::correlation;
 use trainmesh_common::proto::job::v1::{FailureCause, JobError, JobSpec};
 use trainmesh_common::server::ShutdownWatch;
 
-use crate::domain::{AttemptStatus, EntryState, RunnerId};
+use crate::domain::{AttemptStatus, EntryState, JobId, RunnerId};
 use crate::error::{Error, Result};
 use crate::leader;
 use crate::plan::{plan, Placement};
-use crate::repo::{self, EntryRow};
+use crate::repo::{self, EntryRow, NewAssignment};
 use crate::retry::{self, Decision, Ending, Policy};
 use crate::service::{job_span, micros, status, Scheduler};
 
@@ -46,8 +48,16 @@ impl Scheduler {
     /// so a plan is never applied against capacity that a concurrent
     /// dispatch took.
     pub async fn run_dispatcher(self: Arc<Self>, mut shutdown: ShutdownWatch) {
+        let mut led = false;
         loop {
-            match self.ensure_leader().await {
+            let leads = self.ensure_leader().await;
+            if !matches!(leads, Ok(true)) || !led {
+                // Not leading, or newly leading: what the queue copy holds
+                // may be old; the next round loads it whole.
+                self.queue.lock().await.invalidate();
+            }
+            led = matches!(leads, Ok(true));
+            match leads {
                 Ok(true) => {
                     if let Err(e) = self.expire_leases().await {
                         tracing::warn!(error = %e, "lease expiry round failed");
@@ -72,16 +82,22 @@ impl Scheduler {
 
     /// One planning round; returns how many jobs were dispatched.
     pub async fn dispatch_once(&self) -> Result<usize> {
-        let planned = self.snapshot().await?;
-        if planned.snapshot.queued.is_empty() || planned.snapshot.runners.is_empty() {
+        let started = std::time::Instant::now();
+        let mut queue = self.queue.lock().await;
+        queue.refresh(&self.db).await?;
+        let refreshed = started.elapsed();
+        let snapshot = self.snapshot_of(queue.waiting().values()).await?;
+        if snapshot.queued.is_empty() || snapshot.runners.is_empty() {
             return Ok(0);
         }
-        let p = plan(&planned.snapshot);
+        let read = started.elapsed();
+        let p = plan(&snapshot);
+        let planned = started.elapsed();
         let mut done = 0;
         // Several placements per transaction: one fence and one commit
         // (fsync) for up to DISPATCH_BATCH jobs.
         for batch in p.placements.chunks(DISPATCH_BATCH) {
-            match self.apply_batch(batch, &planned.entries).await? {
+            match self.apply_batch(batch, queue.waiting()).await? {
                 Some(n) => done += n,
                 None => break,
             }
@@ -89,15 +105,26 @@ impl Scheduler {
         if done > 0 {
             self.relay.notify();
         }
+        tracing::debug!(
+            waiting = snapshot.queued.len(),
+            planned = p.placements.len(),
+            dispatched = done,
+            refresh_ms = refreshed.as_secs_f64() * 1e3,
+            snapshot_ms = (read - refreshed).as_secs_f64() * 1e3,
+            plan_ms = (planned - read).as_secs_f64() * 1e3,
+            apply_ms = (started.elapsed() - planned).as_secs_f64() * 1e3,
+            "dispatch round"
+        );
         Ok(done)
     }
 
     /// Applies placements in one fenced transaction; `None` when this
-    /// replica is no longer the leader (nothing was applied).
+    /// replica is no longer the leader (nothing was applied). A handful of
+    /// statements for the whole batch, whatever its size.
     async fn apply_batch(
         &self,
         batch: &[Placement],
-        entries: &std::collections::HashMap<crate::domain::JobId, EntryRow>,
+        entries: &HashMap<JobId, EntryRow>,
     ) -> Result<Option<usize>> {
         let now = self.now();
         let mut tx = self.db.write.begin().await?;
@@ -106,8 +133,8 @@ impl Scheduler {
             tracing::warn!("dispatch refused: this replica no longer holds the leader lease");
             return Ok(None);
         }
-        let mut live = std::collections::HashMap::new();
-        let mut applied = Vec::with_capacity(batch.len());
+        let mut live = HashMap::new();
+        let mut wanted = Vec::with_capacity(batch.len());
         for p in batch {
             let Some(entry) = entries.get(&p.job_id) else {
                 continue;
@@ -120,19 +147,50 @@ impl Scheduler {
                     l
                 }
             };
-            if !is_live {
-                continue;
-            }
-            if let Some(attempt) = self.apply(&mut tx, p, entry, now).await? {
-                applied.push((p, entry, attempt));
+            if is_live {
+                wanted.push((p, entry));
             }
         }
+        let pairs: Vec<_> = wanted
+            .iter()
+            .map(|(p, _)| (p.job_id, p.runner_id))
+            .collect();
+        // Entries cancelled since the snapshot do not move.
+        let moved = repo::dispatch_entries(&mut tx, &pairs, now).await?;
+        let applied: Vec<_> = wanted
+            .into_iter()
+            .filter_map(|(p, entry)| Some((p, entry, *moved.get(&p.job_id)?)))
+            .collect();
+        let assignments: Vec<_> = applied
+            .iter()
+            .map(|(p, entry, d)| NewAssignment {
+                job_id: p.job_id,
+                attempt: d.attempt,
+                runner_id: p.runner_id,
+                gpu_indexes: &p.gpu_indexes,
+                demand: &entry.demand,
+                waited: d.waited,
+            })
+            .collect();
+        repo::insert_assignments(&mut tx, &assignments, now).await?;
+        let updates: Vec<_> = applied
+            .iter()
+            .map(|(p, entry, d)| {
+                let mut update = status(EntryState::Scheduled, d.attempt, now);
+                update.attempt_state = AttemptStatus::Scheduled.proto() as i32;
+                update.runner_id = p.runner_id.to_string();
+                update.job_id = p.job_id.to_string();
+                update.scheduler_sequence = d.status_seq;
+                (entry.correlation_id.as_str(), update)
+            })
+            .collect();
+        repo::enqueue_statuses(&mut tx, &updates).await?;
         tx.commit().await?;
-        for (p, entry, attempt) in &applied {
+        for (p, entry, d) in &applied {
             job_span(entry.job_id, &entry.correlation_id).in_scope(|| {
                 tracing::info!(
                     runner_id = %p.runner_id,
-                    attempt,
+                    attempt = d.attempt,
                     gpus = ?p.gpu_indexes,
                     owner = %entry.owner,
                     "job dispatched"
@@ -141,37 +199,6 @@ impl Scheduler {
             self.wake_runner(p.runner_id);
         }
         Ok(Some(applied.len()))
-    }
-
-    /// One placement inside the batch's transaction; the attempt number,
-    /// or `None` when the job was cancelled since the snapshot.
-    async fn apply(
-        &self,
-        tx: &mut AnyConnection,
-        p: &Placement,
-        entry: &EntryRow,
-        now: i64,
-    ) -> Result<Option<i64>> {
-        let Some((attempt, waited)) = repo::dispatch_entry(tx, p.job_id, p.runner_id, now).await?
-        else {
-            return Ok(None);
-        };
-        repo::insert_assignment(
-            tx,
-            p.job_id,
-            attempt,
-            p.runner_id,
-            &p.gpu_indexes,
-            &entry.demand,
-            waited,
-            now,
-        )
-        .await?;
-        let mut update = status(EntryState::Scheduled, attempt, now);
-        update.attempt_state = AttemptStatus::Scheduled.proto() as i32;
-        update.runner_id = p.runner_id.to_string();
-        repo::push_status(tx, p.job_id, &entry.correlation_id, update).await?;
-        Ok(Some(attempt))
     }
 
     /// Requeues the job under its retry policy or ends it, with the status

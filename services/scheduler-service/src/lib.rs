@@ -27,11 +27,14 @@ pub mod grpc;
 pub mod leader;
 pub mod limits;
 pub mod plan;
+mod queue_cache;
 pub mod repo;
 pub mod retry;
 pub mod runners;
 pub mod service;
 pub mod status_relay;
+#[cfg(test)]
+mod test_support;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -262,7 +262,10 @@ impl Scheduler {
     /// The report's changes, on `tx` (a savepoint of a group commit); the
     /// caller acts on the outcome once the batch has committed.
     async fn report_in(&self, tx: &mut AnyConnection, r: AttemptReport) -> Result<ReportOutcome> {
-        let Some(a) = repo::get_assignment(&mut *tx, r.job_id, r.attempt).await? else {
+        let now = self.now();
+        let Some(ctx) =
+            repo::report_context(&mut *tx, r.job_id, r.attempt, r.runner_id, now).await?
+        else {
             return Err(Error::NotHolder {
                 runner_id: r.runner_id,
                 job_id: r.job_id,
@@ -276,12 +279,13 @@ impl Scheduler {
             attempt: r.attempt,
             why: why.into(),
         };
+        let a = ctx.attempt;
         if a.runner_id != r.runner_id {
             return Err(not_holder("it is assigned to another runner"));
         }
         // Fenced by the lease too: once it has run out, the attempt belongs
         // to the expiry (which may not have swept yet), not to the runner.
-        if a.state.is_active() && !repo::runner_is_live(&mut *tx, r.runner_id, self.now()).await? {
+        if a.state.is_active() && !ctx.runner_live {
             return Err(not_holder("the runner's lease expired"));
         }
         if a.state == r.state {
@@ -302,14 +306,11 @@ impl Scheduler {
                 a.state.as_str()
             )));
         }
-        let entry = repo::get_entry(&mut *tx, r.job_id)
-            .await?
-            .ok_or(Error::JobNotFound(r.job_id))?;
+        let entry = ctx.entry.ok_or(Error::JobNotFound(r.job_id))?;
         let span = job_span(r.job_id, &entry.correlation_id);
         let cid = entry.correlation_id.clone();
         let log_span = span.clone();
         let fut = async move {
-            let now = self.now();
             if !repo::set_assignment_state(
                 &mut *tx,
                 r.job_id,
@@ -333,10 +334,10 @@ impl Scheduler {
             let counts_now = a.state == AttemptStatus::Scheduled
                 && (r.state == AttemptStatus::Running
                     || r.exit_code.is_some_and(|c| c != 0 && c != -1));
-            if current_attempt && counts_now {
-                repo::count_started(&mut *tx, r.job_id).await?;
-            }
             if current_attempt && r.state == AttemptStatus::Failed && !entry.cancel_requested {
+                if counts_now {
+                    repo::count_started(&mut *tx, r.job_id).await?;
+                }
                 let cause = failure_cause(r.exit_code, r.error.as_ref());
                 let end = AttemptEnd {
                     runner_id: r.runner_id,
@@ -357,21 +358,14 @@ impl Scheduler {
                     tracing::info!(attempt = r.attempt, reason = %reason, "attempt failed; job requeued");
                 }
             } else if current_attempt {
-                if !repo::set_entry_state(&mut *tx, r.job_id, entry.state, to, &entry.reason, now)
-                    .await?
-                {
-                    return Err(Error::Conflict(format!(
-                        "job `{}` changed meanwhile",
-                        r.job_id
-                    )));
-                }
+                let mut updates = Vec::with_capacity(2);
                 if a.state == AttemptStatus::Scheduled && r.state == AttemptStatus::Succeeded {
                     // A job too quick for its RUNNING report still ran:
                     // job-service only accepts SUCCEEDED after RUNNING.
                     let mut running = status(EntryState::Running, r.attempt, now);
                     running.attempt_state = AttemptStatus::Running.proto() as i32;
                     running.runner_id = r.runner_id.to_string();
-                    repo::push_status(&mut *tx, r.job_id, &entry.correlation_id, running).await?;
+                    updates.push(running);
                 }
                 let mut update = status(to, r.attempt, now);
                 update.attempt_state = r.state.proto() as i32;
@@ -389,7 +383,35 @@ impl Scheduler {
                     }
                     _ => {}
                 }
-                repo::push_status(&mut *tx, r.job_id, &entry.correlation_id, update).await?;
+                updates.push(update);
+                let n = updates.len() as i64;
+                let Some(last) = repo::move_entry_with_statuses(
+                    &mut *tx,
+                    r.job_id,
+                    entry.state,
+                    to,
+                    &entry.reason,
+                    counts_now,
+                    n,
+                    now,
+                )
+                .await?
+                else {
+                    return Err(Error::Conflict(format!(
+                        "job `{}` changed meanwhile",
+                        r.job_id
+                    )));
+                };
+                let updates: Vec<_> = updates
+                    .into_iter()
+                    .zip(last - n + 1..)
+                    .map(|(mut u, seq)| {
+                        u.job_id = r.job_id.to_string();
+                        u.scheduler_sequence = seq;
+                        (entry.correlation_id.as_str(), u)
+                    })
+                    .collect();
+                repo::enqueue_statuses(&mut *tx, &updates).await?;
             }
             Ok(ReportOutcome::Changed {
                 to,

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::leader::Leader;
 use crate::limits::{self, LimitTable, LimitValues};
 use crate::plan::{QueuedJob, RunnerState, Snapshot, Usage, Waiting};
+use crate::queue_cache::{QueueCache, WAITING};
 use crate::repo::{self, EntryRow};
 
 /// Settings the logic needs (the part of `Config` that is not plumbing).
@@ -63,6 +64,8 @@ pub struct Scheduler {
     pub(crate) reports: GroupCommit<crate::runners::ReportOutcome, Error>,
     /// So do enqueues.
     enqueues: GroupCommit<Enqueued, Error>,
+    /// The leader's copy of the waiting queue (dispatch rounds only).
+    pub(crate) queue: tokio::sync::Mutex<QueueCache>,
 }
 
 /// What an enqueue did, for the actions that follow its commit.
@@ -158,6 +161,7 @@ impl Scheduler {
         Scheduler {
             reports: GroupCommit::start(&db),
             enqueues: GroupCommit::start(&db),
+            queue: tokio::sync::Mutex::new(QueueCache::new()),
             db,
             settings,
             relay,
@@ -446,30 +450,38 @@ impl Scheduler {
     /// several statements is conservative; dispatches come from the leader
     /// alone (see [`crate::leader`]).
     pub(crate) async fn snapshot(&self) -> Result<Planned> {
+        let waiting: HashMap<JobId, EntryRow> = repo::entries_in(&self.db, &WAITING)
+            .await?
+            .into_iter()
+            .filter(|e| !e.cancel_requested)
+            .map(|e| (e.job_id, e))
+            .collect();
+        let snapshot = self.snapshot_of(waiting.values()).await?;
+        Ok(Planned {
+            snapshot,
+            entries: waiting,
+        })
+    }
+
+    /// The plan's input over `waiting` entries: limits, usage and runners
+    /// read now.
+    pub(crate) async fn snapshot_of<'a>(
+        &self,
+        waiting: impl ExactSizeIterator<Item = &'a EntryRow> + Clone,
+    ) -> Result<Snapshot> {
         let now = self.now();
-        let waiting: Vec<EntryRow> = repo::entries_in(
-            &self.db,
-            &[EntryState::Queued, EntryState::AwaitingApproval],
-        )
-        .await?
-        .into_iter()
-        .filter(|e| !e.cancel_requested)
-        .collect();
         let limits = LimitTable::from_rows(&limits::load(&self.db).await?);
         let held = repo::get_hold(&self.db).await?.map(|h| h.describe());
         let mut snapshot = Snapshot::new(Vec::new(), Vec::new(), limits);
         snapshot.now = now;
         snapshot.ageing_step_micros = micros(self.settings.ageing);
         snapshot.held = held;
-        if waiting.is_empty() {
+        if waiting.len() == 0 {
             // The common idle sweep: nothing to plan, nothing else to read.
-            return Ok(Planned {
-                snapshot,
-                entries: HashMap::new(),
-            });
+            return Ok(snapshot);
         }
         let rules: HashMap<JobId, String> = if waiting
-            .iter()
+            .clone()
             .any(|e| e.state == EntryState::AwaitingApproval)
         {
             repo::pending_approval_rules(&self.db).await?
@@ -513,7 +525,6 @@ impl Scheduler {
             }
         }
         snapshot.queued = waiting
-            .iter()
             .map(|e| QueuedJob {
                 job_id: e.job_id,
                 owner: e.owner.clone(),
@@ -531,10 +542,7 @@ impl Scheduler {
             })
             .collect();
         snapshot.runners = states.into_values().collect();
-        Ok(Planned {
-            snapshot,
-            entries: waiting.into_iter().map(|e| (e.job_id, e)).collect(),
-        })
+        Ok(snapshot)
     }
 }
 

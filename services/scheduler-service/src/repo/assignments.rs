@@ -9,7 +9,7 @@ use sqlx::{AnyConnection, Row};
 use trainmesh_common::db::Db;
 use trainmesh_common::proto::job::v1::JobError;
 
-use super::parse_id;
+use super::{parse_id, EntryRow};
 use crate::domain::{AttemptStatus, Demand, JobId, RunnerId};
 use crate::error::{Error, Result};
 
@@ -45,33 +45,57 @@ pub async fn active_usage(db: &Db) -> Result<Vec<Usage>> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-pub async fn insert_assignment(
+/// An attempt to record as SCHEDULED.
+#[derive(Debug)]
+pub struct NewAssignment<'a> {
+    pub job_id: JobId,
+    pub attempt: i64,
+    pub runner_id: RunnerId,
+    pub gpu_indexes: &'a [i32],
+    pub demand: &'a Demand,
+    /// Micros the job waited in the queue.
+    pub waited: i64,
+}
+
+/// Records SCHEDULED attempts, in one statement.
+pub async fn insert_assignments(
     conn: &mut AnyConnection,
-    job_id: JobId,
-    attempt: i64,
-    runner_id: RunnerId,
-    gpu_indexes: &[i32],
-    demand: &Demand,
-    waited: i64,
+    new: &[NewAssignment<'_>],
     now: i64,
 ) -> Result<()> {
-    let gpus = serde_json::to_string(gpu_indexes)
-        .map_err(|e| Error::Corrupt(format!("gpu indexes: {e}")))?;
-    sqlx::query(
+    if new.is_empty() {
+        return Ok(());
+    }
+    // $1 is now; then seven per attempt.
+    let values = (0..new.len())
+        .map(|i| {
+            let b = 2 + 7 * i;
+            let p: Vec<String> = (b..b + 7).map(|n| format!("${n}")).collect();
+            format!(
+                "({}, {}, {}, {}, {}, {}, 'SCHEDULED', $1, {})",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
         "INSERT INTO assignments (job_id, attempt, runner_id, gpu_indexes, cpu_milli, memory_mib, \
-         state, created_at, waited) VALUES ($1, $2, $3, $4, $5, $6, 'SCHEDULED', $7, $8)",
-    )
-    .bind(job_id.to_string())
-    .bind(attempt)
-    .bind(runner_id.to_string())
-    .bind(gpus)
-    .bind(demand.cpu_milli)
-    .bind(demand.memory_mib)
-    .bind(now)
-    .bind(waited)
-    .execute(&mut *conn)
-    .await?;
+         state, created_at, waited) VALUES {values}"
+    );
+    let mut q = sqlx::query(&sql).bind(now);
+    for a in new {
+        let gpus = serde_json::to_string(a.gpu_indexes)
+            .map_err(|e| Error::Corrupt(format!("gpu indexes: {e}")))?;
+        q = q
+            .bind(a.job_id.to_string())
+            .bind(a.attempt)
+            .bind(a.runner_id.to_string())
+            .bind(gpus)
+            .bind(a.demand.cpu_milli)
+            .bind(a.demand.memory_mib)
+            .bind(a.waited);
+    }
+    q.execute(&mut *conn).await?;
     Ok(())
 }
 
@@ -120,6 +144,56 @@ pub async fn get_assignment(
     .fetch_optional(&mut *conn)
     .await?;
     row.as_ref().map(assignment_from_row).transpose()
+}
+
+/// What a runner's report is checked against, in one read: the attempt,
+/// whether `runner_id` holds a live lease, and the job's queue entry.
+#[derive(Debug)]
+pub struct ReportContext {
+    pub attempt: AssignmentRow,
+    pub runner_live: bool,
+    pub entry: Option<EntryRow>,
+}
+
+pub async fn report_context(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    attempt: i64,
+    runner_id: RunnerId,
+    now: i64,
+) -> Result<Option<ReportContext>> {
+    let prefixed = |cols: &str, p: &str| {
+        cols.split(',')
+            .map(|c| format!("{p}.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let row = sqlx::query(&format!(
+        "SELECT {}, CASE WHEN EXISTS (SELECT 1 FROM runners r WHERE r.runner_id = $3 \
+         AND r.state = 'live' AND r.lease_expires_at > $4) THEN 1 ELSE 0 END, {} \
+         FROM assignments a LEFT JOIN queue_entries e ON e.job_id = a.job_id \
+         WHERE a.job_id = $1 AND a.attempt = $2",
+        prefixed(ASSIGNMENT_COLS, "a"),
+        prefixed(super::ENTRY_COLS, "e"),
+    ))
+    .bind(job_id.to_string())
+    .bind(attempt)
+    .bind(runner_id.to_string())
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(r) = row else {
+        return Ok(None);
+    };
+    const LIVE: usize = 8;
+    let has_entry = r.try_get::<Option<String>, _>(LIVE + 1)?.is_some();
+    Ok(Some(ReportContext {
+        attempt: assignment_from_row(&r)?,
+        runner_live: r.try_get::<i64, _>(LIVE)? != 0,
+        entry: has_entry
+            .then(|| super::entry_at(&r, LIVE + 1))
+            .transpose()?,
+    }))
 }
 
 /// Active attempts of a runner.

@@ -11,12 +11,13 @@ pub use approvals::*;
 pub use assignments::*;
 pub use runners::*;
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use prost::Message;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
-use trainmesh_common::db::Db;
+use trainmesh_common::db::{Backend, Db};
 use trainmesh_common::proto::job::v1::UpdateJobStatusRequest;
 
 use crate::domain::{Demand, EntryState, JobId, NewEntry, RunnerId};
@@ -48,7 +49,7 @@ pub struct EntryRow {
     pub queued_at: i64,
 }
 
-const ENTRY_COLS: &str = "job_id, owner, org, priority, gpus, gpu_type, cpu_milli, memory_mib, \
+pub(crate) const ENTRY_COLS: &str = "job_id, owner, org, priority, gpus, gpu_type, cpu_milli, memory_mib, \
      correlation_id, submit_time, state, attempt, max_attempts, runner_id, cancel_requested, reason, \
      not_before, started_attempts, queued_at";
 
@@ -58,37 +59,42 @@ pub(crate) fn parse_id<T: FromStr>(what: &str, s: &str) -> Result<T> {
 }
 
 fn entry_from_row(r: &AnyRow) -> Result<EntryRow> {
-    let job_id: String = r.try_get(0)?;
-    let state: String = r.try_get(10)?;
-    let runner_id: Option<String> = r.try_get(13)?;
+    entry_at(r, 0)
+}
+
+/// An entry from `ENTRY_COLS` starting at column `b`.
+pub(crate) fn entry_at(r: &AnyRow, b: usize) -> Result<EntryRow> {
+    let job_id: String = r.try_get(b)?;
+    let state: String = r.try_get(b + 10)?;
+    let runner_id: Option<String> = r.try_get(b + 13)?;
     Ok(EntryRow {
         job_id: parse_id("job id", &job_id)?,
-        owner: r.try_get(1)?,
-        org: r.try_get(2)?,
-        priority: i32::try_from(r.try_get::<i64, _>(3)?)
+        owner: r.try_get(b + 1)?,
+        org: r.try_get(b + 2)?,
+        priority: i32::try_from(r.try_get::<i64, _>(b + 3)?)
             .map_err(|_| Error::Corrupt(format!("priority of `{job_id}`")))?,
         demand: Demand {
-            gpus: u32::try_from(r.try_get::<i64, _>(4)?)
+            gpus: u32::try_from(r.try_get::<i64, _>(b + 4)?)
                 .map_err(|_| Error::Corrupt(format!("gpus of `{job_id}`")))?,
-            gpu_type: r.try_get(5)?,
-            cpu_milli: r.try_get(6)?,
-            memory_mib: r.try_get(7)?,
+            gpu_type: r.try_get(b + 5)?,
+            cpu_milli: r.try_get(b + 6)?,
+            memory_mib: r.try_get(b + 7)?,
         },
-        correlation_id: r.try_get(8)?,
-        submit_time: r.try_get(9)?,
+        correlation_id: r.try_get(b + 8)?,
+        submit_time: r.try_get(b + 9)?,
         state: EntryState::parse(&state)
             .ok_or_else(|| Error::Corrupt(format!("state `{state}` of `{job_id}`")))?,
-        attempt: r.try_get(11)?,
-        max_attempts: r.try_get(12)?,
+        attempt: r.try_get(b + 11)?,
+        max_attempts: r.try_get(b + 12)?,
         runner_id: runner_id
             .as_deref()
             .map(|s| parse_id("runner id", s))
             .transpose()?,
-        cancel_requested: r.try_get::<i64, _>(14)? != 0,
-        reason: r.try_get(15)?,
-        not_before: r.try_get(16)?,
-        started_attempts: r.try_get(17)?,
-        queued_at: r.try_get(18)?,
+        cancel_requested: r.try_get::<i64, _>(b + 14)? != 0,
+        reason: r.try_get(b + 15)?,
+        not_before: r.try_get(b + 16)?,
+        started_attempts: r.try_get(b + 17)?,
+        queued_at: r.try_get(b + 18)?,
     })
 }
 
@@ -166,17 +172,59 @@ pub async fn get_entry(conn: &mut AnyConnection, job_id: JobId) -> Result<Option
 
 /// Entries in any of `states`, in no particular order.
 pub async fn entries_in(db: &Db, states: &[EntryState]) -> Result<Vec<EntryRow>> {
+    entries_in_on(&mut *db.read.acquire().await?, states).await
+}
+
+/// Where a reader of queue changes stands after reading in `conn`'s
+/// snapshot (see migration 0003): on SQLite the last stamp given, on
+/// PostgreSQL the oldest transaction still running.
+pub async fn queue_cursor(conn: &mut AnyConnection, backend: Backend) -> Result<i64> {
+    let sql = match backend {
+        Backend::Sqlite => "SELECT stamp FROM queue_change_counter WHERE id = 1",
+        Backend::Postgres => "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+    };
+    Ok(sqlx::query_scalar(sql).fetch_one(&mut *conn).await?)
+}
+
+/// Entries changed since `cursor` (a [`queue_cursor`] read earlier). On
+/// PostgreSQL this includes changes of transactions that were running
+/// then, seen again or for the first time.
+pub async fn entries_changed_since(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    cursor: i64,
+) -> Result<Vec<EntryRow>> {
+    let op = match backend {
+        Backend::Sqlite => ">",
+        Backend::Postgres => ">=",
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {ENTRY_COLS} FROM queue_entries WHERE change_stamp {op} $1"
+    ))
+    .bind(cursor)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(entry_from_row).collect()
+}
+
+/// Entries in any of `states` read on `conn`, in no particular order.
+pub async fn entries_in_on(
+    conn: &mut AnyConnection,
+    states: &[EntryState],
+) -> Result<Vec<EntryRow>> {
+    let rows = sqlx::query(&entries_in_sql(states))
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter().map(entry_from_row).collect()
+}
+
+fn entries_in_sql(states: &[EntryState]) -> String {
     let list = states
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
         .collect::<Vec<_>>()
         .join(", ");
-    let rows = sqlx::query(&format!(
-        "SELECT {ENTRY_COLS} FROM queue_entries WHERE state IN ({list})"
-    ))
-    .fetch_all(&db.read)
-    .await?;
-    rows.iter().map(entry_from_row).collect()
+    format!("SELECT {ENTRY_COLS} FROM queue_entries WHERE state IN ({list})")
 }
 
 /// Moves an entry from `from` to `to`; false when it was not in `from`.
@@ -245,34 +293,63 @@ pub async fn request_entry_cancel(
     Ok(())
 }
 
-/// Marks a queued entry dispatched to `runner_id` as the next attempt;
-/// `None` when it is no longer dispatchable (cancelled meanwhile, or still
-/// in backoff). Returns the new attempt number and how long it waited.
-pub async fn dispatch_entry(
+/// A job the dispatcher moved to SCHEDULED.
+#[derive(Clone, Copy, Debug)]
+pub struct Dispatched {
+    pub attempt: i64,
+    /// Micros since the entry last became QUEUED.
+    pub waited: i64,
+    /// The status sequence number taken for the SCHEDULED update.
+    pub status_seq: i64,
+}
+
+/// Moves each entry still QUEUED (not cancelled, past its backoff) to
+/// SCHEDULED on its runner, in one statement; the ones that moved, each
+/// with its new attempt and a status sequence number taken for the update.
+pub async fn dispatch_entries(
     conn: &mut AnyConnection,
-    job_id: JobId,
-    runner_id: RunnerId,
+    placements: &[(JobId, RunnerId)],
     now: i64,
-) -> Result<Option<(i64, i64)>> {
-    let row = sqlx::query(
-        "UPDATE queue_entries SET state = 'SCHEDULED', attempt = attempt + 1, runner_id = $1, \
-         reason = '', not_before = 0, updated_at = $2 \
-         WHERE job_id = $3 AND state = 'QUEUED' AND cancel_requested = 0 AND not_before <= $2 \
-         RETURNING attempt, queued_at",
-    )
-    .bind(runner_id.to_string())
-    .bind(now)
-    .bind(job_id.to_string())
-    .fetch_optional(&mut *conn)
-    .await?;
-    match row {
-        None => Ok(None),
-        Some(r) => {
-            let attempt: i64 = r.try_get(0)?;
-            let queued_at: i64 = r.try_get(1)?;
-            Ok(Some((attempt, (now - queued_at).max(0))))
-        }
+) -> Result<HashMap<JobId, Dispatched>> {
+    if placements.is_empty() {
+        return Ok(HashMap::new());
     }
+    // $1 is now; then (job, runner) pairs. `state || ''` keeps SQLite from
+    // scanning the state index (every QUEUED row) instead of the keys.
+    let cases: String = (0..placements.len())
+        .map(|i| format!(" WHEN ${} THEN ${}", 2 + 2 * i, 3 + 2 * i))
+        .collect();
+    let ids = (0..placements.len())
+        .map(|i| format!("${}", 2 + 2 * i))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "UPDATE queue_entries SET state = 'SCHEDULED', attempt = attempt + 1, \
+         runner_id = CASE job_id{cases} END, reason = '', not_before = 0, updated_at = $1, \
+         status_seq = status_seq + 1 \
+         WHERE job_id IN ({ids}) AND state || '' = 'QUEUED' AND cancel_requested = 0 \
+         AND not_before <= $1 \
+         RETURNING job_id, attempt, queued_at, status_seq"
+    );
+    let mut q = sqlx::query(&sql).bind(now);
+    for (job, runner) in placements {
+        q = q.bind(job.to_string()).bind(runner.to_string());
+    }
+    let rows = q.fetch_all(&mut *conn).await?;
+    rows.iter()
+        .map(|r| {
+            let job_id: String = r.try_get(0)?;
+            let queued_at: i64 = r.try_get(2)?;
+            Ok((
+                parse_id("job id", &job_id)?,
+                Dispatched {
+                    attempt: r.try_get(1)?,
+                    waited: (now - queued_at).max(0),
+                    status_seq: r.try_get(3)?,
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Counts an attempt that reached RUNNING against the retry budget.
@@ -284,6 +361,40 @@ pub async fn count_started(conn: &mut AnyConnection, job_id: JobId) -> Result<()
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Moves an entry from `from` to `to` and takes `statuses` status sequence
+/// numbers, counting a started attempt when `started`; the last number
+/// taken, or `None` when the entry was not in `from`. One statement for
+/// what a runner's report changes in the entry.
+#[allow(clippy::too_many_arguments)]
+pub async fn move_entry_with_statuses(
+    conn: &mut AnyConnection,
+    job_id: JobId,
+    from: EntryState,
+    to: EntryState,
+    reason: &str,
+    started: bool,
+    statuses: i64,
+    now: i64,
+) -> Result<Option<i64>> {
+    let row = sqlx::query(
+        "UPDATE queue_entries SET state = $1, reason = $2, updated_at = $3, \
+         started_attempts = started_attempts + $4, status_seq = status_seq + $5 \
+         WHERE job_id = $6 AND state = $7 RETURNING status_seq",
+    )
+    .bind(to.as_str())
+    .bind(reason)
+    .bind(now)
+    .bind(i64::from(started))
+    .bind(statuses)
+    .bind(job_id.to_string())
+    .bind(from.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| r.try_get::<i64, _>(0))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// The stored spec of a job (for its retry policy).
@@ -312,15 +423,28 @@ pub async fn push_status(
     let seq: i64 = row.try_get(0)?;
     update.job_id = job_id.to_string();
     update.scheduler_sequence = seq;
-    trainmesh_common::outbox::enqueue(
-        conn,
-        STATUS_TOPIC,
-        &job_id.to_string(),
-        &update.encode_to_vec(),
-        correlation_id,
-    )
-    .await?;
+    enqueue_statuses(conn, &[(correlation_id, update)]).await?;
     Ok(seq)
+}
+
+/// Queues status updates for job-service whose `job_id` and
+/// `scheduler_sequence` are set (taken from `status_seq`), in one statement.
+pub async fn enqueue_statuses(
+    conn: &mut AnyConnection,
+    updates: &[(&str, UpdateJobStatusRequest)],
+) -> Result<()> {
+    let payloads: Vec<Vec<u8>> = updates.iter().map(|(_, u)| u.encode_to_vec()).collect();
+    let messages: Vec<_> = updates
+        .iter()
+        .zip(&payloads)
+        .map(|((cid, u), payload)| trainmesh_common::outbox::Message {
+            key: &u.job_id,
+            payload,
+            correlation_id: cid,
+        })
+        .collect();
+    trainmesh_common::outbox::enqueue_many(conn, STATUS_TOPIC, &messages).await?;
+    Ok(())
 }
 
 /// Scheduled-or-running jobs and their GPUs per (owner, org).
@@ -346,3 +470,7 @@ pub async fn running_usage(db: &Db) -> Result<Vec<(String, String, crate::plan::
     }
     Ok(out)
 }
+
+#[cfg(test)]
+#[path = "dispatch_tests.rs"]
+mod dispatch_tests;
