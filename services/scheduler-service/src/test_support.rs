@@ -50,6 +50,6 @@ pub async fn insert(conn: &mut AnyConnection, e: &NewEntry) {
 
 pub async fn enqueue(db: &Db) -> JobId {
     let e = entry();
-    insert(&mut *db.write.acquire().await.expect("conn"), &e).await;
+    insert(&mut db.write.acquire().await.expect("conn"), &e).await;
     e.job_id
 }
