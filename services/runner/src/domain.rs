@@ -301,7 +301,13 @@ mod tests {
                 shm_mib: 64
             }
         );
-        a.spec.as_mut().unwrap().resources.as_mut().unwrap().memory_mib = -1;
+        a.spec
+            .as_mut()
+            .unwrap()
+            .resources
+            .as_mut()
+            .unwrap()
+            .memory_mib = -1;
         assert_eq!(
             Launch::try_from(a.clone()).unwrap_err().field,
             "assignment.spec.resources.memory_mib"

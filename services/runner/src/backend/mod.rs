@@ -15,8 +15,10 @@ use crate::domain::{AttemptKey, ResourceLimits, Termination};
 use crate::error::Error;
 use crate::logs::OutputSink;
 
+pub mod docker;
 pub mod process;
 
+pub use docker::DockerBackend;
 pub use process::ProcessBackend;
 
 /// What a backend needs to start one attempt.
