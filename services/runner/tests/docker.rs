@@ -33,7 +33,6 @@ struct Run {
     dir: tempfile::TempDir,
     writer: LogWriter,
     workload: Box<dyn Workload>,
-    job_id: JobId,
 }
 
 impl Run {
@@ -107,13 +106,11 @@ async fn launch(
     dir: tempfile::TempDir,
     writer: LogWriter,
 ) -> Run {
-    let job_id = req.key.job_id;
     let workload = backend.launch(req).await.expect("launch");
     Run {
         dir,
         writer,
         workload,
-        job_id,
     }
 }
 
@@ -265,7 +262,6 @@ async fn stop_sends_sigterm_and_kills_after_the_grace_period() {
     assert!(started.elapsed() >= Duration::from_secs(1));
     // Waiting again answers the same.
     assert_eq!(run.workload.wait().await.unwrap(), term);
-    assert_eq!(run.job_id, stubborn.job_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

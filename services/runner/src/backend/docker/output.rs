@@ -222,6 +222,21 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_split_off_and_seen_bytes_counted_per_second() {
+        let (second, payload) = split_timestamp(b"2024-01-02T03:04:05.123456789Z hello\n");
+        assert_eq!(second, 1_704_164_645);
+        assert_eq!(payload, b"hello\n");
+        assert_eq!(split_timestamp(b"garbage"), (0, &b"garbage"[..]));
+
+        let mut seen = Seen::default();
+        seen.record(10, STDOUT, 5);
+        seen.record(11, STDOUT, 3);
+        seen.record(11, STDERR, 2);
+        seen.record(11, STDOUT, 1);
+        assert_eq!((seen.second, seen.bytes), (11, [4, 2]));
+    }
+
+    #[test]
     fn progress_bars_keep_what_a_terminal_shows() {
         let mut s = LineSplitter::default();
         assert_eq!(s.push(b"10%\r50%\r100%\n"), ["100%"]);
