@@ -199,11 +199,14 @@ impl Attempt {
         );
         let req = LaunchRequest {
             key,
+            owner: self.launch.owner.clone(),
+            correlation_id: self.launch.correlation_id.clone(),
             command: self.launch.command.clone(),
             image: self.launch.image.clone(),
             env,
             working_dir: self.launch.working_dir.clone(),
             gpu_indexes: self.launch.gpu_indexes.clone(),
+            resources: self.launch.resources,
             attempt_dir: self.dir.clone(),
             metrics_file: metrics_file.clone(),
             output: self.sink.clone().unwrap_or_else(OutputSink::closed),

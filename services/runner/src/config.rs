@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use trainmesh_common::config::CommonArgs;
 
+mod docker;
+
+pub use docker::{DockerArgs, DockerSettings, PullPolicy};
+
 /// Where GPUs come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GpuSetting {
@@ -36,12 +40,15 @@ impl FromStr for GpuSetting {
 pub enum BackendKind {
     /// Local subprocesses.
     Process,
+    /// Containers of the local Docker Engine.
+    Docker,
 }
 
 impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Process => "process",
+            BackendKind::Docker => "docker",
         }
     }
 }
@@ -51,9 +58,10 @@ impl FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "process" => Ok(BackendKind::Process),
-            "docker" | "kubernetes" => Err(format!("backend `{s}` arrives with a later release")),
+            "docker" => Ok(BackendKind::Docker),
+            "kubernetes" => Err(format!("backend `{s}` arrives with a later release")),
             other => Err(format!(
-                "`{other}`: expected process (docker and kubernetes arrive later)"
+                "`{other}`: expected process or docker (kubernetes arrives later)"
             )),
         }
     }
@@ -96,9 +104,12 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_RUNNER_NAME")]
     pub name: Option<String>,
 
-    /// process (docker and kubernetes arrive with a later release).
+    /// process or docker (kubernetes arrives with a later release).
     #[arg(long, env = "TRAINMESH_RUNNER_BACKEND", default_value = "process")]
     pub backend: BackendKind,
+
+    #[command(flatten)]
+    pub docker: DockerArgs,
 
     /// Per-attempt directories `<work-dir>/<job_id>/<attempt>/`. Default:
     /// DATA_DIR/runner.
@@ -191,6 +202,8 @@ pub struct Config {
     /// Variables passed from the runner's environment to every job (the
     /// rest of the runner's environment — tokens, endpoints — is not).
     pub inherit_env: Vec<String>,
+    /// Used when `backend` is docker.
+    pub docker: DockerSettings,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -242,6 +255,7 @@ impl Config {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            docker: DockerSettings::default(),
         }
     }
 
@@ -261,6 +275,10 @@ impl Config {
             "ship intervals must be positive"
         );
         anyhow::ensure!(!self.name.trim().is_empty(), "name must not be empty");
+        anyhow::ensure!(
+            (0..=i64::MAX / (1024 * 1024)).contains(&self.docker.shm_size_mib),
+            "docker shm size must not be negative"
+        );
         Ok(())
     }
 }
@@ -288,6 +306,7 @@ impl Args {
             work_dir,
         );
         c.backend = self.backend;
+        c.docker = self.docker.into_settings();
         c.max_concurrent = self.max_concurrent;
         c.gpus = self.gpus;
         c.cpu = self.cpu;
@@ -314,66 +333,5 @@ pub fn hostname() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[test]
-    fn gpu_setting_parses() {
-        assert_eq!("auto".parse::<GpuSetting>(), Ok(GpuSetting::Detect));
-        assert_eq!("none".parse::<GpuSetting>(), Ok(GpuSetting::Count(0)));
-        assert_eq!("2".parse::<GpuSetting>(), Ok(GpuSetting::Count(2)));
-        assert!("-1".parse::<GpuSetting>().is_err());
-    }
-
-    #[test]
-    fn later_backends_are_named_as_later() {
-        let e = "docker".parse::<BackendKind>().unwrap_err();
-        assert!(e.contains("later release"));
-        assert_eq!("process".parse::<BackendKind>(), Ok(BackendKind::Process));
-    }
-
-    #[test]
-    fn flags_become_config() {
-        let dir = tempfile::tempdir().unwrap();
-        let token = dir.path().join("service.token");
-        std::fs::write(&token, "tok\n").unwrap();
-        let args = Args::try_parse_from([
-            "runner",
-            "--data-dir",
-            dir.path().to_str().unwrap(),
-            "--service-token-file",
-            token.to_str().unwrap(),
-            "--scheduler-endpoint",
-            "file:/tmp/sched.addr",
-            "--gpus",
-            "none",
-            "--max-concurrent",
-            "2",
-            "--label",
-            "zone=a,pool=b",
-            "--log-ship-interval-ms",
-            "50",
-        ])
-        .unwrap();
-        let c = args.into_config().unwrap();
-        assert_eq!(c.token, "tok");
-        assert_eq!(c.scheduler_endpoint, "file:/tmp/sched.addr");
-        assert_eq!(c.job_endpoint, "127.0.0.1:50051");
-        assert_eq!(c.metrics_endpoint, "127.0.0.1:50053");
-        assert_eq!(c.work_dir, dir.path().join("runner"));
-        assert_eq!(c.gpus, GpuSetting::Count(0));
-        assert_eq!(c.max_concurrent, 2);
-        assert_eq!(c.labels.get("pool").map(String::as_str), Some("b"));
-        assert_eq!(c.log_ship_interval, Duration::from_millis(50));
-        assert_eq!(c.metrics_flush_interval, Duration::from_millis(500));
-        assert!(!c.name.is_empty());
-    }
-
-    #[test]
-    fn zero_concurrency_is_refused() {
-        let mut c = Config::new("n", "a", "b", "c", "t", "/tmp");
-        c.max_concurrent = 0;
-        assert!(c.validate().is_err());
-    }
-}
+#[path = "config_tests.rs"]
+mod tests;

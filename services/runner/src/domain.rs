@@ -97,6 +97,43 @@ impl From<std::process::ExitStatus> for Termination {
     }
 }
 
+/// What a job may use, from `spec.resources`; zero means "not set".
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResourceLimits {
+    /// Cores (fractions allowed).
+    pub cpu: f64,
+    pub memory_mib: i64,
+    pub shm_mib: i64,
+}
+
+impl ResourceLimits {
+    fn parse(r: Option<&trainmesh_common::proto::job::v1::Resources>) -> Result<Self, FieldError> {
+        let Some(r) = r else {
+            return Ok(Self::default());
+        };
+        if !r.cpu.is_finite() || r.cpu < 0.0 {
+            return Err(FieldError::new(
+                "assignment.spec.resources.cpu",
+                "must be a non-negative number",
+            ));
+        }
+        for (field, v) in [("memory_mib", r.memory_mib), ("shm_mib", r.shm_mib)] {
+            // Bytes must fit an i64 for the engine.
+            if !(0..=i64::MAX / (1024 * 1024)).contains(&v) {
+                return Err(FieldError::new(
+                    format!("assignment.spec.resources.{field}"),
+                    "must be a non-negative size that fits in bytes",
+                ));
+            }
+        }
+        Ok(Self {
+            cpu: r.cpu,
+            memory_mib: r.memory_mib,
+            shm_mib: r.shm_mib,
+        })
+    }
+}
+
 /// An assignment, validated: what the runner needs to launch the attempt.
 #[derive(Clone, Debug)]
 pub struct Launch {
@@ -110,6 +147,9 @@ pub struct Launch {
     pub image: String,
     pub gpus_requested: i32,
     pub gpu_indexes: Vec<i32>,
+    /// CPU, memory and shared memory the spec asks for; backends that can
+    /// enforce limits (containers) do.
+    pub resources: ResourceLimits,
     pub deadline: Option<Duration>,
     pub termination_grace: Option<Duration>,
 }
@@ -162,6 +202,7 @@ impl TryFrom<Assignment> for Launch {
         }
         gpu_indexes.sort_unstable();
         gpu_indexes.dedup();
+        let resources = ResourceLimits::parse(spec.resources.as_ref())?;
         Ok(Launch {
             key,
             correlation_id: trainmesh_common::correlation::accept(Some(&a.correlation_id)),
@@ -172,6 +213,7 @@ impl TryFrom<Assignment> for Launch {
             image: spec.image,
             gpus_requested: spec.resources.map(|r| r.gpus).unwrap_or(0),
             gpu_indexes,
+            resources,
             deadline,
             termination_grace,
         })
@@ -238,6 +280,43 @@ mod tests {
         let mut a = assignment();
         a.spec.as_mut().unwrap().termination_grace = Some(prost_types::Duration::default());
         assert_eq!(Launch::try_from(a).unwrap().termination_grace, None);
+    }
+
+    #[test]
+    fn resources_are_carried_and_negative_ones_refused() {
+        use trainmesh_common::proto::job::v1::Resources;
+        let mut a = assignment();
+        a.spec.as_mut().unwrap().resources = Some(Resources {
+            cpu: 1.5,
+            memory_mib: 512,
+            shm_mib: 64,
+            ..Resources::default()
+        });
+        let l = Launch::try_from(a.clone()).unwrap();
+        assert_eq!(
+            l.resources,
+            ResourceLimits {
+                cpu: 1.5,
+                memory_mib: 512,
+                shm_mib: 64
+            }
+        );
+        a.spec
+            .as_mut()
+            .unwrap()
+            .resources
+            .as_mut()
+            .unwrap()
+            .memory_mib = -1;
+        assert_eq!(
+            Launch::try_from(a.clone()).unwrap_err().field,
+            "assignment.spec.resources.memory_mib"
+        );
+        a.spec.as_mut().unwrap().resources.as_mut().unwrap().cpu = f64::NAN;
+        assert_eq!(
+            Launch::try_from(a).unwrap_err().field,
+            "assignment.spec.resources.cpu"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use trainmesh_common::error::{to_status, ErrorCode, FieldError, ServiceError};
 use trainmesh_common::proto::job::v1::JobError;
 
+use crate::backend::docker;
 use crate::job_error;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,11 +34,54 @@ pub enum Error {
 
     #[error("backend `{0}` arrives with a later release")]
     BackendUnavailable(String),
+
+    /// The Docker Engine could not be reached, or failed a request.
+    #[error("docker engine: {what}: {source}")]
+    Docker {
+        what: String,
+        source: bollard::errors::Error,
+    },
+
+    /// The job's image is not on the node and could not be pulled (or the
+    /// pull policy forbids pulling it).
+    #[error("cannot pull image `{image}`: {reason}")]
+    ImagePull {
+        image: String,
+        reason: String,
+        /// A registry or network hiccup that a later attempt may not meet.
+        transient: bool,
+    },
+
+    /// GPUs were asked of an engine that cannot hand them to containers.
+    #[error(
+        "the Docker engine has no NVIDIA runtime, so it cannot give the container GPUs ({detail})"
+    )]
+    NoNvidiaRuntime { detail: String },
+
+    /// The engine created the container but refused to start it.
+    #[error("cannot start container `{container}` (image `{image}`): {message}")]
+    ContainerStart {
+        container: String,
+        image: String,
+        message: String,
+    },
+
+    /// The attempt's deterministic container name is held by a container
+    /// that is not this attempt's.
+    #[error("container name `{name}` is taken by a container that is not this attempt's")]
+    ContainerNameTaken { name: String },
 }
 
 impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub fn docker(what: impl Into<String>, source: bollard::errors::Error) -> Self {
+        Error::Docker {
             what: what.into(),
             source,
         }
@@ -63,6 +107,21 @@ impl Error {
             Error::BackendUnavailable(_) => {
                 job_error::platform_error("BackendUnavailable", self.to_string())
             }
+            Error::Docker { .. } => {
+                job_error::platform_error("DockerEngineError", self.to_string())
+            }
+            Error::ImagePull {
+                image, transient, ..
+            } => docker::errors::image_pull_error(image, self.to_string(), *transient),
+            Error::NoNvidiaRuntime { .. } => {
+                docker::errors::nvidia_runtime_missing(self.to_string())
+            }
+            Error::ContainerStart { image, message, .. } => {
+                docker::errors::container_start_error(image, message, self.to_string())
+            }
+            Error::ContainerNameTaken { .. } => {
+                job_error::platform_error("ContainerNameTaken", self.to_string())
+            }
         }
     }
 }
@@ -71,9 +130,14 @@ impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
             Error::InvalidAssignment(_) => ErrorCode::InvalidArgument,
-            Error::Exec { .. } | Error::WorkingDir { .. } | Error::UnknownGpu { .. } => {
-                ErrorCode::FailedPrecondition
-            }
+            Error::Exec { .. }
+            | Error::WorkingDir { .. }
+            | Error::UnknownGpu { .. }
+            | Error::ImagePull { .. }
+            | Error::NoNvidiaRuntime { .. }
+            | Error::ContainerStart { .. }
+            | Error::ContainerNameTaken { .. } => ErrorCode::FailedPrecondition,
+            Error::Docker { .. } => ErrorCode::Unavailable,
             Error::Io { .. } => ErrorCode::Internal,
             Error::BackendUnavailable(_) => ErrorCode::Unimplemented,
         }

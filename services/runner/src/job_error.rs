@@ -21,8 +21,9 @@ pub const CATEGORY_SETUP: &str = "setup";
 pub const CATEGORY_DEADLINE: &str = "deadline";
 pub const CATEGORY_RUNNER_SHUTDOWN: &str = "runner-shutdown";
 pub const CATEGORY_PLATFORM: &str = "platform";
+pub const CATEGORY_IMAGE_PULL: &str = "image-pull";
 
-const OOM_KILLED_HINT: &str = "the process was killed with SIGKILL, most likely by the \
+pub(crate) const OOM_KILLED_HINT: &str = "the process was killed with SIGKILL, most likely by the \
 out-of-memory killer: raise spec.resources.memory_mib, or lower the batch size or the number \
 of data-loader workers";
 const CUDA_OOM_HINT: &str = "the GPU ran out of memory: reduce the batch size (use gradient \

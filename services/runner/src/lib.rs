@@ -50,6 +50,19 @@ pub async fn run(
             &config.inherit_env,
             capacity.gpus.clone(),
         )?),
+        BackendKind::Docker => {
+            let docker =
+                backend::DockerBackend::connect(config.docker.clone(), capacity.gpus.clone())
+                    .await?;
+            if !capacity.gpus.is_empty() {
+                if let Err(e) = docker.check_gpu_support().await {
+                    // Offered GPUs will fail every GPU job with this error:
+                    // say so once at start, where the operator looks.
+                    tracing::warn!(error = %e, "this runner offers GPUs its Docker engine cannot hand out");
+                }
+            }
+            Arc::new(docker)
+        }
     };
     let peers = rpc::Peers::connect(&config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,8 +1,8 @@
-//! Backends run an attempt's workload: a local process now; docker and
-//! kubernetes later behind the same trait. A backend launches, reports how
-//! the workload ended, and stops it (SIGTERM, grace, kill). Everything else
-//! — directories, log files, shipping, reports — is the attempt's, the same
-//! for every backend.
+//! Backends run an attempt's workload: a local process or a Docker
+//! container (kubernetes later) behind the same trait. A backend launches,
+//! reports how the workload ended, and stops it (SIGTERM, grace, kill).
+//! Everything else — directories, log files, shipping, reports — is the
+//! attempt's, the same for every backend.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,18 +11,24 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use trainmesh_common::proto::job::v1::JobError;
 
-use crate::domain::{AttemptKey, Termination};
+use crate::domain::{AttemptKey, ResourceLimits, Termination};
 use crate::error::Error;
 use crate::logs::OutputSink;
 
+pub mod docker;
 pub mod process;
 
+pub use docker::DockerBackend;
 pub use process::ProcessBackend;
 
 /// What a backend needs to start one attempt.
 #[derive(Debug)]
 pub struct LaunchRequest {
     pub key: AttemptKey,
+    /// The job's owner and the assignment's correlation id, for backends
+    /// that label what they create (containers).
+    pub owner: String,
+    pub correlation_id: String,
     /// argv; never empty, never given to a shell.
     pub command: Vec<String>,
     /// The image, for backends that run containers.
@@ -36,6 +42,9 @@ pub struct LaunchRequest {
     pub working_dir: Option<PathBuf>,
     /// GPUs of this node allocated to the attempt (indexes as registered).
     pub gpu_indexes: Vec<i32>,
+    /// CPU, memory and shm from the spec; backends that can enforce
+    /// limits do, the process backend ignores them.
+    pub resources: ResourceLimits,
     /// `<work-dir>/<job_id>/<attempt>/`, absolute.
     pub attempt_dir: PathBuf,
     /// Where the job writes JSON-lines metrics, absolute.

@@ -66,11 +66,14 @@ async fn launch_with(
         .unwrap();
     let req = LaunchRequest {
         key: key(),
+        owner: "alice".into(),
+        correlation_id: "cid-test".into(),
         command: argv.iter().map(|s| s.to_string()).collect(),
         image: String::new(),
         env,
         working_dir,
         gpu_indexes,
+        resources: Default::default(),
         attempt_dir: dir.path().to_owned(),
         metrics_file: dir.path().join("metrics.jsonl"),
         output: sink,

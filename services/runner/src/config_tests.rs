@@ -1,0 +1,107 @@
+use super::*;
+use clap::Parser;
+
+#[test]
+fn gpu_setting_parses() {
+    assert_eq!("auto".parse::<GpuSetting>(), Ok(GpuSetting::Detect));
+    assert_eq!("none".parse::<GpuSetting>(), Ok(GpuSetting::Count(0)));
+    assert_eq!("2".parse::<GpuSetting>(), Ok(GpuSetting::Count(2)));
+    assert!("-1".parse::<GpuSetting>().is_err());
+}
+
+#[test]
+fn backends_parse_and_kubernetes_is_named_as_later() {
+    let e = "kubernetes".parse::<BackendKind>().unwrap_err();
+    assert!(e.contains("later release"));
+    assert_eq!("process".parse::<BackendKind>(), Ok(BackendKind::Process));
+    assert_eq!("docker".parse::<BackendKind>(), Ok(BackendKind::Docker));
+}
+
+#[test]
+fn docker_flags_become_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("service.token");
+    std::fs::write(&token, "tok\n").unwrap();
+    let base = [
+        "runner",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--service-token-file",
+        token.to_str().unwrap(),
+        "--backend",
+        "docker",
+    ];
+    let c = Args::try_parse_from(base).unwrap().into_config().unwrap();
+    assert_eq!(c.backend, BackendKind::Docker);
+    assert_eq!(c.docker, DockerSettings::default());
+    assert_eq!(c.docker.shm_size_mib, 1024);
+    assert_eq!(c.docker.keep_failed, Duration::from_secs(3600));
+    assert_eq!(c.docker.keep_succeeded, Duration::ZERO);
+
+    let mut argv = base.to_vec();
+    argv.extend([
+        "--docker-host",
+        "unix:///run/other.sock",
+        "--docker-shm-size-mib",
+        "2048",
+        "--docker-pull-policy",
+        "never",
+        "--docker-keep-failed-secs",
+        "60",
+        "--docker-network",
+        "host",
+        "--docker-init",
+    ]);
+    let c = Args::try_parse_from(argv).unwrap().into_config().unwrap();
+    assert_eq!(c.docker.host.as_deref(), Some("unix:///run/other.sock"));
+    assert_eq!(c.docker.shm_size_mib, 2048);
+    assert_eq!(c.docker.pull_policy, PullPolicy::Never);
+    assert_eq!(c.docker.keep_failed, Duration::from_secs(60));
+    assert_eq!(c.docker.network.as_deref(), Some("host"));
+    assert!(c.docker.init);
+    assert!("sometimes".parse::<PullPolicy>().is_err());
+}
+
+#[test]
+fn flags_become_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("service.token");
+    std::fs::write(&token, "tok\n").unwrap();
+    let args = Args::try_parse_from([
+        "runner",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--service-token-file",
+        token.to_str().unwrap(),
+        "--scheduler-endpoint",
+        "file:/tmp/sched.addr",
+        "--gpus",
+        "none",
+        "--max-concurrent",
+        "2",
+        "--label",
+        "zone=a,pool=b",
+        "--log-ship-interval-ms",
+        "50",
+    ])
+    .unwrap();
+    let c = args.into_config().unwrap();
+    assert_eq!(c.token, "tok");
+    assert_eq!(c.scheduler_endpoint, "file:/tmp/sched.addr");
+    assert_eq!(c.job_endpoint, "127.0.0.1:50051");
+    assert_eq!(c.metrics_endpoint, "127.0.0.1:50053");
+    assert_eq!(c.work_dir, dir.path().join("runner"));
+    assert_eq!(c.gpus, GpuSetting::Count(0));
+    assert_eq!(c.max_concurrent, 2);
+    assert_eq!(c.labels.get("pool").map(String::as_str), Some("b"));
+    assert_eq!(c.log_ship_interval, Duration::from_millis(50));
+    assert_eq!(c.metrics_flush_interval, Duration::from_millis(500));
+    assert!(!c.name.is_empty());
+}
+
+#[test]
+fn zero_concurrency_is_refused() {
+    let mut c = Config::new("n", "a", "b", "c", "t", "/tmp");
+    c.max_concurrent = 0;
+    assert!(c.validate().is_err());
+}
