@@ -112,6 +112,13 @@ pub struct Launch {
     pub gpu_indexes: Vec<i32>,
     pub deadline: Option<Duration>,
     pub termination_grace: Option<Duration>,
+    pub labels: BTreeMap<String, String>,
+    /// Per replica; 0 when unset.
+    pub cpu: f64,
+    pub memory_mib: u64,
+    pub shm_mib: u64,
+    /// Worker replicas besides the one master.
+    pub workers: u32,
 }
 
 impl TryFrom<Assignment> for Launch {
@@ -162,6 +169,31 @@ impl TryFrom<Assignment> for Launch {
         }
         gpu_indexes.sort_unstable();
         gpu_indexes.dedup();
+        let resources = spec.resources.unwrap_or_default();
+        let non_negative = |field: &str, v: i64| {
+            u64::try_from(v).map_err(|_| FieldError::new(field, "must not be negative"))
+        };
+        let memory_mib =
+            non_negative("assignment.spec.resources.memory_mib", resources.memory_mib)?;
+        let shm_mib = non_negative("assignment.spec.resources.shm_mib", resources.shm_mib)?;
+        if !(resources.cpu.is_finite() && resources.cpu >= 0.0) {
+            return Err(FieldError::new(
+                "assignment.spec.resources.cpu",
+                "must be a non-negative number",
+            ));
+        }
+        let replicas = spec.replicas.unwrap_or_default();
+        // Every job has exactly one master ("0 means 1"); more would need a
+        // launcher the backends do not have.
+        if !(0..=1).contains(&replicas.masters) {
+            return Err(FieldError::new(
+                "assignment.spec.replicas.masters",
+                "must be 0 or 1",
+            ));
+        }
+        let workers = u32::try_from(replicas.workers).map_err(|_| {
+            FieldError::new("assignment.spec.replicas.workers", "must not be negative")
+        })?;
         Ok(Launch {
             key,
             correlation_id: trainmesh_common::correlation::accept(Some(&a.correlation_id)),
@@ -170,10 +202,15 @@ impl TryFrom<Assignment> for Launch {
             env: spec.env.into_iter().collect(),
             working_dir: (!spec.working_dir.is_empty()).then(|| PathBuf::from(spec.working_dir)),
             image: spec.image,
-            gpus_requested: spec.resources.map(|r| r.gpus).unwrap_or(0),
+            gpus_requested: resources.gpus,
             gpu_indexes,
             deadline,
             termination_grace,
+            labels: spec.labels.into_iter().collect(),
+            cpu: resources.cpu,
+            memory_mib,
+            shm_mib,
+            workers,
         })
     }
 }
@@ -238,6 +275,47 @@ mod tests {
         let mut a = assignment();
         a.spec.as_mut().unwrap().termination_grace = Some(prost_types::Duration::default());
         assert_eq!(Launch::try_from(a).unwrap().termination_grace, None);
+    }
+
+    #[test]
+    fn replicas_and_resources_are_checked() {
+        use trainmesh_common::proto::job::v1::{Replicas, Resources};
+        let mut a = assignment();
+        let spec = a.spec.as_mut().unwrap();
+        spec.replicas = Some(Replicas {
+            masters: 1,
+            workers: 3,
+        });
+        spec.resources = Some(Resources {
+            gpus: 8,
+            cpu: 16.0,
+            memory_mib: 65536,
+            shm_mib: 8192,
+            ..Resources::default()
+        });
+        let l = Launch::try_from(a).unwrap();
+        assert_eq!(
+            (l.workers, l.gpus_requested, l.memory_mib, l.shm_mib),
+            (3, 8, 65536, 8192)
+        );
+        let mut a = assignment();
+        a.spec.as_mut().unwrap().replicas = Some(Replicas {
+            masters: 0,
+            workers: -1,
+        });
+        assert_eq!(
+            Launch::try_from(a).unwrap_err().field,
+            "assignment.spec.replicas.workers"
+        );
+        let mut a = assignment();
+        a.spec.as_mut().unwrap().replicas = Some(Replicas {
+            masters: 2,
+            workers: 0,
+        });
+        assert_eq!(
+            Launch::try_from(a).unwrap_err().field,
+            "assignment.spec.replicas.masters"
+        );
     }
 
     #[test]

@@ -42,6 +42,32 @@ pub struct LaunchRequest {
     pub metrics_file: PathBuf,
     /// Every line the workload prints (stdout and stderr) goes here.
     pub output: OutputSink,
+    /// What orchestrating backends need besides the command.
+    pub details: JobDetails,
+}
+
+/// What backends that hand the workload to an orchestrator (Kubernetes)
+/// need to describe it there; the process backend needs none of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobDetails {
+    /// The job's owner, for labels.
+    pub owner: String,
+    pub correlation_id: String,
+    /// The job's own labels (spec.labels).
+    pub labels: BTreeMap<String, String>,
+    /// Per replica: GPUs, CPU cores, memory and shared memory (0: unset).
+    pub gpus: u32,
+    pub cpu: f64,
+    pub memory_mib: u64,
+    pub shm_mib: u64,
+    /// Worker replicas besides the master; 0 for a single-replica job.
+    pub workers: u32,
+    /// The attempt's deadline (spec.deadline), for the orchestrator to
+    /// enforce too.
+    pub deadline: Option<Duration>,
+    /// Grace between SIGTERM and SIGKILL, resolved against the runner's
+    /// default.
+    pub termination_grace: Duration,
 }
 
 /// Starts workloads.
