@@ -1,8 +1,8 @@
-//! Backends run an attempt's workload: a local process now; docker and
-//! kubernetes later behind the same trait. A backend launches, reports how
-//! the workload ended, and stops it (SIGTERM, grace, kill). Everything else
-//! — directories, log files, shipping, reports — is the attempt's, the same
-//! for every backend.
+//! Backends run an attempt's workload: a local process, or Jobs and
+//! PyTorchJobs in a Kubernetes cluster; docker later behind the same
+//! trait. A backend launches, reports how the workload ended, and stops it
+//! (SIGTERM, grace, kill). Everything else — directories, log files,
+//! shipping, reports — is the attempt's, the same for every backend.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +15,7 @@ use crate::domain::{AttemptKey, Termination};
 use crate::error::Error;
 use crate::logs::OutputSink;
 
+pub mod kubernetes;
 pub mod process;
 
 pub use process::ProcessBackend;
