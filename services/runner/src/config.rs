@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use trainmesh_common::config::CommonArgs;
 
+use crate::backend::kubernetes::{KubernetesArgs, KubernetesConfig};
+
 /// Where GPUs come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum GpuSetting {
@@ -36,12 +38,15 @@ impl FromStr for GpuSetting {
 pub enum BackendKind {
     /// Local subprocesses.
     Process,
+    /// Jobs and PyTorchJobs in a Kubernetes cluster.
+    Kubernetes,
 }
 
 impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::Process => "process",
+            BackendKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -51,9 +56,10 @@ impl FromStr for BackendKind {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "process" => Ok(BackendKind::Process),
-            "docker" | "kubernetes" => Err(format!("backend `{s}` arrives with a later release")),
+            "kubernetes" => Ok(BackendKind::Kubernetes),
+            "docker" => Err(format!("backend `{s}` arrives with a later release")),
             other => Err(format!(
-                "`{other}`: expected process (docker and kubernetes arrive later)"
+                "`{other}`: expected process or kubernetes (docker arrives later)"
             )),
         }
     }
@@ -96,7 +102,7 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_RUNNER_NAME")]
     pub name: Option<String>,
 
-    /// process (docker and kubernetes arrive with a later release).
+    /// process or kubernetes (docker arrives with a later release).
     #[arg(long, env = "TRAINMESH_RUNNER_BACKEND", default_value = "process")]
     pub backend: BackendKind,
 
@@ -157,6 +163,9 @@ pub struct Args {
         default_value_t = 30
     )]
     pub flush_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
 }
 
 /// Everything `run` needs. Tests build it with [`Config::new`] and adjust
@@ -191,6 +200,8 @@ pub struct Config {
     /// Variables passed from the runner's environment to every job (the
     /// rest of the runner's environment — tokens, endpoints — is not).
     pub inherit_env: Vec<String>,
+    /// Settings of the kubernetes backend.
+    pub kubernetes: KubernetesConfig,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -242,6 +253,7 @@ impl Config {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 
@@ -261,6 +273,7 @@ impl Config {
             "ship intervals must be positive"
         );
         anyhow::ensure!(!self.name.trim().is_empty(), "name must not be empty");
+        self.kubernetes.validate()?;
         Ok(())
     }
 }
@@ -297,6 +310,7 @@ impl Args {
         c.metrics_flush_interval = Duration::from_millis(self.metrics_flush_interval_ms);
         c.default_termination_grace = Duration::from_secs(self.termination_grace_secs);
         c.flush_timeout = Duration::from_secs(self.flush_timeout_secs);
+        c.kubernetes = self.kubernetes.into_config();
         c.validate()?;
         Ok(c)
     }
@@ -331,6 +345,45 @@ mod tests {
         let e = "docker".parse::<BackendKind>().unwrap_err();
         assert!(e.contains("later release"));
         assert_eq!("process".parse::<BackendKind>(), Ok(BackendKind::Process));
+        assert_eq!(
+            "kubernetes".parse::<BackendKind>(),
+            Ok(BackendKind::Kubernetes)
+        );
+    }
+
+    #[test]
+    fn kubernetes_flags_become_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("service.token");
+        std::fs::write(&token, "tok").unwrap();
+        let args = Args::try_parse_from([
+            "runner",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--service-token-file",
+            token.to_str().unwrap(),
+            "--backend",
+            "kubernetes",
+            "--k8s-namespace",
+            "training",
+            "--k8s-service-account",
+            "trainer",
+            "--k8s-image-pull-secret",
+            "regcred",
+            "--k8s-image-pull-secret",
+            "mirror,other",
+            "--k8s-unschedulable-timeout-secs",
+            "60",
+        ])
+        .unwrap();
+        let c = args.into_config().unwrap();
+        assert_eq!(c.backend, BackendKind::Kubernetes);
+        let k = &c.kubernetes;
+        assert_eq!(k.namespace.as_deref(), Some("training"));
+        assert_eq!(k.service_account.as_deref(), Some("trainer"));
+        assert_eq!(k.image_pull_secrets, ["regcred", "mirror", "other"]);
+        assert_eq!(k.unschedulable_timeout, Duration::from_secs(60));
+        assert_eq!(k.poll_interval, Duration::from_secs(5));
     }
 
     #[test]

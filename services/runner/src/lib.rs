@@ -50,6 +50,11 @@ pub async fn run(
             &config.inherit_env,
             capacity.gpus.clone(),
         )?),
+        BackendKind::Kubernetes => {
+            let b = backend::KubernetesBackend::connect(config.kubernetes.clone()).await?;
+            tracing::info!(namespace = b.namespace(), "kubernetes backend ready");
+            Arc::new(b)
+        }
     };
     let peers = rpc::Peers::connect(&config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

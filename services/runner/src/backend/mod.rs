@@ -18,6 +18,7 @@ use crate::logs::OutputSink;
 pub mod kubernetes;
 pub mod process;
 
+pub use kubernetes::KubernetesBackend;
 pub use process::ProcessBackend;
 
 /// What a backend needs to start one attempt.
