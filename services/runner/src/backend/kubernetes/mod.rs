@@ -178,8 +178,15 @@ impl Backend for KubernetesBackend {
 mod fake_api;
 
 #[cfg(test)]
-#[path = "backend_tests.rs"]
-mod backend_tests;
+mod test_support;
+
+#[cfg(test)]
+#[path = "body_tests.rs"]
+mod body_tests;
+
+#[cfg(test)]
+#[path = "workload_tests.rs"]
+mod workload_tests;
 
 #[cfg(test)]
 #[path = "status_tests.rs"]
