@@ -68,6 +68,10 @@ impl KubernetesBackend {
     /// pod's service account in a cluster, else `$KUBECONFIG` or
     /// `~/.kube/config`.
     pub async fn connect(cfg: KubernetesConfig) -> Result<Self, Error> {
+        // rustls refuses to pick a provider when more than one is compiled
+        // in (another dependency may bring aws-lc-rs); name ours. An error
+        // means one is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client::try_default()
             .await
             .map_err(|e| api_error("cannot configure the kubernetes client", e))?;
