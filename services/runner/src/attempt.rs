@@ -13,7 +13,7 @@ use tracing::Instrument;
 use trainmesh_common::proto::job::v1::{AttemptState, JobError};
 use trainmesh_common::proto::runner::v1::{Assignment, ReportAttemptStatusRequest};
 
-use crate::backend::{Backend, LaunchRequest, Workload};
+use crate::backend::{Backend, JobDetails, LaunchRequest, Workload};
 use crate::domain::{AttemptKey, Launch, Termination};
 use crate::error::Error;
 use crate::job_error;
@@ -210,6 +210,16 @@ impl Attempt {
             attempt_dir: self.dir.clone(),
             metrics_file: metrics_file.clone(),
             output: self.sink.clone().unwrap_or_else(OutputSink::closed),
+            details: JobDetails {
+                labels: self.launch.labels.clone(),
+                gpus: u32::try_from(self.launch.gpus_requested).unwrap_or(0),
+                workers: self.launch.workers,
+                deadline: self.launch.deadline,
+                termination_grace: self
+                    .launch
+                    .termination_grace
+                    .unwrap_or(self.ctx.default_termination_grace),
+            },
         };
         let mut workload = match self.ctx.backend.launch(req).await {
             Ok(w) => w,

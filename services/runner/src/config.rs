@@ -11,6 +11,7 @@ use trainmesh_common::config::CommonArgs;
 mod docker;
 
 pub use docker::{DockerArgs, DockerSettings, PullPolicy};
+use crate::backend::kubernetes::{KubernetesArgs, KubernetesConfig};
 
 /// Where GPUs come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub enum BackendKind {
     Process,
     /// Containers of the local Docker Engine.
     Docker,
+    /// Jobs and PyTorchJobs in a Kubernetes cluster.
+    Kubernetes,
 }
 
 impl BackendKind {
@@ -49,6 +52,7 @@ impl BackendKind {
         match self {
             BackendKind::Process => "process",
             BackendKind::Docker => "docker",
+            BackendKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -59,9 +63,9 @@ impl FromStr for BackendKind {
         match s {
             "process" => Ok(BackendKind::Process),
             "docker" => Ok(BackendKind::Docker),
-            "kubernetes" => Err(format!("backend `{s}` arrives with a later release")),
+            "kubernetes" => Ok(BackendKind::Kubernetes),
             other => Err(format!(
-                "`{other}`: expected process or docker (kubernetes arrives later)"
+                "`{other}`: expected process, docker or kubernetes"
             )),
         }
     }
@@ -104,7 +108,7 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_RUNNER_NAME")]
     pub name: Option<String>,
 
-    /// process or docker (kubernetes arrives with a later release).
+    /// process, docker or kubernetes.
     #[arg(long, env = "TRAINMESH_RUNNER_BACKEND", default_value = "process")]
     pub backend: BackendKind,
 
@@ -168,6 +172,9 @@ pub struct Args {
         default_value_t = 30
     )]
     pub flush_timeout_secs: u64,
+
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
 }
 
 /// Everything `run` needs. Tests build it with [`Config::new`] and adjust
@@ -204,6 +211,8 @@ pub struct Config {
     pub inherit_env: Vec<String>,
     /// Used when `backend` is docker.
     pub docker: DockerSettings,
+    /// Settings of the kubernetes backend.
+    pub kubernetes: KubernetesConfig,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -256,6 +265,7 @@ impl Config {
                 .map(|s| (*s).to_owned())
                 .collect(),
             docker: DockerSettings::default(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 
@@ -279,6 +289,7 @@ impl Config {
             (0..=i64::MAX / (1024 * 1024)).contains(&self.docker.shm_size_mib),
             "docker shm size must not be negative"
         );
+        self.kubernetes.validate()?;
         Ok(())
     }
 }
@@ -316,6 +327,7 @@ impl Args {
         c.metrics_flush_interval = Duration::from_millis(self.metrics_flush_interval_ms);
         c.default_termination_grace = Duration::from_secs(self.termination_grace_secs);
         c.flush_timeout = Duration::from_secs(self.flush_timeout_secs);
+        c.kubernetes = self.kubernetes.into_config();
         c.validate()?;
         Ok(c)
     }

@@ -10,11 +10,15 @@ fn gpu_setting_parses() {
 }
 
 #[test]
-fn backends_parse_and_kubernetes_is_named_as_later() {
-    let e = "kubernetes".parse::<BackendKind>().unwrap_err();
-    assert!(e.contains("later release"));
+fn every_backend_parses_and_others_are_named() {
     assert_eq!("process".parse::<BackendKind>(), Ok(BackendKind::Process));
     assert_eq!("docker".parse::<BackendKind>(), Ok(BackendKind::Docker));
+    assert_eq!(
+        "kubernetes".parse::<BackendKind>(),
+        Ok(BackendKind::Kubernetes)
+    );
+    let e = "slurm".parse::<BackendKind>().unwrap_err();
+    assert!(e.contains("`slurm`") && e.contains("docker or kubernetes"), "{e}");
 }
 
 #[test]
@@ -104,4 +108,39 @@ fn zero_concurrency_is_refused() {
     let mut c = Config::new("n", "a", "b", "c", "t", "/tmp");
     c.max_concurrent = 0;
     assert!(c.validate().is_err());
+}
+
+#[test]
+fn kubernetes_flags_become_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("service.token");
+    std::fs::write(&token, "tok").unwrap();
+    let args = Args::try_parse_from([
+        "runner",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--service-token-file",
+        token.to_str().unwrap(),
+        "--backend",
+        "kubernetes",
+        "--k8s-namespace",
+        "training",
+        "--k8s-service-account",
+        "trainer",
+        "--k8s-image-pull-secret",
+        "regcred",
+        "--k8s-image-pull-secret",
+        "mirror,other",
+        "--k8s-unschedulable-timeout-secs",
+        "60",
+    ])
+    .unwrap();
+    let c = args.into_config().unwrap();
+    assert_eq!(c.backend, BackendKind::Kubernetes);
+    let k = &c.kubernetes;
+    assert_eq!(k.namespace.as_deref(), Some("training"));
+    assert_eq!(k.service_account.as_deref(), Some("trainer"));
+    assert_eq!(k.image_pull_secrets, ["regcred", "mirror", "other"]);
+    assert_eq!(k.unschedulable_timeout, Duration::from_secs(60));
+    assert_eq!(k.poll_interval, Duration::from_secs(5));
 }

@@ -152,6 +152,9 @@ pub struct Launch {
     pub resources: ResourceLimits,
     pub deadline: Option<Duration>,
     pub termination_grace: Option<Duration>,
+    pub labels: BTreeMap<String, String>,
+    /// Worker replicas besides the one master.
+    pub workers: u32,
 }
 
 impl TryFrom<Assignment> for Launch {
@@ -202,7 +205,20 @@ impl TryFrom<Assignment> for Launch {
         }
         gpu_indexes.sort_unstable();
         gpu_indexes.dedup();
+        let gpus_requested = spec.resources.as_ref().map_or(0, |r| r.gpus);
         let resources = ResourceLimits::parse(spec.resources.as_ref())?;
+        let replicas = spec.replicas.unwrap_or_default();
+        // Every job has exactly one master ("0 means 1"); more would need a
+        // launcher the backends do not have.
+        if !(0..=1).contains(&replicas.masters) {
+            return Err(FieldError::new(
+                "assignment.spec.replicas.masters",
+                "must be 0 or 1",
+            ));
+        }
+        let workers = u32::try_from(replicas.workers).map_err(|_| {
+            FieldError::new("assignment.spec.replicas.workers", "must not be negative")
+        })?;
         Ok(Launch {
             key,
             correlation_id: trainmesh_common::correlation::accept(Some(&a.correlation_id)),
@@ -211,11 +227,13 @@ impl TryFrom<Assignment> for Launch {
             env: spec.env.into_iter().collect(),
             working_dir: (!spec.working_dir.is_empty()).then(|| PathBuf::from(spec.working_dir)),
             image: spec.image,
-            gpus_requested: spec.resources.map(|r| r.gpus).unwrap_or(0),
+            gpus_requested,
             gpu_indexes,
             resources,
             deadline,
             termination_grace,
+            labels: spec.labels.into_iter().collect(),
+            workers,
         })
     }
 }
@@ -316,6 +334,47 @@ mod tests {
         assert_eq!(
             Launch::try_from(a).unwrap_err().field,
             "assignment.spec.resources.cpu"
+        );
+    }
+
+    #[test]
+    fn replicas_and_resources_are_checked() {
+        use trainmesh_common::proto::job::v1::{Replicas, Resources};
+        let mut a = assignment();
+        let spec = a.spec.as_mut().unwrap();
+        spec.replicas = Some(Replicas {
+            masters: 1,
+            workers: 3,
+        });
+        spec.resources = Some(Resources {
+            gpus: 8,
+            cpu: 16.0,
+            memory_mib: 65536,
+            shm_mib: 8192,
+            ..Resources::default()
+        });
+        let l = Launch::try_from(a).unwrap();
+        assert_eq!(
+            (l.workers, l.gpus_requested, l.resources.memory_mib, l.resources.shm_mib),
+            (3, 8, 65536, 8192)
+        );
+        let mut a = assignment();
+        a.spec.as_mut().unwrap().replicas = Some(Replicas {
+            masters: 0,
+            workers: -1,
+        });
+        assert_eq!(
+            Launch::try_from(a).unwrap_err().field,
+            "assignment.spec.replicas.workers"
+        );
+        let mut a = assignment();
+        a.spec.as_mut().unwrap().replicas = Some(Replicas {
+            masters: 2,
+            workers: 0,
+        });
+        assert_eq!(
+            Launch::try_from(a).unwrap_err().field,
+            "assignment.spec.replicas.masters"
         );
     }
 

@@ -70,6 +70,14 @@ pub enum Error {
     /// that is not this attempt's.
     #[error("container name `{name}` is taken by a container that is not this attempt's")]
     ContainerNameTaken { name: String },
+    /// The Kubernetes API refused or failed a request (`status` is the
+    /// HTTP code when it answered).
+    #[error("{what}: {message}")]
+    Kubernetes {
+        what: String,
+        status: Option<u16>,
+        message: String,
+    },
 }
 
 impl Error {
@@ -122,6 +130,16 @@ impl Error {
             Error::ContainerNameTaken { .. } => {
                 job_error::platform_error("ContainerNameTaken", self.to_string())
             }
+            // The API server found the object invalid: the job's spec (an
+            // env name, a label) is at fault, and a retry changes nothing.
+            Error::Kubernetes {
+                status: Some(400 | 422),
+                ..
+            } => job_error::setup_error("KubernetesInvalidObject", self.to_string(), false),
+            // Unreachable API, RBAC, quota, a missing CRD: the platform's.
+            Error::Kubernetes { .. } => {
+                job_error::platform_error("KubernetesApiError", self.to_string())
+            }
         }
     }
 }
@@ -140,6 +158,11 @@ impl ServiceError for Error {
             Error::Docker { .. } => ErrorCode::Unavailable,
             Error::Io { .. } => ErrorCode::Internal,
             Error::BackendUnavailable(_) => ErrorCode::Unimplemented,
+            Error::Kubernetes {
+                status: Some(400 | 422),
+                ..
+            } => ErrorCode::InvalidArgument,
+            Error::Kubernetes { .. } => ErrorCode::Unavailable,
         }
     }
 
@@ -175,6 +198,25 @@ mod tests {
             tonic::Status::from(e).code(),
             tonic::Code::FailedPrecondition
         );
+    }
+
+    #[test]
+    fn kubernetes_errors_split_into_setup_and_platform() {
+        let invalid = Error::Kubernetes {
+            what: "cannot create Job `tm-x-1`".into(),
+            status: Some(422),
+            message: "spec.template.spec.containers[0].env[0].name: Invalid value".into(),
+        };
+        let je = invalid.to_job_error();
+        assert_eq!((je.category.as_str(), je.retryable), ("setup", false));
+        let forbidden = Error::Kubernetes {
+            what: "cannot create Job `tm-x-1`".into(),
+            status: Some(403),
+            message: "exceeded quota".into(),
+        };
+        let je = forbidden.to_job_error();
+        assert_eq!((je.category.as_str(), je.retryable), ("platform", true));
+        assert!(je.message.contains("exceeded quota"));
     }
 
     #[test]

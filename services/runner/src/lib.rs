@@ -63,6 +63,11 @@ pub async fn run(
             }
             Arc::new(docker)
         }
+        BackendKind::Kubernetes => {
+            let b = backend::KubernetesBackend::connect(config.kubernetes.clone()).await?;
+            tracing::info!(namespace = b.namespace(), "kubernetes backend ready");
+            Arc::new(b)
+        }
     };
     let peers = rpc::Peers::connect(&config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

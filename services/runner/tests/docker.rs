@@ -96,6 +96,7 @@ async fn request(key: AttemptKey, argv: &[&str]) -> (LaunchRequest, tempfile::Te
         metrics_file: attempt_dir.join("metrics.jsonl"),
         attempt_dir,
         output: sink,
+        details: Default::default(),
     };
     (req, dir, writer)
 }

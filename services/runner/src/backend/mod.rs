@@ -1,8 +1,8 @@
-//! Backends run an attempt's workload: a local process or a Docker
-//! container (kubernetes later) behind the same trait. A backend launches,
-//! reports how the workload ended, and stops it (SIGTERM, grace, kill).
-//! Everything else — directories, log files, shipping, reports — is the
-//! attempt's, the same for every backend.
+//! Backends run an attempt's workload: a local process, a Docker
+//! container, or Jobs and PyTorchJobs in a Kubernetes cluster, behind the
+//! same trait. A backend launches, reports how the workload ended, and
+//! stops it (SIGTERM, grace, kill). Everything else — directories, log
+//! files, shipping, reports — is the attempt's, the same for every backend.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,9 +16,11 @@ use crate::error::Error;
 use crate::logs::OutputSink;
 
 pub mod docker;
+pub mod kubernetes;
 pub mod process;
 
 pub use docker::DockerBackend;
+pub use kubernetes::KubernetesBackend;
 pub use process::ProcessBackend;
 
 /// What a backend needs to start one attempt.
@@ -51,6 +53,26 @@ pub struct LaunchRequest {
     pub metrics_file: PathBuf,
     /// Every line the workload prints (stdout and stderr) goes here.
     pub output: OutputSink,
+    /// What orchestrating backends need besides the command.
+    pub details: JobDetails,
+}
+
+/// What backends that hand the workload to an orchestrator (Kubernetes)
+/// need to describe it there; the process backend needs none of it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobDetails {
+    /// The job's own labels (spec.labels).
+    pub labels: BTreeMap<String, String>,
+    /// GPUs per replica.
+    pub gpus: u32,
+    /// Worker replicas besides the master; 0 for a single-replica job.
+    pub workers: u32,
+    /// The attempt's deadline (spec.deadline), for the orchestrator to
+    /// enforce too.
+    pub deadline: Option<Duration>,
+    /// Grace between SIGTERM and SIGKILL, resolved against the runner's
+    /// default.
+    pub termination_grace: Duration,
 }
 
 /// Starts workloads.

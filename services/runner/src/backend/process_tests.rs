@@ -77,6 +77,7 @@ async fn launch_with(
         attempt_dir: dir.path().to_owned(),
         metrics_file: dir.path().join("metrics.jsonl"),
         output: sink,
+        details: Default::default(),
     };
     let workload = backend.launch(req).await?;
     Ok(Run {

@@ -23,6 +23,7 @@ fn request() -> LaunchRequest {
         attempt_dir: PathBuf::from("/work/runner/j/2"),
         metrics_file: PathBuf::from("/work/runner/j/2/metrics.jsonl"),
         output: OutputSink::closed(),
+        details: Default::default(),
     }
 }
 
