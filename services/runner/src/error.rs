@@ -32,8 +32,6 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("backend `{0}` arrives with a later release")]
-    BackendUnavailable(String),
 
     /// The Docker Engine could not be reached, or failed a request.
     #[error("docker engine: {what}: {source}")]
@@ -112,9 +110,6 @@ impl Error {
                 job_error::platform_error("GpuUnavailable", self.to_string())
             }
             Error::Io { .. } => job_error::platform_error("RunnerIoError", self.to_string()),
-            Error::BackendUnavailable(_) => {
-                job_error::platform_error("BackendUnavailable", self.to_string())
-            }
             Error::Docker { .. } => {
                 job_error::platform_error("DockerEngineError", self.to_string())
             }
@@ -157,7 +152,6 @@ impl ServiceError for Error {
             | Error::ContainerNameTaken { .. } => ErrorCode::FailedPrecondition,
             Error::Docker { .. } => ErrorCode::Unavailable,
             Error::Io { .. } => ErrorCode::Internal,
-            Error::BackendUnavailable(_) => ErrorCode::Unimplemented,
             Error::Kubernetes {
                 status: Some(400 | 422),
                 ..
