@@ -10,8 +10,8 @@ use trainmesh_common::config::CommonArgs;
 
 mod docker;
 
-pub use docker::{DockerArgs, DockerSettings, PullPolicy};
 use crate::backend::kubernetes::{KubernetesArgs, KubernetesConfig};
+pub use docker::{DockerArgs, DockerSettings, PullPolicy};
 
 /// Where GPUs come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,9 +64,7 @@ impl FromStr for BackendKind {
             "process" => Ok(BackendKind::Process),
             "docker" => Ok(BackendKind::Docker),
             "kubernetes" => Ok(BackendKind::Kubernetes),
-            other => Err(format!(
-                "`{other}`: expected process, docker or kubernetes"
-            )),
+            other => Err(format!("`{other}`: expected process, docker or kubernetes")),
         }
     }
 }

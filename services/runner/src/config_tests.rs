@@ -18,7 +18,10 @@ fn every_backend_parses_and_others_are_named() {
         Ok(BackendKind::Kubernetes)
     );
     let e = "slurm".parse::<BackendKind>().unwrap_err();
-    assert!(e.contains("`slurm`") && e.contains("docker or kubernetes"), "{e}");
+    assert!(
+        e.contains("`slurm`") && e.contains("docker or kubernetes"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -51,9 +51,11 @@ pub async fn run(
             capacity.gpus.clone(),
         )?),
         BackendKind::Docker => {
-            let docker =
-                backend::DockerBackend::connect(config.docker.clone(), capacity.gpus.clone())
-                    .await?;
+            let settings = config::DockerSettings {
+                runner: config.name.clone(),
+                ..config.docker.clone()
+            };
+            let docker = backend::DockerBackend::connect(settings, capacity.gpus.clone()).await?;
             if !capacity.gpus.is_empty() {
                 if let Err(e) = docker.check_gpu_support().await {
                     // Offered GPUs will fail every GPU job with this error:

@@ -406,3 +406,55 @@ async fn a_missing_image_is_an_image_pull_error_naming_it() {
     }
     assert!(docker.inspect_image(&image).await.is_err());
 }
+
+/// A runner killed outright leaves its containers running; its attempts
+/// are retried elsewhere, so the runner stops them when it starts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_runner_stops_the_containers_it_left_running() {
+    let Some(docker) = engine().await else { return };
+    ensure_test_image(&docker).await;
+    let settings = DockerSettings {
+        runner: format!("runner-{}", uuid::Uuid::new_v4()),
+        ..DockerSettings::default()
+    };
+    let first = backend(settings.clone()).await;
+    let key = key();
+    let _cleanup = Cleanup {
+        job_id: key.job_id.to_string(),
+    };
+    // Exits on SIGTERM (a shell as PID 1 would ignore it until the kill).
+    let script = "trap 'exit 0' TERM; echo started; sleep 300 & wait";
+    let (req, dir, writer) = request(key, &["/bin/sh", "-c", script]).await;
+    let run = launch(&first, req, dir, writer).await;
+    run.wait_for_line("started").await;
+    // The runner dies without stopping anything.
+    std::mem::forget(run.workload);
+    drop(first);
+
+    let other = backend(DockerSettings {
+        runner: format!("runner-{}", uuid::Uuid::new_v4()),
+        ..DockerSettings::default()
+    })
+    .await;
+    let id = containers_of(&docker, &key.job_id.to_string()).await;
+    assert_eq!(id.len(), 1);
+    let running = |id: String| {
+        let docker = docker.clone();
+        async move {
+            let info = docker.inspect_container(&id, None).await.unwrap();
+            info.state.and_then(|s| s.running).unwrap_or(false)
+        }
+    };
+    assert!(
+        running(id[0].clone()).await,
+        "another runner leaves it alone"
+    );
+    drop(other);
+
+    let again = backend(settings).await;
+    assert!(
+        !running(id[0].clone()).await,
+        "the same runner, restarted, stopped it"
+    );
+    assert_eq!(again.stop_orphans().await.unwrap(), 0);
+}

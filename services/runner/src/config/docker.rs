@@ -50,12 +50,16 @@ pub struct DockerSettings {
     /// the attempt has read its result.
     pub keep_succeeded: Duration,
     pub keep_failed: Duration,
+    /// The runner's name, labelled on its containers: a restarted runner
+    /// stops the containers an earlier run of it left running.
+    pub runner: String,
 }
 
 impl Default for DockerSettings {
     fn default() -> Self {
         Self {
             host: None,
+            runner: String::new(),
             shm_size_mib: 1024,
             pull_policy: PullPolicy::IfNotPresent,
             network: None,
@@ -122,6 +126,8 @@ impl DockerArgs {
             init: self.docker_init,
             keep_succeeded: Duration::from_secs(self.docker_keep_succeeded_secs),
             keep_failed: Duration::from_secs(self.docker_keep_failed_secs),
+            // Set from the runner's name where the backend starts.
+            runner: String::new(),
         }
     }
 }

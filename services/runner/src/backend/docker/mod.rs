@@ -38,6 +38,10 @@ pub use workload::{DockerWorkload, RemoveOnExit};
 /// How long a name the engine reported taken may stay uninspectable.
 const CONFLICT_PATIENCE: Duration = Duration::from_secs(10);
 
+/// Grace of a left-over container at runner start: its attempt was
+/// already declared lost, so it gets SIGTERM and a short while to exit.
+const ORPHAN_STOP_GRACE_SECS: i32 = 10;
+
 /// The engine's runtime that gives containers NVIDIA GPUs.
 const NVIDIA_RUNTIME: &str = "nvidia";
 
@@ -72,12 +76,57 @@ impl DockerBackend {
             },
         );
         tracing::info!(api_version = %docker.client_version(), "connected to the Docker engine");
-        Ok(Self {
+        let backend = Self {
             docker,
             settings,
             gpus,
             _reaper: reaper,
-        })
+        };
+        backend.stop_orphans().await?;
+        Ok(backend)
+    }
+
+    /// Stops the containers an earlier run of this runner left running. A
+    /// killed runner's containers outlive it (a process backend's jobs die
+    /// with their runner); its attempts belong to a runner id the scheduler
+    /// declares lost and retries elsewhere, and nothing will deliver them
+    /// here again, so left running they would be a second copy of a job.
+    pub async fn stop_orphans(&self) -> Result<usize, Error> {
+        if self.settings.runner.is_empty() {
+            return Ok(0);
+        }
+        let filters = std::collections::HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{}={}", spec::LABEL_RUNNER, self.settings.runner)],
+        )]);
+        let options = bollard::query_parameters::ListContainersOptions {
+            all: false,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let running = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| Error::docker("listing this runner's containers", e))?;
+        let mut stopped = 0;
+        for c in running {
+            let Some(id) = c.id else { continue };
+            let options = bollard::query_parameters::StopContainerOptions {
+                t: Some(ORPHAN_STOP_GRACE_SECS),
+                ..Default::default()
+            };
+            match self.docker.stop_container(&id, Some(options)).await {
+                Ok(()) => {
+                    stopped += 1;
+                    tracing::warn!(container = %id, names = ?c.names,
+                        "stopped a container an earlier run of this runner left running");
+                }
+                Err(e) if errors::is_not_found(&e) => {}
+                Err(e) => return Err(Error::docker("stopping a left-over container", e)),
+            }
+        }
+        Ok(stopped)
     }
 
     /// The engine connection (tests inspect what the backend made).

@@ -17,6 +17,8 @@ pub const LABEL_JOB: &str = "trainmesh.job";
 pub const LABEL_ATTEMPT: &str = "trainmesh.attempt";
 pub const LABEL_OWNER: &str = "trainmesh.owner";
 pub const LABEL_CORRELATION_ID: &str = "trainmesh.correlation-id";
+/// The name of the runner that started the container.
+pub const LABEL_RUNNER: &str = "trainmesh.runner";
 
 const MIB: i64 = 1024 * 1024;
 
@@ -121,6 +123,7 @@ pub fn build(
         (LABEL_ATTEMPT.to_owned(), req.key.attempt.to_string()),
         (LABEL_OWNER.to_owned(), req.owner.clone()),
         (LABEL_CORRELATION_ID.to_owned(), req.correlation_id.clone()),
+        (LABEL_RUNNER.to_owned(), settings.runner.clone()),
     ]);
 
     let limits = req.resources;
