@@ -355,7 +355,12 @@ mod tests {
         });
         let l = Launch::try_from(a).unwrap();
         assert_eq!(
-            (l.workers, l.gpus_requested, l.resources.memory_mib, l.resources.shm_mib),
+            (
+                l.workers,
+                l.gpus_requested,
+                l.resources.memory_mib,
+                l.resources.shm_mib
+            ),
             (3, 8, 65536, 8192)
         );
         let mut a = assignment();

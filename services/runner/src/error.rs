@@ -32,7 +32,6 @@ pub enum Error {
         source: std::io::Error,
     },
 
-
     /// The Docker Engine could not be reached, or failed a request.
     #[error("docker engine: {what}: {source}")]
     Docker {
