@@ -51,6 +51,8 @@ pub struct AttemptContext {
     pub default_termination_grace: Duration,
     pub flush_timeout: Duration,
     pub max_backoff: Duration,
+    /// How much of each attempt's log is kept on disk.
+    pub attempt_log: LogLimits,
     /// True once the runner is shutting down: reports then give up sooner.
     pub shutting_down: watch::Receiver<bool>,
 }
@@ -99,7 +101,7 @@ pub async fn run(
         }
     };
     let dir = ctx.attempt_dir(&key);
-    let prepared = prepare_dir(&dir, LogLimits::default()).await;
+    let prepared = prepare_dir(&dir, ctx.attempt_log).await;
     let (sink, writer) = match prepared {
         Ok(v) => v,
         Err(e) => {
