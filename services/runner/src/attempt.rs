@@ -17,7 +17,7 @@ use crate::backend::{Backend, JobDetails, LaunchRequest, Workload};
 use crate::domain::{AttemptKey, Launch, Termination};
 use crate::error::Error;
 use crate::job_error;
-use crate::logs::{self, LogShipper, LogWriter, OutputSink};
+use crate::logs::{self, LogLimits, LogShipper, LogWriter, OutputSink};
 use crate::metrics::MetricsShipper;
 use crate::rpc::{is_permanent, request, Backoff, Peers, CALL_TIMEOUT};
 use crate::tailer::Tailer;
@@ -51,6 +51,8 @@ pub struct AttemptContext {
     pub default_termination_grace: Duration,
     pub flush_timeout: Duration,
     pub max_backoff: Duration,
+    /// How much of each attempt's log is kept on disk.
+    pub attempt_log: LogLimits,
     /// True once the runner is shutting down: reports then give up sooner.
     pub shutting_down: watch::Receiver<bool>,
 }
@@ -99,7 +101,7 @@ pub async fn run(
         }
     };
     let dir = ctx.attempt_dir(&key);
-    let prepared = prepare_dir(&dir).await;
+    let prepared = prepare_dir(&dir, ctx.attempt_log).await;
     let (sink, writer) = match prepared {
         Ok(v) => v,
         Err(e) => {
@@ -129,7 +131,10 @@ pub async fn run(
 }
 
 /// Creates the attempt directory afresh and starts its log writer.
-async fn prepare_dir(dir: &std::path::Path) -> Result<(OutputSink, LogWriter), Error> {
+async fn prepare_dir(
+    dir: &std::path::Path,
+    limits: LogLimits,
+) -> Result<(OutputSink, LogWriter), Error> {
     tokio::fs::create_dir_all(dir)
         .await
         .map_err(|e| Error::io(format!("cannot create `{}`", dir.display()), e))?;
@@ -142,7 +147,7 @@ async fn prepare_dir(dir: &std::path::Path) -> Result<(OutputSink, LogWriter), E
             Err(e) => return Err(Error::io(format!("cannot remove `{stale}`"), e)),
         }
     }
-    LogWriter::start(&dir.join(OUTPUT_LOG))
+    LogWriter::start(&dir.join(OUTPUT_LOG), limits)
         .await
         .map_err(|e| Error::io(format!("cannot create `{OUTPUT_LOG}`"), e))
 }
@@ -167,7 +172,7 @@ impl Attempt {
             LogShipper {
                 client: self.ctx.peers.jobs.clone(),
                 key,
-                path: self.dir.join(OUTPUT_LOG),
+                files: self.writer.files.clone(),
                 interval: self.ctx.log_ship_interval,
                 max_backoff: self.ctx.max_backoff,
             }
@@ -270,12 +275,11 @@ impl Attempt {
         let (state, exit_code, error) = match outcome {
             Outcome::Exited(t) if t.success() => (AttemptState::Succeeded, Some(0), None),
             Outcome::Exited(t) => {
-                let path = self.dir.join(OUTPUT_LOG);
-                let text = tokio::task::spawn_blocking(move || {
-                    logs::read_tail_text(&path, CLASSIFY_TAIL_BYTES)
-                })
-                .await
-                .unwrap_or_default();
+                let files = self.writer.files.clone();
+                let text =
+                    tokio::task::spawn_blocking(move || files.tail_text(CLASSIFY_TAIL_BYTES))
+                        .await
+                        .unwrap_or_default();
                 let err = workload.failure().or_else(|| job_error::classify(t, &text));
                 (AttemptState::Failed, Some(t.exit_code()), err)
             }

@@ -11,6 +11,7 @@ use trainmesh_common::config::CommonArgs;
 mod docker;
 
 use crate::backend::kubernetes::{KubernetesArgs, KubernetesConfig};
+use crate::logs::{LogLimits, MAX_LINE_BYTES};
 pub use docker::{DockerArgs, DockerSettings, PullPolicy};
 
 /// Where GPUs come from.
@@ -171,6 +172,21 @@ pub struct Args {
     )]
     pub flush_timeout_secs: u64,
 
+    /// Disk kept for each attempt's log, all its files together; the
+    /// oldest lines are deleted beyond it (shipped ones, unless job-service
+    /// was unreachable that long).
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_ATTEMPT_LOG_MAX_MIB",
+        default_value_t = 256
+    )]
+    pub attempt_log_max_mib: u64,
+
+    /// Files each attempt's log is kept in, `output.log` included: it is
+    /// rotated at max-mib / files.
+    #[arg(long, env = "TRAINMESH_RUNNER_ATTEMPT_LOG_FILES", default_value_t = 4)]
+    pub attempt_log_files: u32,
+
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
 }
@@ -196,6 +212,8 @@ pub struct Config {
     pub metrics_flush_interval: Duration,
     pub default_termination_grace: Duration,
     pub flush_timeout: Duration,
+    /// How much of each attempt's log is kept on disk.
+    pub attempt_log: LogLimits,
     /// Long-poll wait asked of AcquireAssignments.
     pub acquire_wait: Duration,
     /// Heartbeat interval used until the scheduler names one.
@@ -254,6 +272,7 @@ impl Config {
             metrics_flush_interval: Duration::from_millis(500),
             default_termination_grace: Duration::from_secs(10),
             flush_timeout: Duration::from_secs(30),
+            attempt_log: LogLimits::default(),
             acquire_wait: Duration::from_secs(25),
             default_heartbeat_interval: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
@@ -283,6 +302,17 @@ impl Config {
             "ship intervals must be positive"
         );
         anyhow::ensure!(!self.name.trim().is_empty(), "name must not be empty");
+        anyhow::ensure!(
+            self.attempt_log.max_bytes > 0 && self.attempt_log.files > 0,
+            "the attempt log cap and file count must be positive"
+        );
+        // A segment smaller than the longest line would be all one line.
+        anyhow::ensure!(
+            self.attempt_log.segment_bytes() > MAX_LINE_BYTES as u64,
+            "attempt log files of {} bytes cannot hold a {} KiB line: raise the cap or use fewer files",
+            self.attempt_log.segment_bytes(),
+            MAX_LINE_BYTES / 1024
+        );
         anyhow::ensure!(
             (0..=i64::MAX / (1024 * 1024)).contains(&self.docker.shm_size_mib),
             "docker shm size must not be negative"
@@ -325,6 +355,10 @@ impl Args {
         c.metrics_flush_interval = Duration::from_millis(self.metrics_flush_interval_ms);
         c.default_termination_grace = Duration::from_secs(self.termination_grace_secs);
         c.flush_timeout = Duration::from_secs(self.flush_timeout_secs);
+        c.attempt_log = LogLimits {
+            max_bytes: self.attempt_log_max_mib.saturating_mul(1024 * 1024),
+            files: self.attempt_log_files,
+        };
         c.kubernetes = self.kubernetes.into_config();
         c.validate()?;
         Ok(c)

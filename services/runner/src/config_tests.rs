@@ -147,3 +147,38 @@ fn kubernetes_flags_become_config() {
     assert_eq!(k.unschedulable_timeout, Duration::from_secs(60));
     assert_eq!(k.poll_interval, Duration::from_secs(5));
 }
+
+#[test]
+fn attempt_log_flags_set_the_cap_and_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("service.token");
+    std::fs::write(&token, "tok").unwrap();
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "runner",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--service-token-file",
+            token.to_str().unwrap(),
+        ];
+        argv.extend(extra);
+        Args::try_parse_from(argv).unwrap().into_config()
+    };
+    let c = parse(&[]).unwrap();
+    assert_eq!(c.attempt_log, LogLimits::default());
+    assert_eq!(c.attempt_log.segment_bytes(), 64 * 1024 * 1024);
+
+    let c = parse(&["--attempt-log-max-mib", "10", "--attempt-log-files", "5"]).unwrap();
+    assert_eq!(c.attempt_log.max_bytes, 10 * 1024 * 1024);
+    assert_eq!(c.attempt_log.segment_bytes(), 2 * 1024 * 1024);
+
+    let refused: [&[&str]; 3] = [
+        &["--attempt-log-max-mib", "0"],
+        &["--attempt-log-files", "0"],
+        // 64 KiB files cannot hold a longest line and its newline.
+        &["--attempt-log-max-mib", "1", "--attempt-log-files", "16"],
+    ];
+    for extra in refused {
+        assert!(parse(extra).is_err(), "{extra:?} accepted");
+    }
+}

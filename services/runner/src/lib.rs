@@ -82,6 +82,7 @@ pub async fn run(
         default_termination_grace: config.default_termination_grace,
         flush_timeout: config.flush_timeout,
         max_backoff: config.max_backoff,
+        attempt_log: config.attempt_log,
         shutting_down: stop_rx.clone(),
     });
     tokio::spawn(async move {

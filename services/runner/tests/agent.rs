@@ -131,6 +131,55 @@ async fn shipping_failures_are_retried_without_renumbering() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_rotated_away_while_job_service_is_down_are_skipped_with_true_numbers() {
+    let m = mesh().await;
+    m.fake.with(|s| s.fail_shipping = u32::MAX);
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| {
+        let mut c = config(&endpoint, w);
+        // Two files of 96 KiB; `seq` writes about 1.3 MB.
+        c.attempt_log = runner::logs::LogLimits {
+            max_bytes: 2 * 96 * 1024,
+            files: 2,
+        };
+        c
+    });
+    let a = assignment(&["seq", "1", "200000"]);
+    let job_id = a.job_id.clone();
+    let dir = runner.work.path().join(&job_id).join("1");
+    m.fake.assign(a);
+    // The fourth rotation deleted the first three segments, and with them
+    // the line after the one batch the shipper could read. Later rotations
+    // delete `output.log.4` in turn, so look for any suffix from 4 on.
+    wait_for("a fourth rotation", WAIT, || async {
+        let rotated = std::fs::read_dir(&dir).ok()?.flatten().any(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("output.log.")
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n >= 4)
+        });
+        rotated.then_some(())
+    })
+    .await;
+    m.fake.with(|s| s.fail_shipping = 0);
+
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Succeeded as i32);
+    let lines = m.fake.log_lines(&job_id);
+    // `seq` prints each line's own number: a renumbered line would show.
+    for l in &lines {
+        assert_eq!(l.text, l.number.to_string());
+    }
+    let numbers: Vec<i64> = lines.iter().map(|l| l.number).collect();
+    assert_eq!(numbers.first(), Some(&1));
+    assert_eq!(numbers.last(), Some(&200_000));
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]));
+    // More may follow if the writer outran the shipper after the release.
+    assert!(numbers.windows(2).any(|w| w[1] > w[0] + 1), "no lines lost");
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_traceback_becomes_the_structured_error() {
     let m = mesh().await;
     let endpoint = m.addr.to_string();

@@ -15,7 +15,7 @@ use runner::config::{DockerSettings, PullPolicy};
 use runner::domain::{AttemptKey, JobId, ResourceLimits, Termination};
 use runner::error::Error;
 use runner::inventory::fake_gpus;
-use runner::logs::LogWriter;
+use runner::logs::{LogLimits, LogWriter};
 use support::docker::{containers_of, engine, ensure_test_image, Cleanup, TEST_IMAGE};
 use trainmesh_common::testing::wait_for;
 
@@ -79,7 +79,7 @@ fn key() -> AttemptKey {
 /// A request for `argv` in the test image, logging into a fresh directory.
 async fn request(key: AttemptKey, argv: &[&str]) -> (LaunchRequest, tempfile::TempDir, LogWriter) {
     let dir = tempfile::tempdir().unwrap();
-    let (sink, writer) = LogWriter::start(&dir.path().join("output.log"))
+    let (sink, writer) = LogWriter::start(&dir.path().join("output.log"), LogLimits::default())
         .await
         .unwrap();
     let attempt_dir = std::fs::canonicalize(dir.path()).unwrap();

@@ -10,7 +10,7 @@ use trainmesh_common::testing::wait_for;
 use super::*;
 use crate::domain::{AttemptKey, JobId};
 use crate::inventory::fake_gpus;
-use crate::logs::LogWriter;
+use crate::logs::{LogLimits, LogWriter};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -61,7 +61,7 @@ async fn launch_with(
     working_dir: Option<PathBuf>,
 ) -> Result<Run, Error> {
     let dir = tempfile::tempdir().unwrap();
-    let (sink, writer) = LogWriter::start(&dir.path().join("output.log"))
+    let (sink, writer) = LogWriter::start(&dir.path().join("output.log"), LogLimits::default())
         .await
         .unwrap();
     let req = LaunchRequest {

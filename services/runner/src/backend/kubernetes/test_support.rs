@@ -10,7 +10,7 @@ use super::fake_api::{Recorded, Reply};
 use super::{KubeWorkload, KubernetesBackend, KubernetesConfig};
 use crate::backend::{JobDetails, LaunchRequest};
 use crate::domain::{AttemptKey, JobId, ResourceLimits};
-use crate::logs::LogWriter;
+use crate::logs::{LogLimits, LogWriter};
 
 pub const JOB_ID: &str = "0190f1c2-7a3b-7c4d-8e5f-123456789abc";
 pub const NAME: &str = "tm-0190f1c2-7a3b-7c4d-8e5f-123456789abc-1";
@@ -58,7 +58,9 @@ pub async fn launch(
 ) -> (Result<KubeWorkload, crate::error::Error>, Launched) {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("output.log");
-    let (sink, writer) = LogWriter::start(&log_path).await.unwrap();
+    let (sink, writer) = LogWriter::start(&log_path, LogLimits::default())
+        .await
+        .unwrap();
     let req = LaunchRequest {
         key: key(),
         command: vec!["torchrun".into(), "train.py".into(), "--lr=3e-4".into()],
