@@ -454,6 +454,9 @@ pub fn failure_cause(exit_code: Option<i32>, error: Option<&JobError>) -> Failur
         "setup" => return FailureCause::Setup,
         "image-pull" => return FailureCause::ImagePull,
         "deadline" => return FailureCause::Deadline,
+        // Kubernetes could not place the pods (the runner's backend gave up
+        // waiting); the exit code, if any, says nothing.
+        "unschedulable" => return FailureCause::NoCapacity,
         "platform" | "runner-lost" | "runner-shutdown" => return FailureCause::Platform,
         _ => {}
     }
@@ -484,6 +487,14 @@ mod tests {
             category: category.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_unschedulable_pod_is_no_capacity_whatever_the_exit_code() {
+        assert_eq!(
+            failure_cause(Some(-1), Some(&err("unschedulable"))),
+            FailureCause::NoCapacity
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! - exit codes 1–127 (the job's own code) are final unless the policy
 //!   sets `retry_user_errors`; 128–255 (signals, the OOM killer), a lost
-//!   runner and platform failures are retried; setup, image-pull and
+//!   runner, platform failures and a cluster without room for the pods
+//!   (no capacity) are retried; setup, image-pull and
 //!   deadline failures are final (running again would fail the same way);
 //! - `max_attempts` counts attempts that started (reached RUNNING); an
 //!   attempt lost or failed by the platform before it started does not use
@@ -109,7 +110,12 @@ pub fn human(d: Duration) -> String {
 fn retryable(cause: FailureCause, policy: &Policy) -> bool {
     match cause {
         FailureCause::UserCode => policy.retry_user_errors,
-        FailureCause::Signal | FailureCause::Platform | FailureCause::Unspecified => true,
+        // A pod the cluster could not place may fit later or elsewhere; it
+        // never started, so the never-started allowance bounds the retries.
+        FailureCause::Signal
+        | FailureCause::Platform
+        | FailureCause::NoCapacity
+        | FailureCause::Unspecified => true,
         _ => false,
     }
 }
@@ -232,6 +238,25 @@ mod tests {
         assert!(matches!(
             decide(&lenient, failed(1, FailureCause::UserCode), true, 1, 1),
             Decision::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn an_unschedulable_attempt_is_retried_without_using_the_budget() {
+        let p = Policy::of(None, 1, Duration::from_secs(10), Duration::from_secs(600));
+        assert!(matches!(
+            decide(&p, failed(-1, FailureCause::NoCapacity), false, 0, 1),
+            Decision::Retry { .. }
+        ));
+        assert!(matches!(
+            decide(
+                &p,
+                failed(-1, FailureCause::NoCapacity),
+                false,
+                0,
+                1 + NEVER_STARTED_ALLOWANCE
+            ),
+            Decision::Final { .. }
         ));
     }
 
