@@ -188,6 +188,16 @@ impl Metrics {
                 }));
                 resync = false;
             }
+            // A client with no room left takes nothing more now: skip ahead
+            // rather than read points only to drop them. Deciding here, right
+            // after the send that filled the buffer, also means a full buffer
+            // always ends in a resync marker, whenever the client drains it.
+            if tx.capacity() == 0 {
+                tracing::debug!(job_id = %q.job_id, "watch client fell behind; resync");
+                resync = true;
+                more = false;
+                continue;
+            }
             let rows = match self.repo.after(q.job_id, cursor, WATCH_BATCH).await {
                 Ok(rows) => rows,
                 Err(e) => {
