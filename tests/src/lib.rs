@@ -70,20 +70,13 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The packages whose binaries the mesh runs.
-pub const BINARY_PACKAGES: [&str; 5] = [
-    "job-service",
-    "scheduler-service",
-    "metrics-service",
-    "diagnosis-service",
-    "runner",
-];
-
 /// Directory holding the workspace's binaries, built once per test process.
 /// `cargo nextest run` builds test targets only, so the harness asks cargo
-/// for the binaries (a no-op when `.ci/run` already built them). Only the
-/// packages the mesh runs are built, so a broken tool elsewhere in the
-/// workspace (bench, trainctl) does not stop these tests.
+/// for the binaries. It asks for exactly what `.ci/run` builds (the whole
+/// workspace, all targets): any narrower selection unifies dependency
+/// features differently, and cargo would then compile a second variant of
+/// the service binaries under the build lock while every other mesh test
+/// waits (about a minute on the CI machine).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -94,10 +87,7 @@ pub fn bin_dir() -> &'static Path {
             .and_then(Path::parent)
             .expect("target dir")
             .to_path_buf();
-        let mut args = vec!["build", "--bins", "--quiet"];
-        for p in BINARY_PACKAGES {
-            args.extend(["-p", p]);
-        }
+        let args = ["build", "--workspace", "--all-targets", "--quiet"];
         let status = std::process::Command::new(env!("CARGO"))
             .args(&args)
             .current_dir(workspace_root())
