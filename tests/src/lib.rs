@@ -70,6 +70,17 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Variables cargo sets for the crate under test, not for a build.
+const PACKAGE_ENV: [&str; 7] = [
+    "CARGO_MANIFEST_",
+    "CARGO_PKG_",
+    "CARGO_CRATE_",
+    "CARGO_BIN_",
+    "CARGO_PRIMARY_PACKAGE",
+    "CARGO_TARGET_TMPDIR",
+    "CARGO_RUSTC_CURRENT_DIR",
+];
+
 /// Directory holding the workspace's binaries, built once per test process.
 /// `cargo nextest run` builds test targets only, so the harness asks cargo
 /// for the binaries. It asks for exactly what `.ci/run` builds (the whole
@@ -88,9 +99,20 @@ pub fn bin_dir() -> &'static Path {
             .expect("target dir")
             .to_path_buf();
         let args = ["build", "--workspace", "--all-targets", "--quiet"];
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(&args)
-            .current_dir(workspace_root())
+        let mut cargo = std::process::Command::new(env!("CARGO"));
+        cargo.args(args).current_dir(workspace_root());
+        // The test runner describes this test's package in the environment
+        // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...); build scripts that watch
+        // those variables (ring's) would see a change and rebuild half the
+        // TLS stack. Cargo's own settings (CARGO_HOME, CARGO_TARGET_DIR,
+        // CARGO_BUILD_*, ...) stay.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if PACKAGE_ENV.iter().any(|p| k.starts_with(p)) {
+                cargo.env_remove(&key);
+            }
+        }
+        let status = cargo
             .status()
             .expect("run cargo build for the service binaries");
         assert!(status.success(), "cargo {} failed", args.join(" "));
