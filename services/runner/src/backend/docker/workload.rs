@@ -1,10 +1,11 @@
 //! A started (or adopted) container: its log pump, its end, its stop.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::errors::Error as EngineError;
 use bollard::models::ContainerState;
-use bollard::query_parameters::{RemoveContainerOptions, StopContainerOptions};
+use bollard::query_parameters::{EventsOptions, RemoveContainerOptions, StopContainerOptions};
 use bollard::Docker;
 use futures::future::BoxFuture;
 use futures::StreamExt;
@@ -20,6 +21,9 @@ use crate::logs::OutputSink;
 /// How long output may keep arriving after the container ended (the
 /// engine closes the log stream right after the exit).
 const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
+/// How long a SIGKILL under a memory limit waits for the engine's `oom`
+/// event that may have caused it.
+const OOM_EVENT_WAIT: Duration = Duration::from_secs(1);
 /// Added to the grace period for the stop request itself: the engine
 /// answers only once the container is gone.
 const STOP_SLACK: Duration = Duration::from_secs(30);
@@ -98,12 +102,7 @@ impl DockerWorkload {
                 }
             }
         }
-        let info = self
-            .docker
-            .inspect_container(&self.name, None)
-            .await
-            .map_err(|e| io_error(&format!("inspecting `{}`", self.name), e))?;
-        let state = info.state.unwrap_or_default();
+        let state = self.final_state().await?;
         if is_running(&state) {
             return Err(std::io::Error::other(format!(
                 "container `{}` is still running after its wait ended",
@@ -137,6 +136,69 @@ impl DockerWorkload {
         }
         Ok(term)
     }
+
+    /// The ended container's state. The engine's `OOMKilled` flag is
+    /// lossy: when its OOM event and the exit race (two or three containers
+    /// ending at once are enough), the flag can stay false for good, while
+    /// the `oom` event itself was published. So a SIGKILL under a memory
+    /// limit without the flag asks the engine's event log as well.
+    async fn final_state(&self) -> std::io::Result<ContainerState> {
+        let info = self
+            .docker
+            .inspect_container(&self.name, None)
+            .await
+            .map_err(|e| io_error(&format!("inspecting `{}`", self.name), e))?;
+        let mut state = info.state.unwrap_or_default();
+        if self.memory_mib.is_some()
+            && state.exit_code == Some(137)
+            && state.oom_killed != Some(true)
+        {
+            let since = state.started_at.as_deref().and_then(unix_time);
+            if let Some(id) = info.id.as_deref() {
+                if self.engine_reported_oom(id, since).await {
+                    tracing::debug!(container = %self.name,
+                        "OOMKilled unset but the engine published an oom event");
+                    state.oom_killed = Some(true);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// Whether the engine published an `oom` event for container `id`
+    /// since `since` (unix seconds), waiting up to [`OOM_EVENT_WAIT`] for
+    /// one still on its way.
+    async fn engine_reported_oom(&self, id: &str, since: Option<f64>) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let until = now + OOM_EVENT_WAIT;
+        let options = EventsOptions {
+            since: Some(format!("{:.9}", since.unwrap_or(0.0))),
+            until: Some(format!("{}.{:09}", until.as_secs(), until.subsec_nanos())),
+            filters: Some(HashMap::from([
+                ("type".to_owned(), vec!["container".to_owned()]),
+                ("container".to_owned(), vec![id.to_owned()]),
+                ("event".to_owned(), vec!["oom".to_owned()]),
+            ])),
+        };
+        let mut events = self.docker.events(Some(options));
+        match tokio::time::timeout(OOM_EVENT_WAIT + STOP_SLACK, events.next()).await {
+            Ok(Some(Ok(_))) => true,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(container = %self.name, error = %e,
+                    "cannot read the engine's events");
+                false
+            }
+            Ok(None) | Err(_) => false,
+        }
+    }
+}
+
+/// Unix seconds of an RFC 3339 time from the engine.
+fn unix_time(rfc3339: &str) -> Option<f64> {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339).ok()?;
+    Some(t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9)
 }
 
 fn is_running(state: &ContainerState) -> bool {
