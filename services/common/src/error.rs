@@ -119,11 +119,15 @@ pub fn db_error_code(err: &sqlx::Error) -> ErrorCode {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Tls(_) => ErrorCode::Unavailable,
         sqlx::Error::Database(db) => {
-            // SQLite "database is locked"/"busy", PostgreSQL admin shutdown
-            // and connection failures are transient.
+            // SQLite "database is locked"/"busy", PostgreSQL admin shutdown,
+            // connection failures, and a transaction the server aborted to
+            // break a deadlock or a serialization conflict are transient:
+            // the same call again can succeed.
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            if matches!(code.as_str(), "5" | "6" | "57P01" | "57P02" | "57P03")
-                || code.starts_with("08")
+            if matches!(
+                code.as_str(),
+                "5" | "6" | "57P01" | "57P02" | "57P03" | "40001" | "40P01"
+            ) || code.starts_with("08")
             {
                 ErrorCode::Unavailable
             } else {

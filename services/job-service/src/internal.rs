@@ -38,6 +38,12 @@ impl JobService {
         let traceparent = correlation::traceparent();
         let this = Arc::clone(self);
         let work: Work<(JobView, Option<bool>), Error> = Box::new(move |tx| {
+            let (this, u, traceparent, span) = (
+                Arc::clone(&this),
+                u.clone(),
+                traceparent.clone(),
+                span.clone(),
+            );
             Box::pin(async move {
                 this.apply_status(tx, u, traceparent.as_deref())
                     .instrument(span)
@@ -65,7 +71,7 @@ impl JobService {
         u: StatusUpdate,
         traceparent: Option<&str>,
     ) -> Result<(JobView, Option<bool>)> {
-        let Some(mut job) = repo::lock_job(tx, self.db.backend, u.job_id).await? else {
+        let Some(mut job) = repo::lock_job_for_change(tx, self.db.backend, u.job_id).await? else {
             return Err(Error::JobNotFound(u.job_id.to_string()));
         };
         if job.state.is_terminal() || u.sequence <= job.scheduler_sequence {
@@ -139,7 +145,7 @@ impl JobService {
             }
             _ => {}
         }
-        repo::save_job(tx, &job).await?;
+        let sequence = repo::save_job(tx, &job).await?;
         let diagnose = u.state == JobState::Failed && self.settings.auto_diagnose;
         if diagnose {
             let msg = dpb::DiagnoseJobRequest {
@@ -176,6 +182,7 @@ impl JobService {
         repo::append_event(
             tx,
             self.db.backend,
+            sequence,
             &NewEvent {
                 job_id: job.id,
                 owner: &job.owner,
@@ -247,17 +254,18 @@ impl JobService {
     pub async fn attach_diagnosis(&self, raw_id: &str, d: pb::DiagnosisSummary) -> Result<()> {
         let id = JobId::parse_field("job_id", raw_id)?;
         let mut tx = self.db.write.begin().await?;
-        let Some(mut job) = repo::lock_job(&mut tx, self.db.backend, id).await? else {
+        let Some(mut job) = repo::lock_job_for_change(&mut tx, self.db.backend, id).await? else {
             return Err(Error::JobNotFound(id.to_string()));
         };
         let now = now_micros();
         let message = d.error.chars().take(512).collect::<String>();
         job.diagnosis = Some(d);
         job.update_time = now;
-        repo::save_job(&mut tx, &job).await?;
+        let sequence = repo::save_job(&mut tx, &job).await?;
         repo::append_event(
             &mut tx,
             self.db.backend,
+            sequence,
             &NewEvent {
                 job_id: id,
                 owner: &job.owner,

@@ -124,10 +124,17 @@ impl JobService {
         conn: &mut AnyConnection,
         job: JobRecord,
     ) -> Result<JobView> {
-        let attempts = repo::attempts_of(conn, &[job.id])
-            .await?
-            .remove(&job.id)
-            .unwrap_or_default();
+        // Attempts are made only with `current_attempt` raised to them, so
+        // a job still at 0 has none: no need to ask (most status updates
+        // are for such jobs).
+        let attempts = if job.current_attempt == 0 {
+            Vec::new()
+        } else {
+            repo::attempts_of(conn, &[job.id])
+                .await?
+                .remove(&job.id)
+                .unwrap_or_default()
+        };
         Ok(JobView { job, attempts })
     }
 
@@ -324,7 +331,7 @@ impl JobService {
             reason
         };
         let mut tx = self.db.write.begin().await?;
-        let mut job = match repo::lock_job(&mut tx, self.db.backend, id).await? {
+        let mut job = match repo::lock_job_for_change(&mut tx, self.db.backend, id).await? {
             Some(j) if visible(caller, &j) => j,
             _ => return Err(Error::JobNotFound(id.to_string())),
         };
@@ -357,7 +364,7 @@ impl JobService {
         } else {
             "cancel_requested"
         };
-        repo::save_job(&mut tx, &job).await?;
+        let sequence = repo::save_job(&mut tx, &job).await?;
         let msg = spb::CancelQueuedJobRequest {
             job_id: id.to_string(),
             reason: reason.clone(),
@@ -373,6 +380,7 @@ impl JobService {
         repo::append_event(
             &mut tx,
             self.db.backend,
+            sequence,
             &NewEvent {
                 job_id: id,
                 owner: &job.owner,
@@ -396,7 +404,7 @@ impl JobService {
     pub async fn delete(&self, caller: &Caller, raw_id: &str) -> Result<()> {
         let id = JobId::parse_field("job_id", raw_id)?;
         let mut tx = self.db.write.begin().await?;
-        let job = match repo::lock_job(&mut tx, self.db.backend, id).await? {
+        let job = match repo::lock_job_for_change(&mut tx, self.db.backend, id).await? {
             Some(j) if visible(caller, &j) => j,
             _ => return Err(Error::JobNotFound(id.to_string())),
         };
@@ -423,9 +431,11 @@ impl JobService {
             .await?;
         }
         repo::delete_job_data(&mut tx, id).await?;
+        let sequence = repo::next_event_sequence(&mut tx, id).await?;
         repo::append_event(
             &mut tx,
             self.db.backend,
+            sequence,
             &NewEvent {
                 job_id: id,
                 owner: &job.owner,

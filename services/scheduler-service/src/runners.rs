@@ -223,8 +223,10 @@ impl Scheduler {
 
     async fn report_once(self: &Arc<Self>, r: AttemptReport) -> Result<bool> {
         let this = Arc::clone(self);
-        let work: Work<ReportOutcome, Error> =
-            Box::new(move |tx| Box::pin(async move { this.report_in(tx, r).await }));
+        let work: Work<ReportOutcome, Error> = Box::new(move |tx| {
+            let (this, r) = (Arc::clone(&this), r.clone());
+            Box::pin(async move { this.report_in(tx, r).await })
+        });
         let outcome = self
             .reports
             .submit(work, || Error::Db(sqlx::Error::PoolClosed))

@@ -225,6 +225,8 @@ impl Scheduler {
         let span = tracing::Span::current();
         let entry = e.clone();
         let work: Work<Enqueued, Error> = Box::new(move |tx| {
+            let (this, entry, cid, span) =
+                (Arc::clone(&this), entry.clone(), cid.clone(), span.clone());
             Box::pin(async move { this.enqueue_in(tx, &entry, &cid).instrument(span).await })
         });
         let out = self
@@ -289,7 +291,9 @@ impl Scheduler {
             repo::insert_approval(&mut *tx, e.job_id, &e.owner, rule, now, expires).await?;
             update.reason = format!("approval required by rule `{rule}`");
         }
-        repo::push_status(&mut *tx, e.job_id, cid, update).await?;
+        update.job_id = e.job_id.to_string();
+        update.scheduler_sequence = repo::FIRST_STATUS_SEQ;
+        repo::enqueue_statuses(&mut *tx, &[(cid, update)]).await?;
         Ok(Enqueued::New {
             state,
             rule,

@@ -9,7 +9,7 @@ use crate::domain::{JobId, JobState};
 use crate::error::{Error, Result};
 
 /// Key of the PostgreSQL advisory lock that orders event commits.
-const EVENT_ORDER_LOCK: i64 = 0x7472_6e6d_6576_7473; // "trnmevts"
+pub(crate) const EVENT_ORDER_LOCK: i64 = 0x7472_6e6d_6576_7473; // "trnmevts"
 
 /// An event to append.
 #[derive(Clone, Debug)]
@@ -38,49 +38,59 @@ pub struct EventRecord {
     pub time: i64,
 }
 
-/// Appends an event in the caller's transaction; returns its global id.
-/// Call it last in the transaction: on PostgreSQL it takes a
-/// transaction-scoped lock so that event ids become visible in id order
-/// (a watcher reading `id > cursor` can then never skip an event that
-/// commits later with a smaller id). SQLite has one writer, so ids are
-/// committed in order anyway.
-pub async fn append_event(
-    conn: &mut AnyConnection,
-    backend: Backend,
-    ev: &NewEvent<'_>,
-) -> Result<i64> {
-    let seq: i64 = sqlx::query(
+/// The next per-job sequence of `job_id`'s events, reserved in the
+/// caller's transaction ([`super::save_job`] reserves one itself).
+pub async fn next_event_sequence(conn: &mut AnyConnection, job_id: JobId) -> Result<i64> {
+    sqlx::query(
         "UPDATE jobs SET event_sequence = event_sequence + 1 WHERE id = $1 RETURNING event_sequence",
     )
-    .bind(ev.job_id.to_string())
+    .bind(job_id.to_string())
     .fetch_optional(&mut *conn)
     .await?
     .map(|r| r.try_get(0))
     .transpose()?
-    .ok_or_else(|| Error::JobNotFound(ev.job_id.to_string()))?;
+    .ok_or_else(|| Error::JobNotFound(job_id.to_string()))
+}
+
+/// Appends an event with its reserved `sequence` in the caller's
+/// transaction; returns its global id. Call it last in the transaction: on
+/// PostgreSQL it takes a transaction-scoped lock so that event ids become
+/// visible in id order (a watcher reading `id > cursor` can then never skip
+/// an event that commits later with a smaller id). SQLite has one writer,
+/// so ids are committed in order anyway.
+pub async fn append_event(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    sequence: i64,
+    ev: &NewEvent<'_>,
+) -> Result<i64> {
+    const COLUMNS: &str = "INSERT INTO job_events (job_id, owner, sequence, event_type, state, \
+         previous_state, message, attempt, event_time) ";
+    // On PostgreSQL the lock is taken by the same statement, before the
+    // row (and its id) is made: one round trip instead of two.
+    let sql = match backend {
+        Backend::Postgres => format!(
+            "{COLUMNS}SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 \
+             FROM (SELECT pg_advisory_xact_lock($10)) AS ordered RETURNING id"
+        ),
+        Backend::Sqlite => {
+            format!("{COLUMNS}VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id")
+        }
+    };
+    let mut q = sqlx::query(&sql)
+        .bind(ev.job_id.to_string())
+        .bind(ev.owner)
+        .bind(sequence)
+        .bind(ev.event_type)
+        .bind(ev.state.as_str())
+        .bind(ev.previous_state.map(JobState::as_str).unwrap_or(""))
+        .bind(ev.message)
+        .bind(ev.attempt)
+        .bind(ev.time);
     if backend == Backend::Postgres {
-        // pg_advisory_xact_lock returns `void`, which the Any driver cannot
-        // decode: cast it.
-        sqlx::query("SELECT CAST(pg_advisory_xact_lock($1) AS TEXT)")
-            .bind(EVENT_ORDER_LOCK)
-            .execute(&mut *conn)
-            .await?;
+        q = q.bind(EVENT_ORDER_LOCK);
     }
-    let row = sqlx::query(
-        "INSERT INTO job_events (job_id, owner, sequence, event_type, state, previous_state, \
-         message, attempt, event_time) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-    )
-    .bind(ev.job_id.to_string())
-    .bind(ev.owner)
-    .bind(seq)
-    .bind(ev.event_type)
-    .bind(ev.state.as_str())
-    .bind(ev.previous_state.map(JobState::as_str).unwrap_or(""))
-    .bind(ev.message)
-    .bind(ev.attempt)
-    .bind(ev.time)
-    .fetch_one(&mut *conn)
-    .await?;
+    let row = q.fetch_one(&mut *conn).await?;
     Ok(row.try_get(0)?)
 }
 

@@ -195,12 +195,16 @@ pub async fn insert_jobs(conn: &mut AnyConnection, jobs: &[&JobRecord]) -> Resul
 }
 
 /// Writes every mutable field of `job` back.
-pub async fn save_job(conn: &mut AnyConnection, job: &JobRecord) -> Result<()> {
-    sqlx::query(
+/// Saves the job and reserves the sequence of the event that records the
+/// change (every change is recorded), returned for
+/// [`super::append_event`].
+pub async fn save_job(conn: &mut AnyConnection, job: &JobRecord) -> Result<i64> {
+    let row = sqlx::query(
         "UPDATE jobs SET state = $2, failure_cause = $3, error = $4, error_message = $5, \
          state_reason = $6, update_time = $7, start_time = $8, end_time = $9, \
          cancel_requested = $10, scheduler_sequence = $11, current_attempt = $12, \
-         diagnosis = $13 WHERE id = $1",
+         diagnosis = $13, event_sequence = event_sequence + 1 WHERE id = $1 \
+         RETURNING event_sequence",
     )
     .bind(job.id.to_string())
     .bind(job.state.as_str())
@@ -215,9 +219,10 @@ pub async fn save_job(conn: &mut AnyConnection, job: &JobRecord) -> Result<()> {
     .bind(job.scheduler_sequence)
     .bind(job.current_attempt)
     .bind(job.diagnosis.as_ref().map(Message::encode_to_vec))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| Error::JobNotFound(job.id.to_string()))?;
+    Ok(row.try_get(0)?)
 }
 
 pub async fn get_job(conn: &mut AnyConnection, id: JobId) -> Result<Option<JobRecord>> {
@@ -244,6 +249,31 @@ pub async fn lock_job(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1{lock}"
     ))
     .bind(id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.as_ref().map(job_from_row).transpose()
+}
+
+/// [`lock_job`] for a change that appends an event: on PostgreSQL the
+/// event-order lock (see [`super::append_event`]) is taken first, in the
+/// same statement. Every transaction that holds it may lock job rows after
+/// it, so taking it before the row keeps one lock order for all of them;
+/// otherwise a batch of status updates (holding it from its first event)
+/// and a single change (holding a row, waiting for it) could deadlock.
+pub async fn lock_job_for_change(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    id: JobId,
+) -> Result<Option<JobRecord>> {
+    if backend != Backend::Postgres {
+        return lock_job(conn, backend, id).await;
+    }
+    let row = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs, (SELECT pg_advisory_xact_lock($2)) AS ordered \
+         WHERE id = $1 FOR UPDATE OF jobs"
+    ))
+    .bind(id.to_string())
+    .bind(super::EVENT_ORDER_LOCK)
     .fetch_optional(&mut *conn)
     .await?;
     row.as_ref().map(job_from_row).transpose()

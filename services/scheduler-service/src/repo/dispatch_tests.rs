@@ -35,7 +35,8 @@ async fn dispatch_entries_moves_only_dispatchable_entries_each_to_its_runner() {
         for (job, runner) in [(a, r1), (b, r2)] {
             let d = moved[&job];
             assert_eq!(d.attempt, 1, "{}", t.label);
-            assert_eq!(d.status_seq, 1, "{}", t.label);
+            // The entry's first status (QUEUED) took the first sequence.
+            assert_eq!(d.status_seq, FIRST_STATUS_SEQ + 1, "{}", t.label);
             assert_eq!(d.waited, 9, "{}: queued at 1, dispatched at 10", t.label);
             let e = get_entry(&mut conn, job)
                 .await

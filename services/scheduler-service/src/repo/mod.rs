@@ -99,7 +99,11 @@ pub(crate) fn entry_at(r: &AnyRow, b: usize) -> Result<EntryRow> {
 }
 
 /// Inserts a new entry in `state` (QUEUED or AWAITING_APPROVAL); false
-/// when the job is already known.
+/// when the job is already known. A new entry's first status update has
+/// sequence [`FIRST_STATUS_SEQ`], taken here: queue it with
+/// [`enqueue_statuses`].
+pub const FIRST_STATUS_SEQ: i64 = 1;
+
 #[allow(clippy::too_many_arguments)]
 pub async fn insert_entry(
     conn: &mut AnyConnection,
@@ -113,8 +117,8 @@ pub async fn insert_entry(
     let row = sqlx::query(
         "INSERT INTO queue_entries (job_id, owner, org, priority, gpus, gpu_type, cpu_milli, \
          memory_mib, spec, correlation_id, submit_time, enqueued_at, state, max_attempts, updated_at, \
-         queued_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $14, $13, $12, $12) \
+         queued_at, status_seq) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $14, $13, $12, $12, $15) \
          ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
     )
     .bind(e.job_id.to_string())
@@ -131,6 +135,7 @@ pub async fn insert_entry(
     .bind(now)
     .bind(max_attempts)
     .bind(state.as_str())
+    .bind(FIRST_STATUS_SEQ)
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row.is_some())
