@@ -86,7 +86,7 @@ impl Scheduler {
         let mut queue = self.queue.lock().await;
         queue.refresh(&self.db).await?;
         let refreshed = started.elapsed();
-        let snapshot = self.snapshot_of(queue.waiting().values()).await?;
+        let snapshot = self.snapshot_of(queue.waiting().values(), true).await?;
         if snapshot.queued.is_empty() || snapshot.runners.is_empty() {
             return Ok(0);
         }

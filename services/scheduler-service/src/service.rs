@@ -460,7 +460,7 @@ impl Scheduler {
             .filter(|e| !e.cancel_requested)
             .map(|e| (e.job_id, e))
             .collect();
-        let snapshot = self.snapshot_of(waiting.values()).await?;
+        let snapshot = self.snapshot_of(waiting.values(), false).await?;
         Ok(Planned {
             snapshot,
             entries: waiting,
@@ -468,10 +468,14 @@ impl Scheduler {
     }
 
     /// The plan's input over `waiting` entries: limits, usage and runners
-    /// read now.
+    /// read now. `for_dispatch` leaves the queue out when no runner is
+    /// live: nothing can be placed then, and copying a long queue into the
+    /// snapshot on every wake-up (each submission wakes the dispatcher)
+    /// would be the dispatcher's main cost.
     pub(crate) async fn snapshot_of<'a>(
         &self,
         waiting: impl ExactSizeIterator<Item = &'a EntryRow> + Clone,
+        for_dispatch: bool,
     ) -> Result<Snapshot> {
         let now = self.now();
         let limits = LimitTable::from_rows(&limits::load(&self.db).await?);
@@ -482,6 +486,10 @@ impl Scheduler {
         snapshot.held = held;
         if waiting.len() == 0 {
             // The common idle sweep: nothing to plan, nothing else to read.
+            return Ok(snapshot);
+        }
+        let runners = repo::live_runners(&self.db, now).await?;
+        if for_dispatch && runners.is_empty() {
             return Ok(snapshot);
         }
         let rules: HashMap<JobId, String> = if waiting
@@ -504,7 +512,6 @@ impl Scheduler {
             snapshot.global.running += u.running;
             snapshot.global.gpus += u.gpus;
         }
-        let runners = repo::live_runners(&self.db, now).await?;
         let usage = repo::active_usage(&self.db).await?;
         let mut states: HashMap<RunnerId, RunnerState> = runners
             .into_iter()
