@@ -59,10 +59,13 @@ impl Scheduler {
             led = matches!(leads, Ok(true));
             match leads {
                 Ok(true) => {
-                    if let Err(e) = self.expire_leases().await {
+                    // Two reads that nearly always find nothing: together.
+                    let (leases, approvals) =
+                        tokio::join!(self.expire_leases(), self.expire_due_approvals());
+                    if let Err(e) = leases {
                         tracing::warn!(error = %e, "lease expiry round failed");
                     }
-                    if let Err(e) = self.expire_due_approvals().await {
+                    if let Err(e) = approvals {
                         tracing::warn!(error = %e, "approval expiry round failed");
                     }
                     if let Err(e) = self.dispatch_once().await {

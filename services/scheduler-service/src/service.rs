@@ -478,29 +478,42 @@ impl Scheduler {
         for_dispatch: bool,
     ) -> Result<Snapshot> {
         let now = self.now();
-        let limits = LimitTable::from_rows(&limits::load(&self.db).await?);
-        let held = repo::get_hold(&self.db).await?.map(|h| h.describe());
-        let mut snapshot = Snapshot::new(Vec::new(), Vec::new(), limits);
+        let mut snapshot = Snapshot::new(Vec::new(), Vec::new(), LimitTable::default());
         snapshot.now = now;
         snapshot.ageing_step_micros = micros(self.settings.ageing);
-        snapshot.held = held;
         if waiting.len() == 0 {
             // The common idle sweep: nothing to plan, nothing else to read.
+            let (limit_rows, hold) =
+                tokio::try_join!(limits::load(&self.db), repo::get_hold(&self.db))?;
+            snapshot.limits = LimitTable::from_rows(&limit_rows);
+            snapshot.held = hold.map(|h| h.describe());
             return Ok(snapshot);
         }
-        let runners = repo::live_runners(&self.db, now).await?;
+        let need_rules = waiting
+            .clone()
+            .any(|e| e.state == EntryState::AwaitingApproval);
+        // Independent reads, all at once: on the dispatch path their round
+        // trips add up to most of a round.
+        let (limit_rows, hold, running, runners, usage, rules) = tokio::try_join!(
+            limits::load(&self.db),
+            repo::get_hold(&self.db),
+            repo::running_usage(&self.db),
+            repo::live_runners(&self.db, now),
+            repo::active_usage(&self.db),
+            async {
+                if need_rules {
+                    repo::pending_approval_rules(&self.db).await
+                } else {
+                    Ok(HashMap::new())
+                }
+            },
+        )?;
+        snapshot.limits = LimitTable::from_rows(&limit_rows);
+        snapshot.held = hold.map(|h| h.describe());
         if for_dispatch && runners.is_empty() {
             return Ok(snapshot);
         }
-        let rules: HashMap<JobId, String> = if waiting
-            .clone()
-            .any(|e| e.state == EntryState::AwaitingApproval)
-        {
-            repo::pending_approval_rules(&self.db).await?
-        } else {
-            HashMap::new()
-        };
-        for (owner, org, u) in repo::running_usage(&self.db).await? {
+        for (owner, org, u) in running {
             let user = snapshot.users.entry(owner).or_default();
             user.running += u.running;
             user.gpus += u.gpus;
@@ -512,7 +525,6 @@ impl Scheduler {
             snapshot.global.running += u.running;
             snapshot.global.gpus += u.gpus;
         }
-        let usage = repo::active_usage(&self.db).await?;
         let mut states: HashMap<RunnerId, RunnerState> = runners
             .into_iter()
             .map(|(id, capacity)| {
