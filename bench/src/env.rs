@@ -34,6 +34,12 @@ impl Backend {
             Backend::Postgres => "postgres",
         }
     }
+
+    /// DESIGN §6 sets the latency and dispatch targets for SQLite ("SQLite
+    /// unless said"); on PostgreSQL those figures are reported, not judged.
+    pub fn sqlite_target(self, target: crate::report::Target) -> Option<crate::report::Target> {
+        (self == Backend::Sqlite).then_some(target)
+    }
 }
 
 /// Databases of one scenario run: SQLite files in a temp dir, or fresh

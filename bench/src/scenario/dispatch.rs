@@ -160,7 +160,7 @@ async fn measure(args: &Args, backend: Backend, s: &SchedulerAlone) -> anyhow::R
         format!("dispatch decisions/s over {n} queued"),
         rate(received, span),
         "/s",
-        Some(Target::AtLeast(1000.0)),
+        backend.sqlite_target(Target::AtLeast(1000.0)),
     );
     decisions = if all {
         decisions.with_note(format!(

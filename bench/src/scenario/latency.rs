@@ -123,7 +123,7 @@ async fn measure(
         "submit→assignment p50",
         p(&total, 50.0),
         "ms",
-        Some(Target::AtMost(5.0)),
+        backend.sqlite_target(Target::AtMost(5.0)),
     );
     let mut p99 = Row::new(
         NAME,
@@ -131,7 +131,7 @@ async fn measure(
         "submit→assignment p99",
         p(&total, 99.0),
         "ms",
-        Some(Target::AtMost(25.0)),
+        backend.sqlite_target(Target::AtMost(25.0)),
     );
     if let Some(why) = &failure {
         p50 = p50.missed(format!("{why}; {} samples", total.len()));
