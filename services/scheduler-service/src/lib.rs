@@ -24,6 +24,7 @@ pub mod domain;
 pub mod error;
 pub mod explain;
 pub mod grpc;
+mod handoff;
 pub mod leader;
 pub mod limits;
 pub mod plan;

@@ -177,11 +177,34 @@ impl Scheduler {
         self.wake_dispatcher();
         loop {
             // Registered before the read, so an assignment committed between
-            // the read and the wait still wakes this call.
+            // the read and the wait still wakes this call; in line for a
+            // dispatch to hand assignments over directly (crate::handoff).
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = repo::take_undelivered(&self.db, runner_id, max, self.now()).await?;
+            let mut waiting = self.waiters.register(runner_id, max as usize);
+            let mut got = repo::take_undelivered(&self.db, runner_id, max, self.now()).await?;
+            if got.is_empty()
+                && tokio::time::Instant::now() < deadline
+                && !shutdown.is_shutting_down()
+            {
+                // Assignments made by another replica (the leader) wake
+                // nothing here: poll for them while this replica is not the
+                // leader.
+                let poll = if self.is_leader() {
+                    deadline
+                } else {
+                    tokio::time::Instant::now() + crate::REPLICA_POLL
+                };
+                tokio::select! {
+                    handed = waiting.handed() => got = handed,
+                    _ = &mut notified => {}
+                    _ = tokio::time::sleep_until(poll.min(deadline)) => {}
+                    _ = shutdown.wait() => {}
+                }
+            }
+            // Whatever a dispatch handed over meanwhile is this call's too.
+            got.extend(waiting.withdraw().await);
             if !got.is_empty() {
                 for d in &got {
                     let span = job_span(d.job_id, &d.correlation_id);
@@ -193,22 +216,6 @@ impl Scheduler {
             }
             if tokio::time::Instant::now() >= deadline || shutdown.is_shutting_down() {
                 return Ok(Vec::new());
-            }
-            // Assignments made by another replica (the leader) wake nothing
-            // here: poll for them while this replica is not the leader.
-            let poll = if self.is_leader() {
-                deadline
-            } else {
-                tokio::time::Instant::now() + crate::REPLICA_POLL
-            };
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep_until(poll.min(deadline)) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Ok(Vec::new());
-                    }
-                }
-                _ = shutdown.wait() => return Ok(Vec::new()),
             }
         }
     }

@@ -59,6 +59,8 @@ pub struct Scheduler {
     pub(crate) dispatch_wake: Arc<Notify>,
     /// Wakes a runner's long-poll when something is assigned to it.
     runner_wake: Mutex<HashMap<RunnerId, Arc<Notify>>>,
+    /// Long-poll calls a dispatch can hand assignments to directly.
+    pub(crate) waiters: crate::handoff::Waiters,
     pub(crate) leader: Leader,
     /// Runner reports share commits (one fsync for a burst of reports).
     pub(crate) reports: GroupCommit<crate::runners::ReportOutcome, Error>,
@@ -167,6 +169,7 @@ impl Scheduler {
             relay,
             dispatch_wake: Arc::new(Notify::new()),
             runner_wake: Mutex::new(HashMap::new()),
+            waiters: crate::handoff::Waiters::default(),
             leader: Leader::new(),
         }
     }

@@ -150,6 +150,60 @@ async fn long_poll_wakes_when_a_job_is_assigned() {
     }
 }
 
+/// Whether a dispatch hands attempts to the waiting call itself or the
+/// call reads them afterwards, the call gets no more than it asked for,
+/// and the rest reach the next call, each exactly once.
+#[tokio::test]
+async fn a_waiting_long_poll_takes_at_most_its_max_and_the_rest_come_next() {
+    for db in all_dbs().await {
+        let h = Harness::start(db).await;
+        let runner = h.register(3).await;
+        let poll = {
+            let mut client = h.runners();
+            let runner = runner.clone();
+            tokio::spawn(async move {
+                client
+                    .acquire_assignments(
+                        trainmesh_common::proto::runner::v1::AcquireAssignmentsRequest {
+                            runner_id: runner,
+                            max_assignments: 1,
+                            wait: Some(prost_types::Duration {
+                                seconds: 30,
+                                nanos: 0,
+                            }),
+                        },
+                    )
+                    .await
+            })
+        };
+        let jobs: Vec<String> = (0..3).map(|_| new_job_id()).collect();
+        let owners = ["alice", "bob", "carol"];
+        for (job, owner) in jobs.iter().zip(owners) {
+            h.enqueue(job, owner, spec(1)).await;
+        }
+        let first = tokio::time::timeout(DEADLINE, poll)
+            .await
+            .expect("long-poll returned before its wait expired")
+            .unwrap()
+            .unwrap()
+            .into_inner()
+            .assignments;
+        assert_eq!(first.len(), 1, "{}: {first:?}", h.label);
+        let mut all: Vec<String> = first.into_iter().map(|a| a.job_id).collect();
+        all.extend(h.acquire_n(&runner, 2).await.into_iter().map(|a| a.job_id));
+        all.sort();
+        let mut want = jobs.clone();
+        want.sort();
+        assert_eq!(all, want, "{}: each job once", h.label);
+        assert!(
+            h.acquire(&runner, 0).await.unwrap().is_empty(),
+            "{}",
+            h.label
+        );
+        h.stop().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn long_poll_returns_empty_when_nothing_is_assigned() {
     let h = Harness::start(trainmesh_common::testing::sqlite_db()).await;

@@ -55,6 +55,8 @@ pub struct NewAssignment<'a> {
     pub demand: &'a Demand,
     /// Micros the job waited in the queue.
     pub waited: i64,
+    /// Handed to the runner's waiting call by the dispatch itself.
+    pub delivered: bool,
 }
 
 /// Records SCHEDULED attempts, in one statement.
@@ -66,21 +68,21 @@ pub async fn insert_assignments(
     if new.is_empty() {
         return Ok(());
     }
-    // $1 is now; then seven per attempt.
+    // $1 is now; then nine per attempt.
     let values = (0..new.len())
         .map(|i| {
-            let b = 2 + 7 * i;
-            let p: Vec<String> = (b..b + 7).map(|n| format!("${n}")).collect();
+            let b = 2 + 9 * i;
+            let p: Vec<String> = (b..b + 9).map(|n| format!("${n}")).collect();
             format!(
-                "({}, {}, {}, {}, {}, {}, 'SCHEDULED', $1, {})",
-                p[0], p[1], p[2], p[3], p[4], p[5], p[6]
+                "({}, {}, {}, {}, {}, {}, 'SCHEDULED', $1, {}, {}, {})",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
             )
         })
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
         "INSERT INTO assignments (job_id, attempt, runner_id, gpu_indexes, cpu_milli, memory_mib, \
-         state, created_at, waited) VALUES {values}"
+         state, created_at, waited, delivered, delivered_at) VALUES {values}"
     );
     let mut q = sqlx::query(&sql).bind(now);
     for a in new {
@@ -93,7 +95,9 @@ pub async fn insert_assignments(
             .bind(gpus)
             .bind(a.demand.cpu_milli)
             .bind(a.demand.memory_mib)
-            .bind(a.waited);
+            .bind(a.waited)
+            .bind(i64::from(a.delivered))
+            .bind(if a.delivered { now } else { 0 });
     }
     q.execute(&mut *conn).await?;
     Ok(())

@@ -33,7 +33,7 @@ async fn dispatch_entries_moves_only_dispatchable_entries_each_to_its_runner() {
             .expect("dispatch");
         assert_eq!(moved.len(), 2, "{}", t.label);
         for (job, runner) in [(a, r1), (b, r2)] {
-            let d = moved[&job];
+            let d = &moved[&job];
             assert_eq!(d.attempt, 1, "{}", t.label);
             // The entry's first status (QUEUED) took the first sequence.
             assert_eq!(d.status_seq, FIRST_STATUS_SEQ + 1, "{}", t.label);

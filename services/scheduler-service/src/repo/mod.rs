@@ -299,13 +299,15 @@ pub async fn request_entry_cancel(
 }
 
 /// A job the dispatcher moved to SCHEDULED.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Dispatched {
     pub attempt: i64,
     /// Micros since the entry last became QUEUED.
     pub waited: i64,
     /// The status sequence number taken for the SCHEDULED update.
     pub status_seq: i64,
+    /// The job's spec (encoded), for handing the attempt to its runner.
+    pub spec: Vec<u8>,
 }
 
 /// Moves each entry still QUEUED (not cancelled, past its backoff) to
@@ -334,7 +336,7 @@ pub async fn dispatch_entries(
          status_seq = status_seq + 1 \
          WHERE job_id IN ({ids}) AND state || '' = 'QUEUED' AND cancel_requested = 0 \
          AND not_before <= $1 \
-         RETURNING job_id, attempt, queued_at, status_seq"
+         RETURNING job_id, attempt, queued_at, status_seq, spec"
     );
     let mut q = sqlx::query(&sql).bind(now);
     for (job, runner) in placements {
@@ -351,6 +353,7 @@ pub async fn dispatch_entries(
                     attempt: r.try_get(1)?,
                     waited: (now - queued_at).max(0),
                     status_seq: r.try_get(3)?,
+                    spec: r.try_get(4)?,
                 },
             ))
         })
