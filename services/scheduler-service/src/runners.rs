@@ -138,18 +138,43 @@ impl Scheduler {
             .filter(|a| a.cancel_requested)
             .map(|a| (a.job_id, a.attempt))
             .collect();
-        for a in active {
-            if !held_set.contains(a) && !cancel.contains(a) {
-                tracing::warn!(runner_id = %runner_id, job_id = %a.0, attempt = a.1,
-                    "runner runs an attempt it does not hold; telling it to stop");
-                cancel.push(*a);
-            }
-        }
+        let stale: Vec<(JobId, i64)> = active
+            .iter()
+            .filter(|a| !held_set.contains(a) && !cancel.contains(a))
+            .copied()
+            .collect();
+        self.explain_stale(runner_id, &stale).await;
+        cancel.extend(stale);
         self.wake_dispatcher();
         Ok(HeartbeatOutcome {
             lease_expires_at: expires,
             cancel,
         })
+    }
+
+    /// Logs why the runner is told to stop attempts it listed but does not
+    /// hold. Mostly a heartbeat sent just before the attempt's final report
+    /// arrived: the stop is then moot and not worth a warning. An attempt
+    /// declared lost, or held by another runner, is.
+    async fn explain_stale(&self, runner_id: RunnerId, stale: &[(JobId, i64)]) {
+        for &(job_id, attempt) in stale {
+            let found = match self.db.read.acquire().await {
+                Ok(mut conn) => repo::get_assignment(&mut conn, job_id, attempt).await,
+                Err(e) => Err(e.into()),
+            };
+            match found {
+                Ok(Some(a))
+                    if a.runner_id == runner_id
+                        && matches!(a.state, AttemptStatus::Succeeded | AttemptStatus::Failed) =>
+                {
+                    tracing::debug!(runner_id = %runner_id, job_id = %job_id, attempt,
+                        state = a.state.as_str(),
+                        "heartbeat listed an attempt the runner already reported ended")
+                }
+                _ => tracing::warn!(runner_id = %runner_id, job_id = %job_id, attempt,
+                    "runner runs an attempt it does not hold; telling it to stop"),
+            }
+        }
     }
 
     /// Returns the runner's undelivered assignments at once, else waits up
