@@ -60,6 +60,10 @@ echo bye >&2"#;
         .into_iter()
         .map(|l| l.text)
         .collect();
+    // The engine copies a container's stdout and stderr separately: the
+    // order across the two streams is not kept, only each stream's own.
+    let mut texts = texts;
+    texts.sort();
     assert_eq!(texts, [format!("attempt=1 cid={cid}"), "bye".to_owned()]);
     assert_eq!(
         m.fake.metrics(&job_id),

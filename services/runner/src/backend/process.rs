@@ -2,6 +2,7 @@
 //! process group, GPUs pinned with `CUDA_VISIBLE_DEVICES`.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -113,14 +114,23 @@ impl ProcessBackend {
             ));
         };
         let program = program.clone();
+        let exec_error = |source| Error::Exec {
+            program: program.clone(),
+            source,
+        };
+        // One pipe for stdout and stderr, as `2>&1`: the log keeps the order
+        // the job wrote in (progress on stdout, then the traceback on
+        // stderr), which two pipes read by two tasks cannot promise.
+        let (output, out_writer) = std::io::pipe().map_err(exec_error)?;
+        let err_writer = out_writer.try_clone().map_err(exec_error)?;
         let mut cmd = Command::new(&program);
         cmd.args(args)
             .current_dir(&dir)
             .env_clear()
             .envs(&env)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(out_writer))
+            .stderr(Stdio::from(err_writer))
             // Its own group: cancel signals reach everything it started,
             // and a Ctrl-C meant for the runner does not reach it.
             .process_group(0)
@@ -143,18 +153,14 @@ impl ProcessBackend {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|source| Error::Exec {
-            program: program.clone(),
-            source,
-        })?;
+        let child = cmd.spawn().map_err(exec_error)?;
+        // The command keeps its copies of the write end (it could spawn
+        // again): without dropping them the output never ends.
+        drop(cmd);
+        let output = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(output))
+            .map_err(exec_error)?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
-        let mut pumps = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            pumps.push(tokio::spawn(pump_lines(out, req.output.clone())));
-        }
-        if let Some(err) = child.stderr.take() {
-            pumps.push(tokio::spawn(pump_lines(err, req.output.clone())));
-        }
+        let pumps = vec![tokio::spawn(pump_lines(output, req.output.clone()))];
         tracing::debug!(pid, program, dir = %dir.display(), "process started");
         Ok(Box::new(ProcessWorkload {
             child,
