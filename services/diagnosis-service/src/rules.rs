@@ -106,6 +106,7 @@ pub fn cause_name(c: jpb::FailureCause) -> &'static str {
         jpb::FailureCause::ImagePull => "image-pull",
         jpb::FailureCause::Signal => "signal",
         jpb::FailureCause::Cancelled => "cancelled",
+        jpb::FailureCause::Preempted => "preempted",
     }
 }
 
@@ -311,6 +312,23 @@ fn rule(id: &str, layer: Layer, category: &str, summary: &str, hint: &str) -> Ru
 pub fn builtin_specs() -> Vec<RuleSpec> {
     use Layer::{Control, Execution, Resource};
     vec![
+        // First: when the platform took the resources back, the log's last
+        // words (a SIGTERM, a SIGKILL) are how the job was stopped, not why.
+        RuleSpec {
+            error_categories: strs(&["preempted"]),
+            failure_causes: strs(&["preempted"]),
+            ..rule(
+                "preempted",
+                Control,
+                "preempted",
+                "The platform preempted or evicted the job's pods",
+                "Kubernetes took the resources back (a higher-priority workload preempted the \
+                 pod, or the node evicted it under pressure or went away). Such attempts are \
+                 retried at once and do not use the retry budget; if it keeps happening, run \
+                 the job with a higher priority class, ask for fewer resources, or check the \
+                 node's memory and disk pressure.",
+            )
+        },
         RuleSpec {
             log_patterns: strs(&[
                 r"CUDA out of memory",

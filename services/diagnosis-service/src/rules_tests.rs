@@ -171,6 +171,27 @@ fn nccl_watchdog_timeout_is_nccl_and_the_init_line_is_not_evidence() {
 }
 
 #[test]
+fn a_preempted_pod_is_preemption_not_its_exit_code() {
+    let mut j = job(
+        jpb::JobState::Failed,
+        Some(137),
+        err(
+            "Preempted",
+            "pod `tm-x-1-worker-0` was preempted: PreemptionByScheduler",
+            "preempted",
+            137,
+        ),
+    );
+    j.failure_cause = jpb::FailureCause::Preempted;
+    let log = lines(KILLED_LOG);
+    let f = RuleSet::builtin().evaluate(&j, &log);
+    assert_eq!(ids(&f).first(), Some(&"preempted"), "{:?}", ids(&f));
+    let r = compose(&j, log.len(), None, f);
+    assert_eq!(r.category, "preempted");
+    assert!(r.text.contains("do not use the retry budget"), "{}", r.text);
+}
+
+#[test]
 fn exit_137_without_a_traceback_is_oom_killed() {
     let j = job(
         jpb::JobState::Failed,
@@ -341,7 +362,14 @@ rules:
 "#;
     let set = RuleSet::with_extra(RuleSet::parse_yaml(yaml).unwrap()).unwrap();
     assert_eq!(set.ids()[0], "hf-offline");
-    assert_eq!(set.ids()[2], "oom-killed");
+    // A replaced rule keeps its built-in place (after the one extra rule).
+    let builtin = RuleSet::builtin();
+    let place = builtin
+        .ids()
+        .iter()
+        .position(|id| *id == "oom-killed")
+        .unwrap();
+    assert_eq!(set.ids()[1 + place], "oom-killed");
     let j = job(jpb::JobState::Failed, Some(137), None);
     let log = [LogLine::new(
         9,

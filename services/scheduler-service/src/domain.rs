@@ -457,6 +457,9 @@ pub fn failure_cause(exit_code: Option<i32>, error: Option<&JobError>) -> Failur
         // Kubernetes could not place the pods (the runner's backend gave up
         // waiting); the exit code, if any, says nothing.
         "unschedulable" => return FailureCause::NoCapacity,
+        // The platform took the resources back (a pod preempted or
+        // evicted); the exit code is only how the container was stopped.
+        "preempted" => return FailureCause::Preempted,
         "platform" | "runner-lost" | "runner-shutdown" => return FailureCause::Platform,
         _ => {}
     }
@@ -487,6 +490,14 @@ mod tests {
             category: category.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_preempted_pod_is_preempted_whatever_the_exit_code() {
+        assert_eq!(
+            failure_cause(Some(143), Some(&err("preempted"))),
+            FailureCause::Preempted
+        );
     }
 
     #[test]

@@ -7,16 +7,18 @@
 //!   (no capacity) are retried; setup, image-pull and
 //!   deadline failures are final (running again would fail the same way);
 //! - `max_attempts` counts attempts that started (reached RUNNING); an
-//!   attempt lost or failed by the platform before it started does not use
+//!   attempt lost or failed by the platform before it started, and an
+//!   attempt the platform preempted (a pod preempted or evicted), do not use
 //!   the budget, but at most [`NEVER_STARTED_ALLOWANCE`] such attempts are
-//!   added on top so a job that can never start still ends;
+//!   added on top so a job that can never run to its end still ends;
 //! - a failed attempt waits `initial_backoff` doubled per started attempt
 //!   (10 s, 20 s, 40 s … capped at `max_backoff`, 10 min) before it may be
-//!   dispatched again; a lost runner says nothing about the job, so its
-//!   attempt is retried at once, elsewhere.
+//!   dispatched again; a lost runner or a preemption says nothing about
+//!   the job, so such an attempt is retried at once.
 //!
-//! There is no preemption in this scheduler yet; when it comes, a
-//! preempted attempt is "not started" for the budget.
+//! The scheduler itself does not preempt (yet); preemption reaches it from
+//! a backend (Kubernetes), as an attempt that failed with cause PREEMPTED.
+//! Callers pass such an attempt as not started (see `runners.rs`).
 
 use std::time::Duration;
 
@@ -115,6 +117,7 @@ fn retryable(cause: FailureCause, policy: &Policy) -> bool {
         FailureCause::Signal
         | FailureCause::Platform
         | FailureCause::NoCapacity
+        | FailureCause::Preempted
         | FailureCause::Unspecified => true,
         _ => false,
     }
@@ -131,6 +134,10 @@ pub fn decide(
 ) -> Decision {
     let what = match ending {
         Ending::Lost => "runner lost".to_owned(),
+        Ending::Failed {
+            cause: FailureCause::Preempted,
+            ..
+        } => "preemption".to_owned(),
         Ending::Failed {
             exit_code: Some(c), ..
         } => format!("exit {c}"),
@@ -158,23 +165,30 @@ pub fn decide(
             why: format!("{attempt} attempts dispatched, none of the last ones started"),
         };
     }
+    let preempted = matches!(
+        ending,
+        Ending::Failed {
+            cause: FailureCause::Preempted,
+            ..
+        }
+    );
     let counted = if this_started {
         format!("attempt {started} of {}", policy.max_attempts)
+    } else if preempted {
+        "a preempted attempt does not count".to_owned()
     } else {
         "the attempt never started and does not count".to_owned()
     };
-    match ending {
-        Ending::Lost => Decision::Retry {
+    if preempted || ending == Ending::Lost {
+        return Decision::Retry {
             backoff: Duration::ZERO,
             reason: format!("retrying after {what} ({counted})"),
-        },
-        Ending::Failed { .. } => {
-            let backoff = policy.backoff(started.max(1));
-            Decision::Retry {
-                backoff,
-                reason: format!("retrying after {what} ({counted}) in {}", human(backoff)),
-            }
-        }
+        };
+    }
+    let backoff = policy.backoff(started.max(1));
+    Decision::Retry {
+        backoff,
+        reason: format!("retrying after {what} ({counted}) in {}", human(backoff)),
     }
 }
 
@@ -256,6 +270,26 @@ mod tests {
                 0,
                 1 + NEVER_STARTED_ALLOWANCE
             ),
+            Decision::Final { .. }
+        ));
+    }
+
+    #[test]
+    fn a_preempted_attempt_is_retried_at_once_without_using_the_budget() {
+        let p = Policy::of(None, 1, Duration::from_secs(10), Duration::from_secs(600));
+        let preempted = failed(143, FailureCause::Preempted);
+        // Attempt 1 started and was preempted: passed as not started.
+        match decide(&p, preempted, false, 0, 1) {
+            Decision::Retry { backoff, reason } => {
+                assert_eq!(backoff, Duration::ZERO);
+                assert!(reason.contains("preemption"), "{reason}");
+                assert!(reason.contains("does not count"), "{reason}");
+            }
+            d => panic!("{d:?}"),
+        }
+        // Preempted again and again: bounded like attempts that never start.
+        assert!(matches!(
+            decide(&p, preempted, false, 0, 1 + NEVER_STARTED_ALLOWANCE),
             Decision::Final { .. }
         ));
     }

@@ -369,10 +369,25 @@ impl Scheduler {
                 && (r.state == AttemptStatus::Running
                     || r.exit_code.is_some_and(|c| c != 0 && c != -1));
             if current_attempt && r.state == AttemptStatus::Failed && !entry.cancel_requested {
-                if counts_now {
+                let cause = failure_cause(r.exit_code, r.error.as_ref());
+                // A preempted attempt ran, but the platform, not the job,
+                // ended it: it gives back what it took of the budget.
+                let preempted = cause == FailureCause::Preempted;
+                let was_running = a.state == AttemptStatus::Running;
+                if counts_now && !preempted {
                     repo::count_started(&mut *tx, r.job_id).await?;
                 }
-                let cause = failure_cause(r.exit_code, r.error.as_ref());
+                if preempted && was_running {
+                    repo::uncount_started(&mut *tx, r.job_id).await?;
+                }
+                let (this_started, started) = if preempted {
+                    (false, entry.started_attempts - i64::from(was_running))
+                } else {
+                    (
+                        was_running || counts_now,
+                        entry.started_attempts + i64::from(counts_now),
+                    )
+                };
                 let end = AttemptEnd {
                     runner_id: r.runner_id,
                     attempt: r.attempt,
@@ -381,8 +396,8 @@ impl Scheduler {
                         exit_code: r.exit_code,
                     },
                     attempt_state: AttemptStatus::Failed,
-                    this_started: a.state == AttemptStatus::Running || counts_now,
-                    started: entry.started_attempts + i64::from(counts_now),
+                    this_started,
+                    started,
                     exit_code: r.exit_code,
                     error: r.error.clone(),
                 };

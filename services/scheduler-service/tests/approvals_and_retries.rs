@@ -6,10 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{new_job_id, spec, Harness};
+use common::{new_job_id, spec, spec_with_attempts, Harness};
 use scheduler_service::approvals::Rules;
 use tonic::Code;
-use trainmesh_common::proto::job::v1::{AttemptState, FailureCause, JobState};
+use trainmesh_common::proto::job::v1::{AttemptState, FailureCause, JobError, JobState};
 use trainmesh_common::proto::scheduler::v1::{
     ApprovalState, ApproveJobRequest, ExplainJobRequest, GetQueueRequest, ListApprovalsRequest,
     PendingReason, RejectJobRequest,
@@ -221,6 +221,76 @@ async fn exit_137_is_retried_after_backoff_and_exit_1_is_final() {
             h.label
         );
         assert_eq!(failed.attempt, 1);
+        h.stop().await.unwrap();
+    }
+}
+
+/// Kubernetes preempted the running attempt: it is retried at once and
+/// gives its place in the budget back, so a job allowed one attempt still
+/// gets its one real try afterwards.
+#[tokio::test]
+async fn a_preempted_attempt_is_retried_at_once_and_does_not_use_the_budget() {
+    for db in all_dbs().await {
+        let h = Harness::start(db).await;
+        let runner = h.register(1).await;
+        let job = new_job_id();
+        h.enqueue(&job, "alice", spec_with_attempts(1, 1)).await;
+        h.acquire_n(&runner, 1).await;
+        h.report(&runner, &job, 1, AttemptState::Running, None)
+            .await
+            .unwrap();
+        let preempted = JobError {
+            r#type: "Preempted".into(),
+            message: "pod `tm-x-1-worker-0` was preempted: PreemptionByScheduler".into(),
+            exit_code: 143,
+            category: "preempted".into(),
+            retryable: true,
+            ..JobError::default()
+        };
+        h.report_error(
+            &runner,
+            &job,
+            1,
+            AttemptState::Failed,
+            Some(143),
+            Some(preempted),
+        )
+        .await
+        .unwrap();
+        let requeued = h.wait_status_n(&job, JobState::Queued, 2).await;
+        assert_eq!(
+            requeued.reason, "retrying after preemption (a preempted attempt does not count)",
+            "{}",
+            h.label
+        );
+        // No backoff: dispatched again at once, without moving the clock.
+        let again = h.acquire_n(&runner, 1).await;
+        assert_eq!(
+            (again[0].job_id.as_str(), again[0].attempt),
+            (job.as_str(), 2),
+            "{}",
+            h.label
+        );
+        h.report(&runner, &job, 2, AttemptState::Running, None)
+            .await
+            .unwrap();
+        h.report(&runner, &job, 2, AttemptState::Failed, Some(137))
+            .await
+            .unwrap();
+        // The one counted attempt is spent now.
+        let failed = h.wait_status(&job, JobState::Failed).await;
+        assert_eq!(
+            failed.failure_cause,
+            FailureCause::Signal as i32,
+            "{}",
+            h.label
+        );
+        assert!(
+            failed.reason.contains("no attempts left (1 of 1 started)"),
+            "{}: {}",
+            h.label,
+            failed.reason
+        );
         h.stop().await.unwrap();
     }
 }

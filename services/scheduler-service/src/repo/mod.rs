@@ -371,6 +371,19 @@ pub async fn count_started(conn: &mut AnyConnection, job_id: JobId) -> Result<()
     Ok(())
 }
 
+/// Gives back what [`count_started`] took, for an attempt the platform
+/// preempted.
+pub async fn uncount_started(conn: &mut AnyConnection, job_id: JobId) -> Result<()> {
+    sqlx::query(
+        "UPDATE queue_entries SET started_attempts = started_attempts - 1 \
+         WHERE job_id = $1 AND started_attempts > 0",
+    )
+    .bind(job_id.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
 /// Moves an entry from `from` to `to` and takes `statuses` status sequence
 /// numbers, counting a started attempt when `started`; the last number
 /// taken, or `None` when the entry was not in `from`. One statement for

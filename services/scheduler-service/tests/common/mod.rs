@@ -347,6 +347,20 @@ impl Harness {
         state: trainmesh_common::proto::job::v1::AttemptState,
         exit_code: Option<i32>,
     ) -> Result<bool, Status> {
+        self.report_error(runner_id, job_id, attempt, state, exit_code, None)
+            .await
+    }
+
+    /// [`Self::report`] with the runner's structured error.
+    pub async fn report_error(
+        &self,
+        runner_id: &str,
+        job_id: &str,
+        attempt: i32,
+        state: trainmesh_common::proto::job::v1::AttemptState,
+        exit_code: Option<i32>,
+        error: Option<trainmesh_common::proto::job::v1::JobError>,
+    ) -> Result<bool, Status> {
         self.runners()
             .report_attempt_status(ReportAttemptStatusRequest {
                 runner_id: runner_id.into(),
@@ -354,7 +368,7 @@ impl Harness {
                 attempt,
                 state: state as i32,
                 exit_code,
-                error: None,
+                error,
                 log_tail: vec![],
                 time: None,
             })
