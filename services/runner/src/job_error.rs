@@ -22,6 +22,7 @@ pub const CATEGORY_DEADLINE: &str = "deadline";
 pub const CATEGORY_RUNNER_SHUTDOWN: &str = "runner-shutdown";
 pub const CATEGORY_PLATFORM: &str = "platform";
 pub const CATEGORY_IMAGE_PULL: &str = "image-pull";
+pub const CATEGORY_PREEMPTED: &str = "preempted";
 
 pub(crate) const OOM_KILLED_HINT: &str = "the process was killed with SIGKILL, most likely by the \
 out-of-memory killer: raise spec.resources.memory_mib, or lower the batch size or the number \
@@ -34,6 +35,10 @@ CUDA driver, CUDA runtime and PyTorch versions match and that custom extensions 
 for them; set PYTHONFAULTHANDLER=1 to print the Python stack at the crash";
 const SIGTERM_HINT: &str = "the process was stopped with SIGTERM (cancelled, preempted, or \
 stopped by its environment); make the job save checkpoints so a retry can resume";
+const PREEMPTED_HINT: &str = "the platform took the attempt's resources back (preempted or \
+evicted): the attempt is retried at once and does not use the job's retry budget; save \
+checkpoints so a retry resumes. If it keeps happening, ask for a higher priority class or \
+request fewer resources";
 
 /// A Python exception found in a log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,6 +407,23 @@ pub fn platform_error(type_name: &str, message: String) -> JobError {
         exit_code: -1,
         category: CATEGORY_PLATFORM.into(),
         retryable: true,
+        ..JobError::default()
+    }
+}
+
+/// An attempt whose resources the platform took back (a pod preempted or
+/// evicted, its node shut down). `term` is kept as the backend saw it:
+/// the exit code is only how the container was stopped, and the category,
+/// not the code, tells the scheduler not to count the attempt.
+pub fn preempted_error(type_name: &str, message: String, term: Termination) -> JobError {
+    JobError {
+        r#type: type_name.into(),
+        message,
+        exit_code: term.exit_code(),
+        signal: term.signal().unwrap_or(0),
+        category: CATEGORY_PREEMPTED.into(),
+        retryable: true,
+        hint: PREEMPTED_HINT.into(),
         ..JobError::default()
     }
 }

@@ -315,3 +315,23 @@ fn deadline_error_names_the_deadline() {
     assert_eq!(e.exit_code, 143);
     assert!(e.message.contains("30s"));
 }
+
+#[test]
+fn preempted_error_keeps_the_end_and_is_not_the_jobs_fault() {
+    let e = preempted_error(
+        "Evicted",
+        "the master (pod `p`) was evicted by Kubernetes".into(),
+        Termination::Signaled(15),
+    );
+    assert_eq!(
+        (e.r#type.as_str(), e.category.as_str()),
+        ("Evicted", "preempted")
+    );
+    assert_eq!(e.category, CATEGORY_PREEMPTED);
+    assert_eq!((e.exit_code, e.signal), (143, 15));
+    assert!(e.retryable);
+    assert!(e.hint.contains("does not use the job's retry budget"));
+    // The same SIGTERM alone is the job's own termination.
+    let own = classify(Termination::Signaled(15), "").unwrap();
+    assert_eq!(own.category, "terminated");
+}

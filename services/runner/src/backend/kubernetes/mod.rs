@@ -3,8 +3,9 @@
 //! and Kubernetes places the pods.
 //!
 //! - [`body`]: the objects, as pure functions of the launch request;
-//! - [`status`], [`observe`], [`verdict`], [`failure`]: pure mappings from
-//!   the API's documents to phases, log lines, the end and its error;
+//! - [`status`], [`disruption`], [`observe`], [`verdict`], [`failure`]: pure
+//!   mappings from the API's documents to phases, log lines, the end and
+//!   its error;
 //! - [`workload`], [`podlogs`]: the API calls while the attempt runs.
 //!
 //! Tested against recorded API exchanges and fixture documents; a real
@@ -20,6 +21,7 @@ use crate::error::Error;
 
 pub mod body;
 pub mod config;
+pub mod disruption;
 pub mod failure;
 pub mod names;
 pub mod observe;
@@ -195,3 +197,7 @@ mod workload_tests;
 #[cfg(test)]
 #[path = "status_tests.rs"]
 mod status_tests;
+
+#[cfg(test)]
+#[path = "preemption_tests.rs"]
+mod preemption_tests;

@@ -100,6 +100,22 @@ pub fn of_pod(pod: &PodView) -> Vec<Observation> {
         pod: Some(pod.name.clone()),
         ..Observation::new("pod", pod.phase.clone(), phase_msg)
     });
+    // Said once, apart from the phase, so the diagnosis can cite why the
+    // attempt ended even when the container's exit looks like a crash.
+    if let Some(d) = &pod.disrupted {
+        let mut msg = format!("{} {} by the platform", pod.role, d.kind.past());
+        if !d.reason.is_empty() && d.reason != d.kind.as_str() {
+            msg.push_str(&format!(" ({})", d.reason));
+        }
+        if !d.message.is_empty() {
+            msg.push_str(&format!(": {}", d.message));
+        }
+        out.push(Observation {
+            pod: Some(pod.name.clone()),
+            time: d.since.clone(),
+            ..Observation::new("pod", d.kind.as_str(), msg)
+        });
+    }
     if let Some(msg) = &pod.unschedulable {
         out.push(Observation {
             pod: Some(pod.name.clone()),

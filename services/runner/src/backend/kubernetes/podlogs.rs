@@ -2,7 +2,7 @@
 //! runs, abnormal workers' read once when seen failing. Pods go with their
 //! job (TTL, cancel), so what the diagnosis needs is copied before that.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +10,9 @@ use futures::{AsyncBufReadExt, AsyncReadExt};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, LogParams};
+use tokio::task::JoinHandle;
 
+use super::status::{PodView, Role};
 use crate::logs::{clean_line, OutputSink, MAX_LINE_BYTES};
 
 /// Lines of a pod's log kept in memory for classifying its failure.
@@ -21,6 +23,10 @@ pub const WORKER_LOG_LINES: i64 = 500;
 const REFOLLOW_DELAY: Duration = Duration::from_secs(2);
 /// Consecutive failures to open the stream before the follower gives up.
 const MAX_OPEN_FAILURES: u32 = 30;
+/// How long the master's log may keep arriving after the job ended.
+const LOG_DRAIN: Duration = Duration::from_secs(30);
+/// Abnormal workers whose logs are copied (the diagnosis reads five).
+const MAX_WORKER_LOGS: usize = 5;
 
 /// The last lines of a pod's log, shared with the task that reads it.
 #[derive(Clone, Default)]
@@ -216,6 +222,82 @@ pub async fn copy_tail(
             .await;
             String::new()
         }
+    }
+}
+
+/// The pod logs of one attempt: the master's follower, the abnormal
+/// workers' copied once per run, and the last lines of each.
+#[derive(Default)]
+pub struct Copies {
+    master: Option<(String, JoinHandle<()>)>,
+    /// Pod logs kept for classifying a failure, by pod name.
+    tails: HashMap<String, Tail>,
+    /// Worker logs copied: (pod, restart count).
+    copied: HashSet<(String, i32)>,
+}
+
+impl Copies {
+    /// Follows the master once it has started; copies the logs of workers
+    /// seen failing or restarted, once per run.
+    pub async fn update(&mut self, api: &Api<Pod>, sink: &OutputSink, pods: &[PodView]) {
+        if self.master.is_none() {
+            if let Some(m) = pods.iter().find(|p| p.role == Role::Master && p.started()) {
+                let container = m.main().map(|c| c.name.clone()).unwrap_or_default();
+                let tail = self.tails.entry(m.name.clone()).or_default().clone();
+                let task = tokio::spawn(follow(
+                    api.clone(),
+                    m.name.clone(),
+                    container,
+                    sink.clone(),
+                    tail,
+                ));
+                self.master = Some((m.name.clone(), task));
+            }
+        }
+        for w in pods
+            .iter()
+            .filter(|p| matches!(p.role, Role::Worker(_)) && p.abnormal())
+        {
+            let Some(c) = w.main() else { continue };
+            let run = (w.name.clone(), c.restart_count);
+            let workers_copied: HashSet<&String> = self.copied.iter().map(|(p, _)| p).collect();
+            if self.copied.contains(&run)
+                || (!workers_copied.contains(&w.name) && workers_copied.len() >= MAX_WORKER_LOGS)
+            {
+                continue;
+            }
+            // A worker restarted and running again: its failed run is the
+            // previous one.
+            let previous = w.terminated().is_none() && c.last.is_some();
+            let header = format!(
+                "log of {} (pod {}), last {} lines{}:",
+                w.role,
+                w.name,
+                WORKER_LOG_LINES,
+                if previous { ", previous run" } else { "" }
+            );
+            let text = copy_tail(api, &w.name, &c.name, previous, &header, sink).await;
+            let tail = self.tails.entry(w.name.clone()).or_default();
+            for line in text.lines() {
+                tail.push(line);
+            }
+            self.copied.insert(run);
+        }
+    }
+
+    /// Waits a while for the master's log to end after the job did.
+    pub async fn drain_master(&mut self) {
+        if let Some((pod, mut task)) = self.master.take() {
+            if tokio::time::timeout(LOG_DRAIN, &mut task).await.is_err() {
+                tracing::warn!(pod, "the master's log did not end; the rest is not copied");
+                task.abort();
+            }
+        }
+    }
+
+    /// The last lines copied from `pod`, for classifying its failure.
+    pub fn tail_text(&self, pod: &str) -> String {
+        self.tails.get(pod).map(Tail::text).unwrap_or_default()
     }
 }
 

@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::{ContainerState, ContainerStatus, Pod};
 use serde_json::Value;
 
 use super::body::{JOB_CONTAINER, PYTORCH_CONTAINER};
+use super::disruption::{self, Disruption};
 
 /// Where a Job or PyTorchJob stands, from its conditions.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -177,6 +178,8 @@ pub struct PodView {
     pub message: String,
     /// The scheduler's message while PodScheduled is False/Unschedulable.
     pub unschedulable: Option<String>,
+    /// The platform took the pod's resources back (preempted, evicted).
+    pub disrupted: Option<Disruption>,
     pub containers: Vec<ContainerView>,
 }
 
@@ -302,6 +305,7 @@ pub fn pod_view(pod: &Pod) -> PodView {
         reason: status.and_then(|s| s.reason.clone()).unwrap_or_default(),
         message: status.and_then(|s| s.message.clone()).unwrap_or_default(),
         unschedulable,
+        disrupted: disruption::of_pod(pod),
         containers,
     }
 }
@@ -309,6 +313,11 @@ pub fn pod_view(pod: &Pod) -> PodView {
 /// The views of `pods`, master first, then workers by index.
 pub fn pod_views(pods: &[Pod]) -> Vec<PodView> {
     let mut views: Vec<PodView> = pods.iter().map(pod_view).collect();
-    views.sort_by(|a, b| (a.role, &a.name).cmp(&(b.role, &b.name)));
+    sort_by_role(&mut views);
     views
+}
+
+/// Master first, then workers by index.
+pub fn sort_by_role(views: &mut [PodView]) {
+    views.sort_by(|a, b| (a.role, &a.name).cmp(&(b.role, &b.name)));
 }

@@ -7,12 +7,15 @@
 //! secret is missing): those wait forever. The backend gives them a
 //! timeout and then ends the attempt itself.
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Event;
+use k8s_openapi::jiff::Timestamp;
 
-use super::status::{ContainerNow, JobStatus, Phase, PodView, Role};
+use super::disruption::DisruptionKind;
+use super::status::{ContainerNow, JobStatus, Phase, PodView, Role, Terminated};
 use crate::domain::Termination;
 
 /// Why an attempt failed, as far as Kubernetes can tell.
@@ -53,7 +56,17 @@ pub enum Cause {
         reason: String,
         message: String,
     },
-    /// The pod failed without its container ending (evicted, node lost).
+    /// The platform took a pod's resources back (preempted, evicted, node
+    /// shutdown); whatever its container's exit, the job did not fail by
+    /// itself.
+    Preempted {
+        pod: String,
+        role: Role,
+        kind: DisruptionKind,
+        reason: String,
+        message: String,
+    },
+    /// The pod failed without its container ending (node lost, rejected).
     PodFailed {
         pod: String,
         reason: String,
@@ -199,25 +212,61 @@ pub fn stuck(pods: &[PodView], events: &[&Event]) -> Vec<Stuck> {
     out
 }
 
+fn instant(time: Option<&str>) -> Option<Timestamp> {
+    time?.parse().ok()
+}
+
+/// Earlier first; a known time before an unknown one.
+fn earlier(a: Option<Timestamp>, b: Option<Timestamp>) -> Ordering {
+    match (a, b) {
+        (Some(x), Some(y)) => x.cmp(&y),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+}
+
 /// The pod whose failure explains the job's: the earliest non-zero end
 /// (a worker killed first takes the master down with it), master first on
 /// a tie or when times are missing.
-fn first_failure(pods: &[PodView]) -> Option<(&PodView, &super::status::Terminated)> {
-    pods.iter()
+fn first_failure<'a>(
+    pods: impl IntoIterator<Item = &'a PodView>,
+) -> Option<(&'a PodView, &'a Terminated)> {
+    pods.into_iter()
         .filter_map(|p| Some((p, p.terminated().filter(|t| t.exit_code != 0)?)))
         .min_by(|(a, ta), (b, tb)| {
-            let time = |t: &super::status::Terminated| {
-                t.finished_at
-                    .as_deref()
-                    .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
-            };
-            match (time(ta), time(tb)) {
-                (Some(x), Some(y)) if x != y => x.cmp(&y),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                _ => a.role.cmp(&b.role),
-            }
+            let at = |t: &Terminated| instant(t.finished_at.as_deref());
+            earlier(at(ta), at(tb)).then(a.role.cmp(&b.role))
         })
+}
+
+/// The preemption that ended the attempt: the earliest disrupted pod,
+/// whatever its container's exit (SIGTERM, or SIGKILL after the grace
+/// period) — unless a pod the platform left alone had failed by itself
+/// before the disruption, so that the job's own failure came first.
+fn preemption(pods: &[PodView]) -> Option<Cause> {
+    let (pod, d) = pods
+        .iter()
+        .filter_map(|p| Some((p, p.disrupted.as_ref()?)))
+        .min_by(|(a, da), (b, db)| {
+            earlier(instant(da.since.as_deref()), instant(db.since.as_deref()))
+                .then(a.role.cmp(&b.role))
+        })?;
+    let own = first_failure(pods.iter().filter(|p| p.disrupted.is_none()));
+    if let Some((_, t)) = own {
+        let failed_at = instant(t.finished_at.as_deref());
+        let disrupted_at = instant(d.since.as_deref());
+        if failed_at.is_some() && disrupted_at.is_some() && failed_at < disrupted_at {
+            return None;
+        }
+    }
+    Some(Cause::Preempted {
+        pod: pod.name.clone(),
+        role: pod.role,
+        kind: d.kind,
+        reason: d.reason.clone(),
+        message: d.message.clone(),
+    })
 }
 
 fn failed(status: &JobStatus, pods: &[PodView]) -> Verdict {
@@ -228,10 +277,15 @@ fn failed(status: &JobStatus, pods: &[PodView]) -> Verdict {
         cause: Some(cause),
         delete: false,
     };
+    // activeDeadlineSeconds is the job's own limit: the pods it stopped
+    // were not taken by the platform.
     if status.reason.contains("DeadlineExceeded") {
         return verdict(Cause::Deadline {
             message: status.message.clone(),
         });
+    }
+    if let Some(cause) = preemption(pods) {
+        return verdict(cause);
     }
     if let Some((pod, t)) = from_pod {
         let container = pod.main().map(|c| c.name.clone()).unwrap_or_default();

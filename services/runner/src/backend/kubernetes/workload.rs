@@ -12,27 +12,23 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, PropagationPolicy};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use trainmesh_common::proto::job::v1::JobError;
 
 use super::body::Kind;
 use super::config::KubernetesConfig;
+use super::disruption;
 use super::failure;
 use super::observe::{self, Observation};
-use super::podlogs::{self, Tail};
-use super::status::{self, PodView, Role};
+use super::podlogs::Copies;
+use super::status::{self, Phase, PodView, Role};
 use super::verdict::{self, Cause, Timeouts, Verdict};
 use crate::backend::Workload;
 use crate::domain::Termination;
 use crate::logs::OutputSink;
 
-/// How long the master's log may keep arriving after the job ended.
-const LOG_DRAIN: Duration = Duration::from_secs(30);
 /// Beyond the grace period, how long a cancel waits for the object to go.
 const STOP_MARGIN: Duration = Duration::from_secs(30);
-/// Abnormal workers whose logs are copied (the diagnosis reads five).
-const MAX_WORKER_LOGS: usize = 5;
 
 /// The API handles and identity of one attempt's object.
 pub struct Target {
@@ -55,11 +51,9 @@ pub struct KubeWorkload {
     observations: Vec<Observation>,
     /// When each pod problem (by key) was first seen.
     stuck_since: HashMap<String, Instant>,
-    master: Option<(String, JoinHandle<()>)>,
-    /// Pod logs kept for classifying a failure, by pod name.
-    tails: HashMap<String, Tail>,
-    /// Worker logs copied: (pod, restart count).
-    copied: HashSet<(String, i32)>,
+    /// Disrupted pods, kept after the API stops listing them.
+    disrupted: disruption::Seen,
+    logs: Copies,
     /// Last API error written to the runner's log, to not repeat it.
     last_api_error: Option<String>,
     ended: Option<Termination>,
@@ -89,9 +83,8 @@ impl KubeWorkload {
             seen: HashSet::new(),
             observations: Vec::new(),
             stuck_since: HashMap::new(),
-            master: None,
-            tails: HashMap::new(),
-            copied: HashSet::new(),
+            disrupted: disruption::Seen::default(),
+            logs: Copies::default(),
             last_api_error: None,
             ended: None,
             failure: None,
@@ -179,68 +172,20 @@ impl KubeWorkload {
             .iter()
             .map(|(k, since)| (k.clone(), now.duration_since(*since)))
             .collect();
-        self.copy_logs(&pods).await;
+        self.logs.update(&self.t.pods, &self.output, &pods).await;
+        self.disrupted.note(&pods);
+        // A preempted pod is deleted once it stops: the poll that sees the
+        // job fail may no longer list it.
+        let pods = if job.phase == Phase::Failed {
+            self.disrupted.with_gone(&pods)
+        } else {
+            pods
+        };
         let timeouts = Timeouts {
             unschedulable: self.cfg.unschedulable_timeout,
             start: self.cfg.start_timeout,
         };
         Ok(verdict::decide(&job, &pods, &warnings, &ages, timeouts))
-    }
-
-    /// Follows the master once it has started; copies the logs of workers
-    /// seen failing or restarted, once per run.
-    async fn copy_logs(&mut self, pods: &[PodView]) {
-        if self.master.is_none() {
-            if let Some(m) = pods.iter().find(|p| p.role == Role::Master && p.started()) {
-                let container = m.main().map(|c| c.name.clone()).unwrap_or_default();
-                let tail = self.tails.entry(m.name.clone()).or_default().clone();
-                let task = tokio::spawn(podlogs::follow(
-                    self.t.pods.clone(),
-                    m.name.clone(),
-                    container,
-                    self.output.clone(),
-                    tail,
-                ));
-                self.master = Some((m.name.clone(), task));
-            }
-        }
-        for w in pods
-            .iter()
-            .filter(|p| matches!(p.role, Role::Worker(_)) && p.abnormal())
-        {
-            let Some(c) = w.main() else { continue };
-            let run = (w.name.clone(), c.restart_count);
-            let workers_copied: HashSet<&String> = self.copied.iter().map(|(p, _)| p).collect();
-            if self.copied.contains(&run)
-                || (!workers_copied.contains(&w.name) && workers_copied.len() >= MAX_WORKER_LOGS)
-            {
-                continue;
-            }
-            // A worker restarted and running again: its failed run is the
-            // previous one.
-            let previous = w.terminated().is_none() && c.last.is_some();
-            let header = format!(
-                "log of {} (pod {}), last {} lines{}:",
-                w.role,
-                w.name,
-                podlogs::WORKER_LOG_LINES,
-                if previous { ", previous run" } else { "" }
-            );
-            let text = podlogs::copy_tail(
-                &self.t.pods,
-                &w.name,
-                &c.name,
-                previous,
-                &header,
-                &self.output,
-            )
-            .await;
-            let tail = self.tails.entry(w.name.clone()).or_default();
-            for line in text.lines() {
-                tail.push(line);
-            }
-            self.copied.insert(run);
-        }
     }
 
     /// The attempt ended: deletes what Kubernetes would leave hanging,
@@ -256,25 +201,15 @@ impl KubeWorkload {
                 .await;
             self.delete(None).await;
         }
-        self.drain_master().await;
+        self.logs.drain_master().await;
         self.failure = v.cause.as_ref().map(|c| {
             let log = failing_pod(c)
-                .and_then(|p| self.tails.get(p))
-                .map(Tail::text)
+                .map(|p| self.logs.tail_text(p))
                 .unwrap_or_default();
             failure::job_error(c, v.termination, &log, self.deadline)
         });
         self.ended = Some(v.termination);
         v.termination
-    }
-
-    async fn drain_master(&mut self) {
-        if let Some((pod, mut task)) = self.master.take() {
-            if tokio::time::timeout(LOG_DRAIN, &mut task).await.is_err() {
-                tracing::warn!(pod, "the master's log did not end; the rest is not copied");
-                task.abort();
-            }
-        }
     }
 
     /// Asks the API to delete the object (and, by propagation, its pods).
@@ -306,7 +241,7 @@ impl KubeWorkload {
                 Ok(Some(v)) => return Ok(self.finish(v).await),
                 Ok(None) => {}
                 Err(PollError::Gone) => {
-                    self.drain_master().await;
+                    self.logs.drain_master().await;
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::NotFound,
                         format!(
@@ -360,7 +295,7 @@ impl KubeWorkload {
             }
             tokio::time::sleep(interval).await;
         };
-        self.drain_master().await;
+        self.logs.drain_master().await;
         let term = match (master_end, gone) {
             (Some(code), _) => Termination::Exited(code),
             (None, true) => Termination::Signaled(15),
