@@ -113,24 +113,7 @@ async fn long_poll_wakes_when_a_job_is_assigned() {
     for db in all_dbs().await {
         let h = Harness::start(db).await;
         let runner = h.register(1).await;
-        let poll = {
-            let mut client = h.runners();
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                client
-                    .acquire_assignments(
-                        trainmesh_common::proto::runner::v1::AcquireAssignmentsRequest {
-                            runner_id: runner,
-                            max_assignments: 1,
-                            wait: Some(prost_types::Duration {
-                                seconds: 30,
-                                nanos: 0,
-                            }),
-                        },
-                    )
-                    .await
-            })
-        };
+        let poll = h.long_poll(&runner, 1);
         let job = new_job_id();
         h.enqueue(&job, "alice", spec(1)).await;
         // Well before the 30 s wait: the assignment woke the poll.
@@ -138,9 +121,7 @@ async fn long_poll_wakes_when_a_job_is_assigned() {
             .await
             .expect("long-poll returned before its wait expired")
             .unwrap()
-            .unwrap()
-            .into_inner()
-            .assignments;
+            .unwrap();
         assert_eq!(got.len(), 1, "{}", h.label);
         assert_eq!(got[0].job_id, job);
         assert_eq!(got[0].gpu_indexes, vec![0]);
@@ -158,24 +139,7 @@ async fn a_waiting_long_poll_takes_at_most_its_max_and_the_rest_come_next() {
     for db in all_dbs().await {
         let h = Harness::start(db).await;
         let runner = h.register(3).await;
-        let poll = {
-            let mut client = h.runners();
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                client
-                    .acquire_assignments(
-                        trainmesh_common::proto::runner::v1::AcquireAssignmentsRequest {
-                            runner_id: runner,
-                            max_assignments: 1,
-                            wait: Some(prost_types::Duration {
-                                seconds: 30,
-                                nanos: 0,
-                            }),
-                        },
-                    )
-                    .await
-            })
-        };
+        let poll = h.long_poll(&runner, 1);
         let jobs: Vec<String> = (0..3).map(|_| new_job_id()).collect();
         let owners = ["alice", "bob", "carol"];
         for (job, owner) in jobs.iter().zip(owners) {
@@ -185,9 +149,7 @@ async fn a_waiting_long_poll_takes_at_most_its_max_and_the_rest_come_next() {
             .await
             .expect("long-poll returned before its wait expired")
             .unwrap()
-            .unwrap()
-            .into_inner()
-            .assignments;
+            .unwrap();
         assert_eq!(first.len(), 1, "{}: {first:?}", h.label);
         let mut all: Vec<String> = first.into_iter().map(|a| a.job_id).collect();
         all.extend(h.acquire_n(&runner, 2).await.into_iter().map(|a| a.job_id));
@@ -223,24 +185,7 @@ async fn long_poll_returns_promptly_on_shutdown() {
     })
     .await;
     let runner = h.register(1).await;
-    let mut client = h.runners();
-    let poll = {
-        let runner = runner.clone();
-        tokio::spawn(async move {
-            client
-                .acquire_assignments(
-                    trainmesh_common::proto::runner::v1::AcquireAssignmentsRequest {
-                        runner_id: runner,
-                        max_assignments: 0,
-                        wait: Some(prost_types::Duration {
-                            seconds: 30,
-                            nanos: 0,
-                        }),
-                    },
-                )
-                .await
-        })
-    };
+    let poll = h.long_poll(&runner, 0);
     // A round trip after the poll was sent gives it time to reach the server.
     h.heartbeat(&runner, &[]).await.unwrap();
     let stopped = h.begin_stop();
@@ -254,8 +199,8 @@ async fn long_poll_returns_promptly_on_shutdown() {
         .expect("poll ended before its 30 s wait")
         .unwrap();
     // Answered (empty) by the server, unless it never got there.
-    if let Ok(r) = polled {
-        assert!(r.into_inner().assignments.is_empty());
+    if let Ok(assignments) = polled {
+        assert!(assignments.is_empty());
     }
 }
 

@@ -326,6 +326,30 @@ impl Harness {
             .map(|r| r.into_inner().assignments)
     }
 
+    /// A long-poll for at most `max` assignments (0: no limit) waiting up
+    /// to 30 s, running in the background.
+    pub fn long_poll(
+        &self,
+        runner_id: &str,
+        max: i32,
+    ) -> JoinHandle<Result<Vec<Assignment>, Status>> {
+        let mut client = self.runners();
+        let req = AcquireAssignmentsRequest {
+            runner_id: runner_id.into(),
+            max_assignments: max,
+            wait: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+        };
+        tokio::spawn(async move {
+            client
+                .acquire_assignments(req)
+                .await
+                .map(|r| r.into_inner().assignments)
+        })
+    }
+
     /// Acquires until `n` assignments have been handed out.
     pub async fn acquire_n(&self, runner_id: &str, n: usize) -> Vec<Assignment> {
         let mut got = Vec::new();
