@@ -123,9 +123,10 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_RUNNER_MAX_CONCURRENT", default_value_t = 8)]
     pub max_concurrent: usize,
 
-    /// GPUs: auto (nvidia-smi), none, or a fixed count.
-    #[arg(long, env = "TRAINMESH_RUNNER_GPUS", default_value = "auto")]
-    pub gpus: GpuSetting,
+    /// GPUs: auto (nvidia-smi), none, or a fixed count. Default: auto.
+    /// (`--k8s-gpus` declares a cluster's GPUs by product instead.)
+    #[arg(long, env = "TRAINMESH_RUNNER_GPUS")]
+    pub gpus: Option<GpuSetting>,
 
     /// CPU cores to offer. Default: what the OS reports.
     #[arg(long, env = "TRAINMESH_RUNNER_CPU")]
@@ -204,6 +205,7 @@ pub struct Config {
     pub backend: BackendKind,
     pub work_dir: PathBuf,
     pub max_concurrent: usize,
+    /// Not consulted when `kubernetes.gpus` declares GPUs by product.
     pub gpus: GpuSetting,
     pub cpu: Option<f64>,
     pub memory_mib: Option<i64>,
@@ -318,6 +320,13 @@ impl Config {
             "docker shm size must not be negative"
         );
         self.kubernetes.validate()?;
+        // Only the kubernetes backend pins pods to a product; elsewhere the
+        // declared GPUs would be handed out as if a node had them.
+        anyhow::ensure!(
+            self.kubernetes.gpus.is_empty() || self.backend == BackendKind::Kubernetes,
+            "`--k8s-gpus` needs `--backend kubernetes`: other backends detect (`--gpus auto`) \
+             or count (`--gpus N`) their node's GPUs"
+        );
         Ok(())
     }
 }
@@ -347,7 +356,15 @@ impl Args {
         c.backend = self.backend;
         c.docker = self.docker.into_settings();
         c.max_concurrent = self.max_concurrent;
-        c.gpus = self.gpus;
+        c.kubernetes = self.kubernetes.into_config()?;
+        // Both would describe the same GPUs twice, one of them untyped:
+        // refused rather than one silently winning.
+        anyhow::ensure!(
+            self.gpus.is_none() || c.kubernetes.gpus.is_empty(),
+            "`--gpus` and `--k8s-gpus` cannot be used together: `--k8s-gpus` declares the \
+             cluster's GPUs by product, `--gpus` as an untyped count"
+        );
+        c.gpus = self.gpus.unwrap_or(GpuSetting::Detect);
         c.cpu = self.cpu;
         c.memory_mib = self.memory_mib;
         c.labels = labels;
@@ -359,7 +376,6 @@ impl Args {
             max_bytes: self.attempt_log_max_mib.saturating_mul(1024 * 1024),
             files: self.attempt_log_files,
         };
-        c.kubernetes = self.kubernetes.into_config();
         c.validate()?;
         Ok(c)
     }

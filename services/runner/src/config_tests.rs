@@ -1,4 +1,5 @@
 use super::*;
+use crate::backend::kubernetes::GpuProduct;
 use clap::Parser;
 
 #[test]
@@ -181,4 +182,125 @@ fn attempt_log_flags_set_the_cap_and_are_checked() {
     for extra in refused {
         assert!(parse(extra).is_err(), "{extra:?} accepted");
     }
+}
+
+/// `runner --backend kubernetes` plus `extra`, made into a config.
+fn kubernetes_config(extra: &[&str]) -> anyhow::Result<Config> {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("service.token");
+    std::fs::write(&token, "tok").unwrap();
+    let mut argv = vec![
+        "runner",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--service-token-file",
+        token.to_str().unwrap(),
+        "--backend",
+        "kubernetes",
+    ];
+    argv.extend(extra);
+    Args::try_parse_from(argv)?.into_config()
+}
+
+fn product(product: &str, count: u32) -> GpuProduct {
+    GpuProduct {
+        product: product.into(),
+        count,
+    }
+}
+
+#[test]
+fn k8s_gpus_declare_products_in_order() {
+    let c = kubernetes_config(&[
+        "--k8s-gpus",
+        "NVIDIA-H100-80GB-HBM3=16",
+        "--k8s-gpus",
+        " NVIDIA-A100-SXM4-40GB = 8 ,Tesla-T4=2,",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.kubernetes.gpus,
+        [
+            product("NVIDIA-H100-80GB-HBM3", 16),
+            product("NVIDIA-A100-SXM4-40GB", 8),
+            product("Tesla-T4", 2),
+        ]
+    );
+    assert_eq!(c.kubernetes.gpu_product_label, "nvidia.com/gpu.product");
+    // Not consulted: the products are what is registered.
+    assert_eq!(c.gpus, GpuSetting::Detect);
+
+    let c = kubernetes_config(&[
+        "--k8s-gpus",
+        "NVIDIA-H100-80GB-HBM3=1",
+        "--k8s-gpu-product-label",
+        "gpu.example.com/product",
+    ])
+    .unwrap();
+    assert_eq!(c.kubernetes.gpu_product_label, "gpu.example.com/product");
+}
+
+#[test]
+fn gpus_n_still_declares_an_untyped_cluster() {
+    let c = kubernetes_config(&["--gpus", "16"]).unwrap();
+    assert_eq!(c.gpus, GpuSetting::Count(16));
+    assert!(c.kubernetes.gpus.is_empty());
+}
+
+#[test]
+fn bad_k8s_gpus_are_refused_with_the_reason() {
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["--k8s-gpus", "NVIDIA-H100-80GB-HBM3"],
+            "expected PRODUCT=COUNT",
+        ),
+        (&["--k8s-gpus", "=4"], "must not be empty"),
+        (&["--k8s-gpus", "H100=0"], "at least 1"),
+        (&["--k8s-gpus", "H100=two"], "whole number"),
+        (&["--k8s-gpus", "H100=-1"], "whole number"),
+        (&["--k8s-gpus", "NVIDIA H100=4"], "not a label value"),
+        (
+            &["--k8s-gpus", "H100=4,A100=2,H100=4"],
+            "names `H100` twice",
+        ),
+        (&["--k8s-gpus", "H100=65536,A100=1"], "65537 GPUs"),
+        (
+            &[
+                "--k8s-gpus",
+                "H100=1",
+                "--k8s-gpu-product-label",
+                "gpu product",
+            ],
+            "not a label key",
+        ),
+    ];
+    for (extra, reason) in cases {
+        let e = kubernetes_config(extra).unwrap_err().to_string();
+        assert!(e.contains(reason), "{extra:?}: {e}");
+        assert!(
+            e.contains("--k8s-gpu"),
+            "{extra:?} does not name the flag: {e}"
+        );
+    }
+}
+
+#[test]
+fn gpus_and_k8s_gpus_together_are_refused() {
+    let e = kubernetes_config(&["--gpus", "8", "--k8s-gpus", "H100=8"])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`--gpus` and `--k8s-gpus` cannot be used together"),
+        "{e}"
+    );
+}
+
+#[test]
+fn k8s_gpus_need_the_kubernetes_backend() {
+    let mut c = Config::new("n", "a", "b", "c", "t", "/tmp");
+    c.kubernetes.gpus = vec![product("H100", 8)];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("`--backend kubernetes`"), "{e}");
+    c.backend = BackendKind::Kubernetes;
+    c.validate().unwrap();
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use trainmesh_common::proto::runner::v1::{Capacity, Gpu};
 
+use crate::backend::kubernetes::GpuProduct;
 use crate::config::GpuSetting;
 
 const NVIDIA_SMI_ARGS: [&str; 2] = [
@@ -90,6 +91,25 @@ pub fn fake_gpus(count: u32) -> Vec<Gpu> {
         .collect()
 }
 
+/// The GPUs of a cluster declared by product (`--k8s-gpus`): `count` per
+/// product, numbered from 0 in the order declared, the product as the
+/// model so that a job's `gpu_type` matches it. The kubernetes backend maps
+/// an allocation's indexes back to products with this same numbering.
+pub fn declared_gpus(products: &[GpuProduct]) -> Vec<Gpu> {
+    products
+        .iter()
+        .flat_map(|p| (0..p.count).map(move |n| (p, n)))
+        .zip(0..i32::MAX)
+        .map(|((p, n), index)| Gpu {
+            index,
+            uuid: format!("k8s-{}-{n}", p.product),
+            model: p.product.clone(),
+            // Unknown: the product names it, and nothing asks for memory.
+            memory_mib: 0,
+        })
+        .collect()
+}
+
 /// `MemTotal` from `/proc/meminfo`, in MiB.
 pub fn parse_meminfo_mib(meminfo: &str) -> Option<i64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
@@ -117,11 +137,22 @@ pub fn cpu_count() -> f64 {
         .unwrap_or(1.0)
 }
 
-/// The node's capacity, with the operator's overrides applied.
-pub async fn capacity(gpus: &GpuSetting, cpu: Option<f64>, memory_mib: Option<i64>) -> Capacity {
-    let gpus = match gpus {
-        GpuSetting::Detect => detect_gpus().await,
-        GpuSetting::Count(n) => fake_gpus(*n),
+/// The node's capacity, with the operator's overrides applied. GPUs
+/// declared by product, when there are any, are registered instead of
+/// what `gpus` says (the flags that set both are refused together).
+pub async fn capacity(
+    gpus: &GpuSetting,
+    products: &[GpuProduct],
+    cpu: Option<f64>,
+    memory_mib: Option<i64>,
+) -> Capacity {
+    let gpus = if !products.is_empty() {
+        declared_gpus(products)
+    } else {
+        match gpus {
+            GpuSetting::Detect => detect_gpus().await,
+            GpuSetting::Count(n) => fake_gpus(*n),
+        }
     };
     Capacity {
         gpus,
@@ -180,9 +211,46 @@ mod tests {
 
     #[tokio::test]
     async fn overrides_win_over_detection() {
-        let c = capacity(&GpuSetting::Count(0), Some(3.5), Some(2048)).await;
+        let c = capacity(&GpuSetting::Count(0), &[], Some(3.5), Some(2048)).await;
         assert!(c.gpus.is_empty());
         assert_eq!(c.cpu, 3.5);
         assert_eq!(c.memory_mib, 2048);
+    }
+
+    #[tokio::test]
+    async fn declared_products_are_registered_as_models_with_their_counts() {
+        let products = [
+            GpuProduct {
+                product: "NVIDIA-H100-80GB-HBM3".into(),
+                count: 3,
+            },
+            GpuProduct {
+                product: "NVIDIA-A100-SXM4-40GB".into(),
+                count: 2,
+            },
+        ];
+        // The count setting is not consulted when products are declared.
+        let c = capacity(&GpuSetting::Detect, &products, Some(1.0), Some(1)).await;
+        let g = &c.gpus;
+        assert_eq!(
+            g.iter().map(|g| g.index).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        let models: Vec<&str> = g.iter().map(|g| g.model.as_str()).collect();
+        assert_eq!(
+            models,
+            [
+                "NVIDIA-H100-80GB-HBM3",
+                "NVIDIA-H100-80GB-HBM3",
+                "NVIDIA-H100-80GB-HBM3",
+                "NVIDIA-A100-SXM4-40GB",
+                "NVIDIA-A100-SXM4-40GB",
+            ]
+        );
+        let uuids: std::collections::HashSet<&str> = g.iter().map(|g| g.uuid.as_str()).collect();
+        assert_eq!(uuids.len(), 5, "{uuids:?}");
+        // What the scheduler's type match does with them.
+        let h100 = g.iter().filter(|g| g.model.to_lowercase().contains("h100"));
+        assert_eq!(h100.count(), 3);
     }
 }

@@ -39,7 +39,13 @@ pub async fn run(
     // run in other directories.
     let work_dir = std::fs::canonicalize(&config.work_dir)?;
 
-    let capacity = inventory::capacity(&config.gpus, config.cpu, config.memory_mib).await;
+    let capacity = inventory::capacity(
+        &config.gpus,
+        &config.kubernetes.gpus,
+        config.cpu,
+        config.memory_mib,
+    )
+    .await;
     tracing::info!(name = %config.name, backend = config.backend.as_str(), gpus = capacity.gpus.len(),
         cpu = capacity.cpu, memory_mib = capacity.memory_mib, work_dir = %work_dir.display(),
         "runner starting");

@@ -11,16 +11,17 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, LocalObjectReference, PodSpec,
-    PodTemplateSpec, ResourceRequirements, Toleration, Volume, VolumeMount,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
+    PodSpec, PodTemplateSpec, ResourceRequirements, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::json;
+use trainmesh_common::error::FieldError;
 
 use super::config::KubernetesConfig;
-use super::names;
+use super::{gpus, names};
 use crate::backend::LaunchRequest;
 use crate::error::Error;
 
@@ -86,9 +87,10 @@ pub fn object(
 ) -> Result<(Kind, DynamicObject), Error> {
     let kind = Kind::for_workers(req.details.workers);
     let meta = metadata(req, namespace);
+    let affinity = gpu_affinity(req, cfg)?;
     let obj = match kind {
-        Kind::Job => job(req, cfg, meta),
-        Kind::PyTorchJob => pytorch_job(req, cfg, meta),
+        Kind::Job => job(req, cfg, meta, affinity),
+        Kind::PyTorchJob => pytorch_job(req, cfg, meta, affinity),
     };
     let mut obj: DynamicObject = serde_json::from_value(obj).map_err(|e| Error::Kubernetes {
         what: format!("cannot build the {} object", kind.as_str()),
@@ -103,6 +105,35 @@ pub fn object(
         kind: ar.kind,
     });
     Ok((kind, obj))
+}
+
+/// The node affinity that keeps the attempt's pods on nodes with the
+/// product of the GPUs it was allocated. `None` when it uses no GPUs, or
+/// when the cluster's GPUs are an untyped count (`--gpus N`): nothing then
+/// says which nodes they are on.
+pub fn gpu_affinity(
+    req: &LaunchRequest,
+    cfg: &KubernetesConfig,
+) -> Result<Option<Affinity>, Error> {
+    if req.details.gpus == 0 || cfg.gpus.is_empty() {
+        return Ok(None);
+    }
+    if req.gpu_indexes.is_empty() {
+        // Without an allocation there is no product to pin to, and an
+        // unpinned pod could take GPUs of a type the job did not ask for.
+        return Err(FieldError::new(
+            "assignment.gpu_indexes",
+            "must name the attempt's GPUs when the cluster's GPUs are declared by product",
+        )
+        .into());
+    }
+    // Normally one product: the scheduler takes all of an attempt's GPUs
+    // from one runner and, for a typed job, all of that type. A job that
+    // names no type may be given GPUs of several products when no single
+    // product has enough free; any node of those products suits it, so
+    // all of them are allowed (each replica lands on one of them).
+    let products = gpus::products_of(&cfg.gpus, &req.gpu_indexes)?;
+    Ok(Some(gpus::node_affinity(&cfg.gpu_product_label, products)))
 }
 
 fn metadata(req: &LaunchRequest, namespace: &str) -> ObjectMeta {
@@ -132,7 +163,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
 }
 
-fn job(req: &LaunchRequest, cfg: &KubernetesConfig, meta: ObjectMeta) -> serde_json::Value {
+fn job(
+    req: &LaunchRequest,
+    cfg: &KubernetesConfig,
+    meta: ObjectMeta,
+    affinity: Option<Affinity>,
+) -> serde_json::Value {
     let job = Job {
         metadata: meta.clone(),
         spec: Some(JobSpec {
@@ -143,7 +179,7 @@ fn job(req: &LaunchRequest, cfg: &KubernetesConfig, meta: ObjectMeta) -> serde_j
             ttl_seconds_after_finished: Some(
                 i32::try_from(cfg.ttl_after_finished.as_secs()).unwrap_or(i32::MAX),
             ),
-            template: pod_template(req, cfg, &meta, JOB_CONTAINER),
+            template: pod_template(req, cfg, &meta, JOB_CONTAINER, affinity),
             ..JobSpec::default()
         }),
         status: None,
@@ -154,8 +190,15 @@ fn job(req: &LaunchRequest, cfg: &KubernetesConfig, meta: ObjectMeta) -> serde_j
     v
 }
 
-fn pytorch_job(req: &LaunchRequest, cfg: &KubernetesConfig, meta: ObjectMeta) -> serde_json::Value {
-    let template = to_json(&pod_template(req, cfg, &meta, PYTORCH_CONTAINER));
+fn pytorch_job(
+    req: &LaunchRequest,
+    cfg: &KubernetesConfig,
+    meta: ObjectMeta,
+    affinity: Option<Affinity>,
+) -> serde_json::Value {
+    // Master and workers share the template, node affinity included: every
+    // replica's GPUs are of the allocation.
+    let template = to_json(&pod_template(req, cfg, &meta, PYTORCH_CONTAINER, affinity));
     let replica = |replicas: u32| {
         json!({
             "replicas": replicas,
@@ -196,6 +239,7 @@ fn pod_template(
     cfg: &KubernetesConfig,
     meta: &ObjectMeta,
     container_name: &str,
+    affinity: Option<Affinity>,
 ) -> PodTemplateSpec {
     let d = &req.details;
     let r = &req.resources;
@@ -294,6 +338,7 @@ fn pod_template(
             }),
             termination_grace_period_seconds: Some(seconds(d.termination_grace)),
             tolerations,
+            affinity,
             volumes: Some(volumes),
             ..PodSpec::default()
         }),

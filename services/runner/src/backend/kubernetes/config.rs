@@ -4,6 +4,9 @@
 
 use std::time::Duration;
 
+use super::gpus::{self, GpuProduct, DEFAULT_PRODUCT_LABEL};
+use super::names;
+
 /// The backend's flags (`--k8s-*`); each has a `TRAINMESH_K8S_*` variable.
 #[derive(clap::Args, Debug, Clone)]
 pub struct KubernetesArgs {
@@ -57,6 +60,30 @@ pub struct KubernetesArgs {
         default_value_t = 3600
     )]
     pub ttl_after_finished_secs: u64,
+
+    /// The cluster's GPUs by product, `PRODUCT=COUNT` (repeat or
+    /// comma-separate), the product as the nodes' `--k8s-gpu-product-label`
+    /// has it, e.g. NVIDIA-H100-80GB-HBM3=16. Jobs asking for a GPU type
+    /// are placed on the matching ones, and their pods only on nodes of
+    /// that product. Instead of `--gpus`.
+    #[arg(
+        // The runner's own `--gpus` holds the id `gpus`.
+        id = "k8s_gpus",
+        long = "k8s-gpus",
+        env = "TRAINMESH_K8S_GPUS",
+        value_delimiter = ',',
+        value_name = "PRODUCT=COUNT"
+    )]
+    pub gpus: Vec<String>,
+
+    /// The node label holding a node's GPU product (set by NVIDIA GPU
+    /// feature discovery).
+    #[arg(
+        long = "k8s-gpu-product-label",
+        env = "TRAINMESH_K8S_GPU_PRODUCT_LABEL",
+        default_value = DEFAULT_PRODUCT_LABEL
+    )]
+    pub gpu_product_label: String,
 }
 
 /// The backend's settings.
@@ -70,6 +97,12 @@ pub struct KubernetesConfig {
     pub unschedulable_timeout: Duration,
     pub start_timeout: Duration,
     pub ttl_after_finished: Duration,
+    /// The cluster's GPUs by product, registered in this order; empty when
+    /// they are an untyped count (`--gpus N`) and pods are not pinned to
+    /// any GPU type.
+    pub gpus: Vec<GpuProduct>,
+    /// The node label whose value is a node's GPU product.
+    pub gpu_product_label: String,
 }
 
 impl Default for KubernetesConfig {
@@ -82,15 +115,29 @@ impl Default for KubernetesConfig {
             unschedulable_timeout: Duration::from_secs(600),
             start_timeout: Duration::from_secs(120),
             ttl_after_finished: Duration::from_secs(3600),
+            gpus: Vec::new(),
+            gpu_product_label: DEFAULT_PRODUCT_LABEL.to_owned(),
         }
     }
 }
 
 impl KubernetesArgs {
-    pub fn into_config(self) -> KubernetesConfig {
+    pub fn into_config(self) -> anyhow::Result<KubernetesConfig> {
         let non_empty =
             |s: Option<String>| s.map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
-        KubernetesConfig {
+        // Blank entries (a trailing comma in the variable) are skipped, as
+        // for the other list flags.
+        let gpus = self
+            .gpus
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<GpuProduct>()
+                    .map_err(|e| anyhow::anyhow!("invalid `--k8s-gpus` entry `{s}`: {e}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(KubernetesConfig {
             namespace: non_empty(self.namespace),
             service_account: non_empty(self.service_account),
             image_pull_secrets: self
@@ -103,7 +150,9 @@ impl KubernetesArgs {
             unschedulable_timeout: Duration::from_secs(self.unschedulable_timeout_secs),
             start_timeout: Duration::from_secs(self.start_timeout_secs),
             ttl_after_finished: Duration::from_secs(self.ttl_after_finished_secs),
-        }
+            gpus,
+            gpu_product_label: self.gpu_product_label.trim().to_owned(),
+        })
     }
 }
 
@@ -112,6 +161,12 @@ impl KubernetesConfig {
         anyhow::ensure!(
             !self.poll_interval.is_zero(),
             "k8s poll interval must be positive"
+        );
+        gpus::check_products(&self.gpus).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            names::is_label_key(&self.gpu_product_label),
+            "`--k8s-gpu-product-label` `{}` is not a label key (e.g. nvidia.com/gpu.product)",
+            self.gpu_product_label
         );
         Ok(())
     }

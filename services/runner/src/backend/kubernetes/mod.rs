@@ -3,6 +3,8 @@
 //! and Kubernetes places the pods.
 //!
 //! - [`body`]: the objects, as pure functions of the launch request;
+//! - [`gpus`]: the cluster's GPUs declared by product, and the node
+//!   affinity that keeps an attempt's pods on nodes of its GPUs' product;
 //! - [`status`], [`disruption`], [`observe`], [`verdict`], [`failure`]: pure
 //!   mappings from the API's documents to phases, log lines, the end and
 //!   its error;
@@ -23,6 +25,7 @@ pub mod body;
 pub mod config;
 pub mod disruption;
 pub mod failure;
+pub mod gpus;
 pub mod names;
 pub mod observe;
 pub mod podlogs;
@@ -31,6 +34,7 @@ pub mod verdict;
 pub mod workload;
 
 pub use config::{KubernetesArgs, KubernetesConfig};
+pub use gpus::GpuProduct;
 pub use workload::KubeWorkload;
 
 pub struct KubernetesBackend {
@@ -189,6 +193,10 @@ mod test_support;
 #[cfg(test)]
 #[path = "body_tests.rs"]
 mod body_tests;
+
+#[cfg(test)]
+#[path = "affinity_tests.rs"]
+mod affinity_tests;
 
 #[cfg(test)]
 #[path = "workload_tests.rs"]

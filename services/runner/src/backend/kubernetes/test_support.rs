@@ -2,6 +2,7 @@
 //! settings, and the paths of the scripted API.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -10,7 +11,7 @@ use super::fake_api::{Recorded, Reply};
 use super::{KubeWorkload, KubernetesBackend, KubernetesConfig};
 use crate::backend::{JobDetails, LaunchRequest};
 use crate::domain::{AttemptKey, JobId, ResourceLimits};
-use crate::logs::{LogLimits, LogWriter};
+use crate::logs::{LogLimits, LogWriter, OutputSink};
 
 pub const JOB_ID: &str = "0190f1c2-7a3b-7c4d-8e5f-123456789abc";
 pub const NAME: &str = "tm-0190f1c2-7a3b-7c4d-8e5f-123456789abc-1";
@@ -35,6 +36,8 @@ pub fn config() -> KubernetesConfig {
         unschedulable_timeout: Duration::from_secs(600),
         start_timeout: Duration::from_secs(10),
         ttl_after_finished: Duration::from_secs(3600),
+        gpus: Vec::new(),
+        gpu_product_label: super::gpus::DEFAULT_PRODUCT_LABEL.into(),
     }
 }
 
@@ -56,12 +59,42 @@ pub async fn launch(
     client: kube::Client,
     workers: u32,
 ) -> (Result<KubeWorkload, crate::error::Error>, Launched) {
+    launch_with(client, config(), workers, vec![]).await
+}
+
+/// [`launch`] with the backend's settings and the GPUs the scheduler
+/// allocated.
+pub async fn launch_with(
+    client: kube::Client,
+    cfg: KubernetesConfig,
+    workers: u32,
+    gpu_indexes: Vec<i32>,
+) -> (Result<KubeWorkload, crate::error::Error>, Launched) {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("output.log");
     let (sink, writer) = LogWriter::start(&log_path, LogLimits::default())
         .await
         .unwrap();
     let req = LaunchRequest {
+        gpu_indexes,
+        ..request(dir.path(), sink, workers)
+    };
+    let backend = KubernetesBackend::new(client, cfg);
+    let w = backend.start(req).await;
+    (
+        w,
+        Launched {
+            _dir: dir,
+            writer,
+            log_path,
+        },
+    )
+}
+
+/// The attempt the tests launch: 8 GPUs per replica (none allocated),
+/// `workers` workers besides the master, its files under `dir`.
+pub fn request(dir: &Path, output: OutputSink, workers: u32) -> LaunchRequest {
+    LaunchRequest {
         key: key(),
         command: vec!["torchrun".into(), "train.py".into(), "--lr=3e-4".into()],
         image: "registry.example.com/llm/trainer:2.3".into(),
@@ -78,9 +111,9 @@ pub async fn launch(
             memory_mib: 65536,
             shm_mib: 16384,
         },
-        attempt_dir: dir.path().to_owned(),
-        metrics_file: dir.path().join("metrics.jsonl"),
-        output: sink,
+        attempt_dir: dir.to_owned(),
+        metrics_file: dir.join("metrics.jsonl"),
+        output,
         details: JobDetails {
             labels: BTreeMap::from([("team".to_owned(), "nlp".to_owned())]),
             gpus: 8,
@@ -88,17 +121,7 @@ pub async fn launch(
             deadline: Some(Duration::from_secs(86400)),
             termination_grace: Duration::from_secs(30),
         },
-    };
-    let backend = KubernetesBackend::new(client, config());
-    let w = backend.start(req).await;
-    (
-        w,
-        Launched {
-            _dir: dir,
-            writer,
-            log_path,
-        },
-    )
+    }
 }
 
 /// Answers a create with the object it was given.
