@@ -55,6 +55,22 @@ pub struct Disruption {
     pub since: Option<String>,
 }
 
+impl Disruption {
+    /// " (reason): message", each part only when it says something: the
+    /// reason is left out when it only repeats the kind (`Evicted`). The
+    /// error's message and the log line both end with it.
+    pub fn detail(&self) -> String {
+        let mut out = String::new();
+        if !self.reason.is_empty() && self.reason != self.kind.as_str() {
+            out.push_str(&format!(" ({})", self.reason));
+        }
+        if !self.message.is_empty() {
+            out.push_str(&format!(": {}", self.message));
+        }
+        out
+    }
+}
+
 /// The pod's `status.reason`s that mean its resources were taken back.
 /// The kubelet's admission rejections (OutOfcpu, OutOfnvidia.com/gpu,
 /// NodeAffinity, …) are left out on purpose: that pod never ran, and a

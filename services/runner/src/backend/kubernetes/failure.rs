@@ -129,28 +129,17 @@ pub fn job_error(
         Cause::Preempted {
             pod,
             role,
-            kind,
-            reason,
-            message,
-        } => {
-            // `Evicted` twice says nothing more.
-            let reason = Some(reason).filter(|r| !r.is_empty() && *r != kind.as_str());
-            let detail = match (reason, message.is_empty()) {
-                (Some(r), false) => format!(": {r}: {message}"),
-                (Some(r), true) => format!(": {r}"),
-                (None, false) => format!(": {message}"),
-                (None, true) => String::new(),
-            };
-            job_error::preempted_error(
-                kind.as_str(),
-                format!(
-                    "the {} was {} by Kubernetes{detail}",
-                    whose(pod, role),
-                    kind.past()
-                ),
-                term,
-            )
-        }
+            disruption: d,
+        } => job_error::preempted_error(
+            d.kind.as_str(),
+            format!(
+                "the {} was {} by Kubernetes{}",
+                whose(pod, role),
+                d.kind.past(),
+                d.detail()
+            ),
+            term,
+        ),
         Cause::PodFailed {
             pod,
             reason,

@@ -103,13 +103,12 @@ pub fn of_pod(pod: &PodView) -> Vec<Observation> {
     // Said once, apart from the phase, so the diagnosis can cite why the
     // attempt ended even when the container's exit looks like a crash.
     if let Some(d) = &pod.disrupted {
-        let mut msg = format!("{} {} by the platform", pod.role, d.kind.past());
-        if !d.reason.is_empty() && d.reason != d.kind.as_str() {
-            msg.push_str(&format!(" ({})", d.reason));
-        }
-        if !d.message.is_empty() {
-            msg.push_str(&format!(": {}", d.message));
-        }
+        let msg = format!(
+            "{} {} by the platform{}",
+            pod.role,
+            d.kind.past(),
+            d.detail()
+        );
         out.push(Observation {
             pod: Some(pod.name.clone()),
             time: d.since.clone(),

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::List;
 use serde_json::{json, Value};
 
-use super::disruption::{self, DisruptionKind};
+use super::disruption::{self, Disruption, DisruptionKind};
 use super::fake_api::{self, empty_list, fixture, ok, status, Reply};
 use super::status::{job_status, pod_views, PodView, Role};
 use super::test_support::*;
@@ -71,9 +71,13 @@ fn worker_preempted_by_the_scheduler_is_preempted_not_a_sigterm() {
         Cause::Preempted {
             pod: format!("{NAME}-worker-1"),
             role: Role::Worker(1),
-            kind: DisruptionKind::Preempted,
-            reason: "PreemptionByScheduler".into(),
-            message: "default-scheduler: preempting to accommodate a higher priority pod".into(),
+            disruption: Disruption {
+                kind: DisruptionKind::Preempted,
+                reason: "PreemptionByScheduler".into(),
+                message: "default-scheduler: preempting to accommodate a higher priority pod"
+                    .into(),
+                since: Some("2024-05-14T09:40:51Z".into()),
+            },
         }
     );
     let e = failure::job_error(&cause, v.termination, "", None);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 
-use super::disruption::DisruptionKind;
+use super::disruption::Disruption;
 use super::status::{ContainerNow, JobStatus, Phase, PodView, Role, Terminated};
 use crate::domain::Termination;
 
@@ -62,9 +62,7 @@ pub enum Cause {
     Preempted {
         pod: String,
         role: Role,
-        kind: DisruptionKind,
-        reason: String,
-        message: String,
+        disruption: Disruption,
     },
     /// The pod failed without its container ending (node lost, rejected).
     PodFailed {
@@ -263,9 +261,7 @@ fn preemption(pods: &[PodView]) -> Option<Cause> {
     Some(Cause::Preempted {
         pod: pod.name.clone(),
         role: pod.role,
-        kind: d.kind,
-        reason: d.reason.clone(),
-        message: d.message.clone(),
+        disruption: d.clone(),
     })
 }
 
