@@ -18,7 +18,6 @@
 //!
 //! The scheduler itself does not preempt (yet); preemption reaches it from
 //! a backend (Kubernetes), as an attempt that failed with cause PREEMPTED.
-//! Callers pass such an attempt as not started (see `runners.rs`).
 
 use std::time::Duration;
 
@@ -132,12 +131,24 @@ pub fn decide(
     started: i64,
     attempt: i64,
 ) -> Decision {
-    let what = match ending {
-        Ending::Lost => "runner lost".to_owned(),
+    let preempted = matches!(
+        ending,
         Ending::Failed {
             cause: FailureCause::Preempted,
             ..
-        } => "preemption".to_owned(),
+        }
+    );
+    // A preempted attempt ran, but the platform ended it: it counts as one
+    // that never started (the caller gives its place in the stored count
+    // back), so the allowance below bounds repeated preemptions.
+    let (this_started, started) = if preempted {
+        (false, started - i64::from(this_started))
+    } else {
+        (this_started, started)
+    };
+    let what = match ending {
+        Ending::Lost => "runner lost".to_owned(),
+        _ if preempted => "preemption".to_owned(),
         Ending::Failed {
             exit_code: Some(c), ..
         } => format!("exit {c}"),
@@ -165,13 +176,6 @@ pub fn decide(
             why: format!("{attempt} attempts dispatched, none of the last ones started"),
         };
     }
-    let preempted = matches!(
-        ending,
-        Ending::Failed {
-            cause: FailureCause::Preempted,
-            ..
-        }
-    );
     let counted = if this_started {
         format!("attempt {started} of {}", policy.max_attempts)
     } else if preempted {
@@ -278,8 +282,9 @@ mod tests {
     fn a_preempted_attempt_is_retried_at_once_without_using_the_budget() {
         let p = Policy::of(None, 1, Duration::from_secs(10), Duration::from_secs(600));
         let preempted = failed(143, FailureCause::Preempted);
-        // Attempt 1 started and was preempted: passed as not started.
-        match decide(&p, preempted, false, 0, 1) {
+        // Attempt 1 started, the only one the budget allows, and was
+        // preempted: it does not count.
+        match decide(&p, preempted, true, 1, 1) {
             Decision::Retry { backoff, reason } => {
                 assert_eq!(backoff, Duration::ZERO);
                 assert!(reason.contains("preemption"), "{reason}");
@@ -289,7 +294,7 @@ mod tests {
         }
         // Preempted again and again: bounded like attempts that never start.
         assert!(matches!(
-            decide(&p, preempted, false, 0, 1 + NEVER_STARTED_ALLOWANCE),
+            decide(&p, preempted, true, 1, 1 + NEVER_STARTED_ALLOWANCE),
             Decision::Final { .. }
         ));
     }

@@ -370,24 +370,16 @@ impl Scheduler {
                     || r.exit_code.is_some_and(|c| c != 0 && c != -1));
             if current_attempt && r.state == AttemptStatus::Failed && !entry.cancel_requested {
                 let cause = failure_cause(r.exit_code, r.error.as_ref());
-                // A preempted attempt ran, but the platform, not the job,
-                // ended it: it gives back what it took of the budget.
-                let preempted = cause == FailureCause::Preempted;
                 let was_running = a.state == AttemptStatus::Running;
-                if counts_now && !preempted {
+                // The stored count follows retry::decide's rule: a
+                // preempted attempt gives back its place in the budget.
+                if cause == FailureCause::Preempted {
+                    if was_running {
+                        repo::uncount_started(&mut *tx, r.job_id).await?;
+                    }
+                } else if counts_now {
                     repo::count_started(&mut *tx, r.job_id).await?;
                 }
-                if preempted && was_running {
-                    repo::uncount_started(&mut *tx, r.job_id).await?;
-                }
-                let (this_started, started) = if preempted {
-                    (false, entry.started_attempts - i64::from(was_running))
-                } else {
-                    (
-                        was_running || counts_now,
-                        entry.started_attempts + i64::from(counts_now),
-                    )
-                };
                 let end = AttemptEnd {
                     runner_id: r.runner_id,
                     attempt: r.attempt,
@@ -396,8 +388,8 @@ impl Scheduler {
                         exit_code: r.exit_code,
                     },
                     attempt_state: AttemptStatus::Failed,
-                    this_started,
-                    started,
+                    this_started: was_running || counts_now,
+                    started: entry.started_attempts + i64::from(counts_now),
                     exit_code: r.exit_code,
                     error: r.error.clone(),
                 };
