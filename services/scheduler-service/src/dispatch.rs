@@ -6,8 +6,7 @@
 //! copy of the waiting queue ([`crate::queue_cache`]) and applies the plan,
 //! one fenced transaction per batch of placements.
 
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::AnyConnection;
@@ -18,7 +17,7 @@ use trainmesh_common::server::ShutdownWatch;
 
 use crate::domain::{AttemptStatus, EntryState, JobId, RunnerId};
 use crate::error::{Error, Result};
-use crate::handoff::Claim;
+use crate::handoff;
 use crate::leader;
 use crate::plan::{plan, Placement};
 use crate::repo::{self, Delivery, EntryRow, NewAssignment};
@@ -29,9 +28,6 @@ pub const RUNNER_LOST: &str = "runner lost";
 
 /// Placements applied per transaction.
 const DISPATCH_BATCH: usize = 64;
-
-/// Claimed long-polls, each with the indexes of the attempts it is handed.
-type Claims = HashMap<RunnerId, (Claim, Vec<usize>)>;
 
 /// How an attempt ended without success, as [`Scheduler::end_attempt`]
 /// needs it.
@@ -164,13 +160,13 @@ impl Scheduler {
             .map(|(p, _)| (p.job_id, p.runner_id))
             .collect();
         // Entries cancelled since the snapshot do not move.
-        let moved = repo::dispatch_entries(&mut tx, &pairs, now).await?;
-        let mut moved = moved;
-        let applied: Vec<_> = wanted
+        let mut moved = repo::dispatch_entries(&mut tx, &pairs, now).await?;
+        let mut applied: Vec<_> = wanted
             .into_iter()
             .filter_map(|(p, entry)| Some((p, entry, moved.remove(&p.job_id)?)))
             .collect();
-        let (claims, handed) = self.claim_waiting_runners(&applied);
+        let (claims, handed) =
+            handoff::claim_for(&self.waiters, applied.iter().map(|(p, _, _)| p.runner_id));
         let assignments: Vec<_> = applied
             .iter()
             .zip(&handed)
@@ -198,18 +194,18 @@ impl Scheduler {
             .collect();
         repo::enqueue_statuses(&mut tx, &updates).await?;
         tx.commit().await?;
-        for (claim, indexes) in claims.into_values() {
+        for (claim, indexes) in claims {
             let deliveries = indexes
                 .into_iter()
                 .map(|i| {
-                    let (p, entry, d) = &applied[i];
+                    let (p, entry, d) = &mut applied[i];
                     Delivery {
                         job_id: p.job_id,
                         attempt: d.attempt,
                         gpu_indexes: p.gpu_indexes.clone(),
                         owner: entry.owner.clone(),
                         org: entry.org.clone(),
-                        spec: d.spec.clone(),
+                        spec: std::mem::take(&mut d.spec),
                         correlation_id: entry.correlation_id.clone(),
                     }
                 })
@@ -229,39 +225,6 @@ impl Scheduler {
             self.wake_runner(p.runner_id);
         }
         Ok(Some(applied.len()))
-    }
-
-    /// Claims the waiting long-poll of each runner that gets attempts in
-    /// `applied` (see [`crate::handoff`]); returns the claims with the
-    /// indexes of the attempts each takes, and per attempt whether it is
-    /// handed over (and so stored as delivered).
-    fn claim_waiting_runners(
-        &self,
-        applied: &[(&Placement, &EntryRow, repo::Dispatched)],
-    ) -> (Claims, Vec<bool>) {
-        let mut claims = Claims::new();
-        let mut not_waiting = HashSet::new();
-        let mut handed = vec![false; applied.len()];
-        for (i, (p, _, _)) in applied.iter().enumerate() {
-            if not_waiting.contains(&p.runner_id) {
-                continue;
-            }
-            let slot = match claims.entry(p.runner_id) {
-                MapEntry::Occupied(o) => o.into_mut(),
-                MapEntry::Vacant(v) => match self.waiters.claim(p.runner_id) {
-                    Some(claim) => v.insert((claim, Vec::new())),
-                    None => {
-                        not_waiting.insert(p.runner_id);
-                        continue;
-                    }
-                },
-            };
-            if slot.1.len() < slot.0.max {
-                slot.1.push(i);
-                handed[i] = true;
-            }
-        }
-        (claims, handed)
     }
 
     /// Requeues the job under its retry policy or ends it, with the status

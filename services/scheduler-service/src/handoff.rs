@@ -87,6 +87,34 @@ impl Waiters {
     }
 }
 
+/// Claims the waiting call of each runner in `runners` (the runner of
+/// each new attempt, in order). Returns the claims, each with the indexes
+/// of the attempts it takes (at most its `max`, first ones first), and per
+/// attempt whether it is handed over, so stored as delivered.
+pub(crate) fn claim_for(
+    waiters: &Waiters,
+    runners: impl Iterator<Item = RunnerId>,
+) -> (Vec<(Claim, Vec<usize>)>, Vec<bool>) {
+    let mut by_runner: HashMap<RunnerId, Vec<usize>> = HashMap::new();
+    let mut handed = Vec::new();
+    for (i, runner) in runners.enumerate() {
+        by_runner.entry(runner).or_default().push(i);
+        handed.push(false);
+    }
+    let mut claims = Vec::new();
+    for (runner, mut indexes) in by_runner {
+        let Some(claim) = waiters.claim(runner) else {
+            continue;
+        };
+        indexes.truncate(claim.max);
+        for &i in &indexes {
+            handed[i] = true;
+        }
+        claims.push((claim, indexes));
+    }
+    (claims, handed)
+}
+
 impl Claim {
     /// Gives the call its assignments (after they were committed).
     /// Dropping a claim instead tells the call to look in the database.
@@ -204,6 +232,22 @@ mod tests {
             "asked again after the answer"
         );
         assert!(reg.withdraw().await.is_empty());
+    }
+
+    #[test]
+    fn attempts_go_to_waiting_runners_up_to_their_max_and_the_rest_stay() {
+        let w = Waiters::default();
+        let (a, b, c) = (RunnerId::new(), RunnerId::new(), RunnerId::new());
+        let _waits_for_one = w.register(a, 1);
+        let _waits_for_many = w.register(c, 8);
+        // b has no waiting call.
+        let (claims, handed) = claim_for(&w, [a, b, a, c, c].into_iter());
+        assert_eq!(handed, [true, false, false, true, true]);
+        let mut taken: Vec<(usize, Vec<usize>)> =
+            claims.into_iter().map(|(c, i)| (c.max, i)).collect();
+        taken.sort();
+        assert_eq!(taken, [(1, vec![0]), (8, vec![3, 4])]);
+        assert!(w.claim(a).is_none(), "a claimed call is out of line");
     }
 
     #[test]
