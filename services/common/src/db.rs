@@ -4,7 +4,8 @@
 //! `ON CONFLICT`, `RETURNING`) against sqlx's `Any` driver, and keep one
 //! migrations directory per backend. SQLite gets a single writer connection
 //! (so writers queue in-process instead of failing with SQLITE_BUSY) and a
-//! pool of readers over WAL.
+//! pool of readers over WAL. Write transactions begin with
+//! [`Db::begin_write`].
 
 use std::str::FromStr;
 use std::sync::Once;
@@ -13,6 +14,8 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor};
+
+use crate::storage::{StorageHealth, WriteTx};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -36,6 +39,16 @@ pub struct Db {
     /// Use for every write and every transaction that writes.
     pub write: AnyPool,
     pub backend: Backend,
+    /// Whether writes reach the database; see [`crate::storage`].
+    pub storage: StorageHealth,
+}
+
+impl Db {
+    /// Begins a write transaction. Every write transaction goes through
+    /// here (not `write.begin()`): see [`WriteTx`] for why.
+    pub async fn begin_write(&self) -> sqlx::Result<WriteTx> {
+        WriteTx::begin(&self.write, &self.storage).await
+    }
 }
 
 fn install_drivers() {
@@ -72,6 +85,7 @@ pub async fn connect(url: &str, durability: Durability) -> anyhow::Result<Db> {
                 read: pool.clone(),
                 write: pool,
                 backend: Backend::Postgres,
+                storage: StorageHealth::default(),
             })
         }
         Backend::Sqlite => {
@@ -125,6 +139,7 @@ pub async fn connect(url: &str, durability: Durability) -> anyhow::Result<Db> {
                 read,
                 write,
                 backend: Backend::Sqlite,
+                storage: StorageHealth::default(),
             })
         }
     }
@@ -167,6 +182,7 @@ pub async fn open(
         match connect(url, durability).await {
             Ok(db) => {
                 migrate(&db, sqlite, postgres).await?;
+                crate::storage::prepare_probe(&db).await?;
                 return Ok(db);
             }
             Err(e)

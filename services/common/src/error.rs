@@ -109,32 +109,19 @@ pub fn to_status<E: ServiceError + ?Sized>(err: &E) -> Status {
     }
 }
 
-/// Classifies a sqlx error: lost connections are `Unavailable` (the caller
-/// may retry), everything else is `Internal`.
+/// Classifies a sqlx error: storage failures (a full disk, I/O errors, a
+/// read-only or locked database, lost connections) and contention that a
+/// retry resolves (deadlocks, serialization failures) are `Unavailable`,
+/// so the caller retries; everything else is `Internal`.
 pub fn db_error_code(err: &sqlx::Error) -> ErrorCode {
-    match err {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed
-        | sqlx::Error::Tls(_) => ErrorCode::Unavailable,
-        sqlx::Error::Database(db) => {
-            // SQLite "database is locked"/"busy", PostgreSQL admin shutdown,
-            // connection failures, and a transaction the server aborted to
-            // break a deadlock or a serialization conflict are transient:
-            // the same call again can succeed.
-            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            if matches!(
-                code.as_str(),
-                "5" | "6" | "57P01" | "57P02" | "57P03" | "40001" | "40P01"
-            ) || code.starts_with("08")
-            {
-                ErrorCode::Unavailable
-            } else {
-                ErrorCode::Internal
-            }
-        }
-        _ => ErrorCode::Internal,
+    let contention = match err {
+        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40001" | "40P01")),
+        _ => false,
+    };
+    if contention || crate::storage::is_storage_failure(err) {
+        ErrorCode::Unavailable
+    } else {
+        ErrorCode::Internal
     }
 }
 

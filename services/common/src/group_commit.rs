@@ -23,7 +23,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sqlx::{AnyConnection, AnyPool};
+use sqlx::AnyConnection;
 
 use crate::db::{Backend, Db};
 use tokio::sync::{mpsc, oneshot, Mutex};
@@ -90,7 +90,7 @@ where
             Backend::Postgres => PG_WRITERS,
         };
         for _ in 0..writers {
-            let (pool, rx) = (db.write.clone(), Arc::clone(&rx));
+            let (db, rx) = (db.clone(), Arc::clone(&rx));
             tokio::spawn(async move {
                 loop {
                     // Whoever is free takes everything waiting; the others
@@ -99,7 +99,7 @@ where
                     if rx.lock().await.recv_many(&mut batch, MAX_BATCH).await == 0 {
                         return;
                     }
-                    run_all_or_nothing(&pool, batch).await;
+                    run_all_or_nothing(&db, batch).await;
                 }
             });
         }
@@ -121,11 +121,11 @@ where
 /// The whole batch in one transaction; if any request fails, nothing of
 /// it stays and each runs alone.
 async fn run_all_or_nothing<T, E: From<sqlx::Error> + std::fmt::Display>(
-    pool: &AnyPool,
+    db: &Db,
     batch: Vec<Request<T, E>>,
 ) {
     if batch.len() > 1 {
-        match try_together(pool, &batch).await {
+        match try_together(db, &batch).await {
             Together::Committed(values) => {
                 for (r, v) in batch.into_iter().zip(values) {
                     let _ = r.reply.send(Ok(v));
@@ -137,7 +137,7 @@ async fn run_all_or_nothing<T, E: From<sqlx::Error> + std::fmt::Display>(
         }
     }
     for r in batch {
-        let outcome = run_alone(pool, &r.work).await;
+        let outcome = run_alone(db, &r.work).await;
         let _ = r.reply.send(outcome);
     }
 }
@@ -151,11 +151,8 @@ enum Together<T> {
     RunAlone,
 }
 
-async fn try_together<T, E: std::fmt::Display>(
-    pool: &AnyPool,
-    batch: &[Request<T, E>],
-) -> Together<T> {
-    let mut tx = match pool.begin().await {
+async fn try_together<T, E: std::fmt::Display>(db: &Db, batch: &[Request<T, E>]) -> Together<T> {
+    let mut tx = match db.begin_write().await {
         Ok(tx) => tx,
         Err(e) => return Together::Unavailable(e),
     };
@@ -183,8 +180,8 @@ async fn try_together<T, E: std::fmt::Display>(
     }
 }
 
-async fn run_alone<T, E: From<sqlx::Error>>(pool: &AnyPool, work: &Work<T, E>) -> Result<T, E> {
-    let mut tx = pool.begin().await?;
+async fn run_alone<T, E: From<sqlx::Error>>(db: &Db, work: &Work<T, E>) -> Result<T, E> {
+    let mut tx = db.begin_write().await?;
     let v = work(&mut tx).await?;
     tx.commit().await?;
     Ok(v)

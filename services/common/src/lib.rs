@@ -8,6 +8,8 @@
 //! - [`server`]: the one server builder (health, reflection, layers, limits,
 //!   graceful shutdown).
 //! - [`db`]: sqlx pools for SQLite (default) and PostgreSQL, and migrations.
+//! - [`storage`]: write transactions that survive storage errors, and
+//!   the storage health that `grpc.health.v1` reports.
 //! - [`outbox`]: a transactional outbox relay for calls to other services.
 //! - [`group_commit`]: many small write transactions sharing one commit.
 //! - [`testing`]: helpers for tests that start real servers.
@@ -22,6 +24,7 @@ pub mod group_commit;
 pub mod id;
 pub mod outbox;
 pub mod server;
+pub mod storage;
 pub mod telemetry;
 pub mod testing;
 pub mod time;

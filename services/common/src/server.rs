@@ -25,6 +25,7 @@ use tonic::Status;
 
 use crate::auth::{AuthLayer, TokenStore};
 use crate::correlation::CorrelationLayer;
+use crate::db::Db;
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -34,6 +35,9 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     /// How long in-flight calls may take to finish after shutdown begins.
     pub drain_timeout: Duration,
+    /// The service's database: health is NOT_SERVING while it cannot be
+    /// written (see [`crate::storage`]).
+    pub storage: Option<Db>,
 }
 
 impl Default for ServerOptions {
@@ -43,6 +47,7 @@ impl Default for ServerOptions {
             request_timeout: Duration::from_secs(60),
             max_message_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
+            storage: None,
         }
     }
 }
@@ -62,6 +67,11 @@ pub fn shutdown_pair() -> (ShutdownTrigger, ShutdownWatch) {
 impl ShutdownTrigger {
     pub fn fire(&self) {
         let _ = self.0.send(true);
+    }
+
+    /// A watch on this trigger.
+    pub fn subscribe(&self) -> ShutdownWatch {
+        ShutdownWatch(self.0.subscribe())
     }
 }
 
@@ -120,10 +130,31 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (health, health_svc) = tonic_health::server::health_reporter();
-    for svc in service_names {
-        health
-            .set_service_status(*svc, tonic_health::ServingStatus::Serving)
-            .await;
+    // "" is the server as a whole, what a Kubernetes gRPC probe asks for.
+    let mut names: Vec<&'static str> = vec![""];
+    names.extend_from_slice(service_names);
+    set_health(&health, &names, true).await;
+    // Set once shutdown has begun; from then on only shutdown sets health.
+    let stopping = Arc::new(tokio::sync::Mutex::new(false));
+    if let Some(db) = opts.storage.clone() {
+        let mut writable = db.storage.subscribe();
+        tokio::spawn(crate::storage::run_prober(db, trigger.subscribe()));
+        let (health, names, stopping) = (health.clone(), names.clone(), stopping.clone());
+        let mut stop = trigger.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = writable.changed() => if changed.is_err() { return },
+                    _ = stop.wait() => return,
+                }
+                let now = *writable.borrow_and_update();
+                let stopping = stopping.lock().await;
+                if *stopping {
+                    return;
+                }
+                set_health(&health, &names, now).await;
+            }
+        });
     }
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -145,13 +176,12 @@ pub async fn serve(
     tracing::info!(service = name, %addr, "serving");
 
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
-    let names: Vec<&'static str> = service_names.to_vec();
     let graceful = async move {
         shutdown.await;
-        for svc in names {
-            health
-                .set_service_status(svc, tonic_health::ServingStatus::NotServing)
-                .await;
+        {
+            let mut stopping = stopping.lock().await;
+            *stopping = true;
+            set_health(&health, &names, false).await;
         }
         trigger.fire();
         let _ = began_tx.send(());
@@ -184,6 +214,21 @@ pub async fn serve(
     }
     tracing::info!(service = name, "stopped");
     Ok(())
+}
+
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    names: &[&'static str],
+    serving: bool,
+) {
+    let status = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for name in names {
+        health.set_service_status(*name, status).await;
+    }
 }
 
 /// Bounded in-flight calls; beyond the bound, RESOURCE_EXHAUSTED at once.

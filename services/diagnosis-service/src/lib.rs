@@ -57,8 +57,10 @@ pub async fn run(
     // Nothing here streams or loops in the background, so the watch half of
     // the pair is not needed.
     let (trigger, _watch) = server::shutdown_pair();
+    let mut server_opts = config.server;
+    server_opts.storage = Some(db.clone());
     let svc = Arc::new(service::Diagnoser::new(repo::Repo::new(db), jobs, rules));
-    let max = config.server.max_message_bytes;
+    let max = server_opts.max_message_bytes;
     let diagnosis = DiagnosisServiceServer::new(grpc::DiagnosisGrpc::new(svc))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -68,7 +70,7 @@ pub async fn run(
         &[SERVICE_NAME],
         listener,
         config.tokens,
-        config.server,
+        server_opts,
         trigger,
         shutdown,
     )

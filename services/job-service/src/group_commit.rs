@@ -164,7 +164,7 @@ impl JobService {
     /// committed; per item: `Ok(true)` inserted, `Ok(false)` key taken,
     /// `Err` refused by a limit.
     async fn insert_batch(&self, items: &[&NewJob]) -> Result<Vec<Result<bool>>> {
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let claims: Vec<_> = items
             .iter()
             .filter_map(|it| {

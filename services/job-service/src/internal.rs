@@ -253,7 +253,7 @@ impl JobService {
     /// AttachDiagnosis, and where the relay stores DiagnoseJob's answer.
     pub async fn attach_diagnosis(&self, raw_id: &str, d: pb::DiagnosisSummary) -> Result<()> {
         let id = JobId::parse_field("job_id", raw_id)?;
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let Some(mut job) = repo::lock_job_for_change(&mut tx, self.db.backend, id).await? else {
             return Err(Error::JobNotFound(id.to_string()));
         };
@@ -309,7 +309,7 @@ impl JobService {
         }
         clean.sort_by_key(|l| l.number);
         clean.dedup_by_key(|l| l.number);
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if repo::lock_job(&mut tx, self.db.backend, id)
             .await?
             .is_none()

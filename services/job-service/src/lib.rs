@@ -133,6 +133,8 @@ pub async fn run(
     } else {
         tracing::info!(roots = ?paths.roots(), "data roots");
     }
+    let mut server_opts = config.server.clone();
+    server_opts.storage = Some(db.clone());
     let relay = Relay::new(db.clone());
     let token = config.service_token.as_deref();
     let scheduler = trainmesh_common::client::channel(&config.scheduler_endpoint, token)?;
@@ -163,7 +165,7 @@ pub async fn run(
     };
     let relay_task = tokio::spawn(relay.run(relay::deliver(svc.clone(), peers), watch.clone()));
 
-    let max = config.server.max_message_bytes;
+    let max = server_opts.max_message_bytes;
     let api = JobServiceServer::new(JobApi {
         svc: svc.clone(),
         timing: StreamTiming {
@@ -187,7 +189,7 @@ pub async fn run(
         ],
         listener,
         config.tokens,
-        config.server,
+        server_opts,
         trigger,
         shutdown,
     )

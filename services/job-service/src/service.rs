@@ -330,7 +330,7 @@ impl JobService {
         } else {
             reason
         };
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let mut job = match repo::lock_job_for_change(&mut tx, self.db.backend, id).await? {
             Some(j) if visible(caller, &j) => j,
             _ => return Err(Error::JobNotFound(id.to_string())),
@@ -403,7 +403,7 @@ impl JobService {
     /// DeleteJob: only a finished job, or one no runner was ever given.
     pub async fn delete(&self, caller: &Caller, raw_id: &str) -> Result<()> {
         let id = JobId::parse_field("job_id", raw_id)?;
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let job = match repo::lock_job_for_change(&mut tx, self.db.backend, id).await? {
             Some(j) if visible(caller, &j) => j,
             _ => return Err(Error::JobNotFound(id.to_string())),

@@ -45,11 +45,13 @@ pub async fn run(
     )
     .await?;
     let (trigger, watch) = server::shutdown_pair();
+    let mut server_opts = config.server;
+    server_opts.storage = Some(db.clone());
     let svc = Arc::new(service::Metrics::new(
         repo::Repo::new(db),
         config.watch_poll_interval,
     ));
-    let max = config.server.max_message_bytes;
+    let max = server_opts.max_message_bytes;
     let metrics = MetricsServiceServer::new(grpc::MetricsGrpc::new(svc, watch))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -59,7 +61,7 @@ pub async fn run(
         &[SERVICE_NAME],
         listener,
         config.tokens,
-        config.server,
+        server_opts,
         trigger,
         shutdown,
     )

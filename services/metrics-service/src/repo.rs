@@ -94,7 +94,7 @@ impl Repo {
         }
         let job_s = job.to_string();
         let n = unique.len() as i64;
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
 
         // The row lock taken here serialises the batches of one job, so a
         // watcher reading by sequence never skips a batch that commits late.

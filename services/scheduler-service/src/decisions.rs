@@ -68,7 +68,7 @@ impl Scheduler {
         note: &str,
     ) -> Result<ApprovalRow> {
         let now = self.now();
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let approval = repo::get_approval(&mut tx, job_id)
             .await?
             .ok_or(Error::ApprovalNotFound(job_id))?;
@@ -180,7 +180,7 @@ impl Scheduler {
         let due = repo::due_approvals(&self.db, now).await?;
         let mut count = 0;
         for job_id in due {
-            let mut tx = self.db.write.begin().await?;
+            let mut tx = self.db.begin_write().await?;
             let Some(entry) = repo::get_entry(&mut tx, job_id).await? else {
                 continue;
             };

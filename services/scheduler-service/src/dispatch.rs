@@ -131,7 +131,7 @@ impl Scheduler {
         entries: &HashMap<JobId, EntryRow>,
     ) -> Result<Option<usize>> {
         let now = self.now();
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if !leader::fence(&mut tx, &self.leader.id, now).await? {
             self.leader.forget();
             tracing::warn!("dispatch refused: this replica no longer holds the leader lease");
@@ -327,7 +327,7 @@ impl Scheduler {
     }
 
     async fn expire_runner(&self, runner_id: RunnerId, now: i64) -> Result<bool> {
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if !repo::mark_runner_dead(&mut tx, runner_id, now).await? {
             return Ok(false);
         }

@@ -183,6 +183,8 @@ pub async fn run(
     let deliver = status_relay::deliverer(&config.job_endpoint, config.service_token.as_deref())?;
     let settings = config.settings();
     limits::seed_user_default(&db, settings.default_limits, settings.clock.now_micros()).await?;
+    let mut server_opts = config.server.clone();
+    server_opts.storage = Some(db.clone());
     let sched = Arc::new(Scheduler::new(db, settings, relay.clone()));
 
     let relay_task = tokio::spawn(relay.run(deliver, watch.clone()));
@@ -194,7 +196,7 @@ pub async fn run(
         sched: sched.clone(),
         shutdown: watch,
     };
-    let max = config.server.max_message_bytes;
+    let max = server_opts.max_message_bytes;
     let routes = tonic::service::Routes::new(
         SchedulerServiceServer::new(api.clone())
             .max_decoding_message_size(max)
@@ -220,7 +222,7 @@ pub async fn run(
         ],
         listener,
         config.tokens.clone(),
-        config.server.clone(),
+        server_opts,
         trigger,
         shutdown,
     )

@@ -52,7 +52,7 @@ async fn sees_a_change_committed_after_a_later_one_on_postgres() {
     cache.refresh(&db).await.expect("full load");
 
     let slow = entry();
-    let mut slow_tx = db.write.begin().await.expect("begin");
+    let mut slow_tx = db.begin_write().await.expect("begin");
     insert(&mut slow_tx, &slow).await;
     let fast = enqueue(&db).await;
     cache.refresh(&db).await.expect("delta");

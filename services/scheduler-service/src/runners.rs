@@ -85,7 +85,7 @@ impl Scheduler {
     ) -> Result<HeartbeatOutcome> {
         let now = self.now();
         let expires = now.saturating_add(micros(self.settings.lease_ttl));
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let Some(previous) = repo::renew_lease(&mut tx, runner_id, now, expires).await? else {
             return Err(Error::RunnerNotFound(runner_id));
         };

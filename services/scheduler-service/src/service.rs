@@ -343,7 +343,7 @@ impl Scheduler {
 
     async fn cancel_once(&self, job_id: JobId, reason: String) -> Result<EntryState> {
         let now = self.now();
-        let mut tx = self.db.write.begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let Some(entry) = repo::get_entry(&mut tx, job_id).await? else {
             // Cancelled before its EnqueueJob arrived: remember it, so the
             // late enqueue does not queue it.

@@ -285,7 +285,7 @@ pub async fn take_undelivered(
     max: i64,
     now: i64,
 ) -> Result<Vec<Delivery>> {
-    let mut tx = db.write.begin().await?;
+    let mut tx = db.begin_write().await?;
     let rows = sqlx::query(
         "SELECT a.job_id, a.attempt, a.gpu_indexes, q.owner, q.org, q.spec, q.correlation_id \
          FROM assignments a JOIN queue_entries q ON q.job_id = a.job_id \
