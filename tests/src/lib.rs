@@ -15,6 +15,7 @@
 //! itself; [`jobs`] has helpers to submit jobs and wait on their state.
 
 pub mod fake_runner;
+pub mod faults;
 pub mod jobs;
 
 use std::path::{Path, PathBuf};
@@ -126,6 +127,9 @@ pub struct Mesh {
     /// (instance name, process); the instance name is the binary's name
     /// except for extra runners and the second scheduler.
     children: Vec<(String, Child)>,
+    /// How each instance was started: (instance, binary, arguments), so
+    /// that [`Mesh::start_instance`] can start it again the same way.
+    specs: Vec<(String, String, Vec<String>)>,
     /// A dataset root with a symlink that escapes it, for validation tests.
     pub data_root: PathBuf,
     opts: MeshOptions,
@@ -230,6 +234,7 @@ impl Mesh {
         let mut mesh = Mesh {
             dir,
             children: Vec::new(),
+            specs: Vec::new(),
             data_root: data_root.clone(),
             opts: opts.clone(),
             _dbs: dbs,
@@ -320,6 +325,9 @@ impl Mesh {
                 args.extend(extra.iter().cloned());
             }
         }
+        self.specs.retain(|(i, _, _)| i != instance);
+        self.specs
+            .push((instance.to_string(), binary.to_string(), args.clone()));
         let root = self.dir.path();
         let mut cmd = Command::new(bins.join(binary));
         cmd.env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -372,6 +380,14 @@ impl Mesh {
         self.wait_runner_registered(instance).await
     }
 
+    /// How many times the instance logged its registration.
+    fn registrations(&self, instance: &str) -> usize {
+        self.log_text(instance)
+            .lines()
+            .filter(|l| l.contains("\"registered with the scheduler\""))
+            .count()
+    }
+
     /// The runner id from the instance's (latest) "registered with the
     /// scheduler" log line, once there is one.
     pub async fn wait_runner_registered(&self, instance: &str) -> String {
@@ -412,6 +428,60 @@ impl Mesh {
             .await
             .expect("a killed process is reaped within 20 s")
             .expect("wait")
+    }
+
+    /// Stops one instance with SIGTERM and waits for it to exit (SIGKILL
+    /// after 20 s). [`Mesh::start_instance`] starts it again.
+    pub async fn stop_instance(&mut self, instance: &str) -> std::process::ExitStatus {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == instance)
+            .unwrap_or_else(|| panic!("no running instance `{instance}`"));
+        let (_, child) = self.children.remove(pos);
+        terminate(child).await
+    }
+
+    /// Starts a stopped (or killed) instance again with the arguments it
+    /// had, on a new port (its address file is rewritten, so `file:`
+    /// endpoints follow), and waits until it is healthy — for a runner,
+    /// until it has registered.
+    pub async fn start_instance(&mut self, instance: &str) {
+        assert!(
+            !self.children.iter().any(|(n, _)| n == instance),
+            "`{instance}` is still running"
+        );
+        let (_, binary, args) = self
+            .specs
+            .iter()
+            .find(|(i, _, _)| i == instance)
+            .cloned()
+            .unwrap_or_else(|| panic!("`{instance}` was never started"));
+        let _ = std::fs::remove_file(self.addr_file(instance));
+        let registrations = self.registrations(instance);
+        // Arguments are stored with the extras already added.
+        let extras = std::mem::take(&mut self.opts.extra_args);
+        self.spawn(bin_dir(), instance, &binary, args);
+        self.opts.extra_args = extras;
+        if binary == "runner" {
+            wait_for(
+                &format!("{instance} to register again"),
+                Duration::from_secs(30),
+                || {
+                    let n = self.registrations(instance);
+                    async move { (n > registrations).then_some(()) }
+                },
+            )
+            .await;
+        } else {
+            self.wait_healthy(instance).await;
+        }
+    }
+
+    /// The PostgreSQL URLs of job-service's and the scheduler's databases
+    /// (with [`MeshOptions::postgres`]).
+    pub fn postgres_urls(&self) -> Vec<String> {
+        self._dbs.iter().map(|d| d.url.clone()).collect()
     }
 
     fn clock_offset_path(&self) -> PathBuf {
@@ -535,23 +605,27 @@ impl Mesh {
     pub async fn stop(mut self) -> Vec<(String, std::process::ExitStatus)> {
         let mut out = Vec::new();
         self.children.reverse();
-        for (name, mut child) in std::mem::take(&mut self.children) {
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            let status = match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
-                Ok(Ok(st)) => st,
-                _ => {
-                    let _ = child.kill().await;
-                    child.wait().await.expect("wait after kill")
-                }
-            };
-            out.push((name, status));
+        for (name, child) in std::mem::take(&mut self.children) {
+            out.push((name, terminate(child).await));
         }
         out
+    }
+}
+
+/// SIGTERM, then SIGKILL if the process has not exited within 20 s.
+async fn terminate(mut child: Child) -> std::process::ExitStatus {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(20), child.wait()).await {
+        Ok(Ok(st)) => st,
+        _ => {
+            let _ = child.kill().await;
+            child.wait().await.expect("wait after kill")
+        }
     }
 }
 
