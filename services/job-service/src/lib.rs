@@ -135,7 +135,10 @@ pub async fn run(
     }
     let mut server_opts = config.server.clone();
     server_opts.storage = Some(db.clone());
-    let relay = Relay::new(db.clone());
+    let relay = Relay::new(db.clone()).with_route(|topic| match topic {
+        service::TOPIC_DIAGNOSE => "diagnosis-service",
+        _ => "scheduler-service",
+    });
     let token = config.service_token.as_deref();
     let scheduler = trainmesh_common::client::channel(&config.scheduler_endpoint, token)?;
     let limits = LimitsCache::new(

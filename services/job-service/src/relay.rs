@@ -54,6 +54,9 @@ pub fn deliver(svc: Arc<JobService>, peers: Peers) -> Deliver {
                     Delivery::Retry(why) => {
                         tracing::info!(error = %why, "outbox delivery failed; will retry")
                     }
+                    Delivery::Unreachable(why) => {
+                        tracing::debug!(error = %why, "outbox destination unreachable")
+                    }
                     Delivery::Drop(_) => {}
                 }
                 outcome
@@ -69,7 +72,7 @@ async fn call<T>(
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
         Ok(Ok(resp)) => Ok(resp.into_inner()),
         Ok(Err(status)) => Err(classify(&status)),
-        Err(_) => Err(Delivery::Retry(format!(
+        Err(_) => Err(Delivery::Unreachable(format!(
             "no answer within {}s",
             CALL_TIMEOUT.as_secs()
         ))),

@@ -179,7 +179,7 @@ pub async fn run(
     )
     .await?;
     let (trigger, watch) = server::shutdown_pair();
-    let relay = Relay::new(db.clone());
+    let relay = Relay::new(db.clone()).with_route(|_| "job-service");
     let deliver = status_relay::deliverer(&config.job_endpoint, config.service_token.as_deref())?;
     let settings = config.settings();
     limits::seed_user_default(&db, settings.default_limits, settings.clock.now_micros()).await?;

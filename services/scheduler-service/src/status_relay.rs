@@ -47,7 +47,7 @@ pub fn deliverer(job_endpoint: &str, service_token: Option<&str>) -> anyhow::Res
                         Delivery::Done
                     }
                     Ok(Err(status)) => classify(&status),
-                    Err(_) => Delivery::Retry("job-service did not answer in time".into()),
+                    Err(_) => Delivery::Unreachable("job-service did not answer in time".into()),
                 }
             }
             .instrument(span)
