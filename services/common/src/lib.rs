@@ -7,6 +7,8 @@
 //! - [`error`]: the one mapping from a service's error codes to `tonic::Status`.
 //! - [`server`]: the one server builder (health, reflection, layers, limits,
 //!   graceful shutdown).
+//! - [`stream`]: server streams that end with UNAVAILABLE (and the cursor
+//!   to resume from) when the server shuts down.
 //! - [`db`]: sqlx pools for SQLite (default) and PostgreSQL, and migrations.
 //! - [`storage`]: write transactions that survive storage errors, and
 //!   the storage health that `grpc.health.v1` reports.
@@ -25,6 +27,7 @@ pub mod id;
 pub mod outbox;
 pub mod server;
 pub mod storage;
+pub mod stream;
 pub mod telemetry;
 pub mod testing;
 pub mod time;

@@ -320,6 +320,88 @@ pub fn decode_cursor(field: &str, cursor: &str) -> Result<i64, FieldError> {
         .ok_or_else(|| FieldError::new(field, "is not a cursor returned by WatchJobs"))
 }
 
+/// StreamJobLogs resume position: after line `number` of `attempt`
+/// (attempt 0: before the first line of whichever attempt the stream
+/// starts on). Written `attempt:number`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogCursor {
+    pub attempt: i64,
+    pub number: i64,
+}
+
+impl LogCursor {
+    pub fn encode(self) -> String {
+        format!("{}:{}", self.attempt, self.number)
+    }
+
+    pub fn decode(field: &str, cursor: &str) -> Result<Self, FieldError> {
+        let bad = || FieldError::new(field, "is not a cursor returned by StreamJobLogs");
+        let (a, n) = cursor.split_once(':').ok_or_else(bad)?;
+        let attempt = a.parse::<i32>().ok().filter(|a| *a >= 0).ok_or_else(bad)?;
+        let number = n.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(bad)?;
+        Ok(Self {
+            attempt: i64::from(attempt),
+            number,
+        })
+    }
+}
+
+/// A validated StreamJobLogs request (the job id is resolved against the
+/// caller by the service).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogQuery {
+    pub job_id: String,
+    /// 0: the latest attempt (and, when following, the ones after it).
+    pub attempt: i64,
+    /// Start with the last `tail` lines; 0: the whole log.
+    pub tail: i64,
+    pub follow: bool,
+    /// Resume after this position instead of starting afresh.
+    pub resume: Option<LogCursor>,
+}
+
+impl TryFrom<pb::StreamJobLogsRequest> for LogQuery {
+    type Error = FieldError;
+    fn try_from(r: pb::StreamJobLogsRequest) -> Result<Self, FieldError> {
+        if r.attempt < 0 {
+            return Err(FieldError::new(
+                "attempt",
+                "must not be negative (0 means the latest)",
+            ));
+        }
+        if r.tail_lines < 0 {
+            return Err(FieldError::new(
+                "tail_lines",
+                "must not be negative (0 means the whole log)",
+            ));
+        }
+        let attempt = i64::from(r.attempt);
+        let resume = if r.cursor.is_empty() {
+            None
+        } else {
+            Some(LogCursor::decode("cursor", &r.cursor)?)
+        };
+        if let Some(c) = resume {
+            if attempt != 0 && c.attempt != 0 && c.attempt != attempt {
+                return Err(FieldError::new(
+                    "cursor",
+                    format!(
+                        "names a line of attempt {} but attempt {attempt} was asked for",
+                        c.attempt
+                    ),
+                ));
+            }
+        }
+        Ok(Self {
+            job_id: r.job_id,
+            attempt,
+            tail: i64::from(r.tail_lines),
+            follow: r.follow,
+            resume,
+        })
+    }
+}
+
 /// A validated UpdateJobStatus request.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusUpdate {

@@ -1,16 +1,16 @@
 //! Thin gRPC adapter: authenticate, convert proto ⇄ domain, map errors.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use trainmesh_common::auth::{caller, Role};
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::server::ShutdownWatch;
+use trainmesh_common::stream::{until_shutdown, BoxStream};
 
-use crate::domain::{encode_cursor, StatusUpdate};
+use crate::domain::{encode_cursor, LogQuery, StatusUpdate};
 use crate::repo::{AttemptRecord, EventRecord, JobRecord};
 use crate::service::{ts, JobService, JobView};
 use crate::stream::{LogBatch, StreamTiming, WatchItem};
@@ -29,7 +29,8 @@ pub struct JobInternalApi {
     pub svc: Arc<JobService>,
 }
 
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+/// How streams name this service when they end at shutdown.
+const SERVICE: &str = "job-service";
 
 fn attempt_to_proto(a: &AttemptRecord) -> pb::Attempt {
     pb::Attempt {
@@ -116,9 +117,19 @@ fn watch_item_to_proto(item: WatchItem) -> pb::WatchJobsResponse {
     pb::WatchJobsResponse { kind: Some(kind) }
 }
 
+/// The position a WatchJobs message lets a client resume from.
+fn watch_cursor(m: &pb::WatchJobsResponse) -> Option<&str> {
+    use pb::watch_jobs_response::Kind;
+    match m.kind.as_ref()? {
+        Kind::Event(e) => Some(e.cursor.as_str()),
+        Kind::Heartbeat(h) => Some(h.cursor.as_str()),
+    }
+}
+
 fn log_batch_to_proto(b: LogBatch) -> pb::StreamJobLogsResponse {
     let attempt = i32::try_from(b.attempt).unwrap_or(i32::MAX);
     pb::StreamJobLogsResponse {
+        cursor: b.cursor.encode(),
         lines: b
             .lines
             .into_iter()
@@ -237,7 +248,13 @@ impl pb::job_service_server::JobService for JobApi {
             .await?;
         let stream =
             ReceiverStream::new(rx).map(|item| item.map(watch_item_to_proto).map_err(Status::from));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_shutdown(
+            SERVICE,
+            stream,
+            self.shutdown.clone(),
+            r.cursor,
+            watch_cursor,
+        )))
     }
 
     type StreamJobLogsStream = BoxStream<pb::StreamJobLogsResponse>;
@@ -248,21 +265,21 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
         let who = caller(&req)?;
         let r = req.into_inner();
+        let start = r.cursor.clone();
+        let query = LogQuery::try_from(r)?;
         let rx = self
             .svc
-            .stream_logs(
-                &who,
-                &r.job_id,
-                r.attempt,
-                r.tail_lines,
-                r.follow,
-                self.timing,
-                self.shutdown.clone(),
-            )
+            .stream_logs(&who, query, self.timing, self.shutdown.clone())
             .await?;
         let stream =
             ReceiverStream::new(rx).map(|item| item.map(log_batch_to_proto).map_err(Status::from));
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_shutdown(
+            SERVICE,
+            stream,
+            self.shutdown.clone(),
+            start,
+            |m: &pb::StreamJobLogsResponse| Some(m.cursor.as_str()),
+        )))
     }
 
     async fn create_pipeline(

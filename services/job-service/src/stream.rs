@@ -15,7 +15,7 @@ use trainmesh_common::auth::Caller;
 use trainmesh_common::server::ShutdownWatch;
 use trainmesh_common::time::now_micros;
 
-use crate::domain::{decode_cursor, JobId};
+use crate::domain::{decode_cursor, JobId, LogCursor, LogQuery};
 use crate::error::Result;
 use crate::repo::{self, EventRecord, LogLine};
 use crate::service::JobService;
@@ -60,6 +60,8 @@ pub enum WatchItem {
 pub struct LogBatch {
     pub attempt: i64,
     pub lines: Vec<LogLine>,
+    /// Where a client resumes after this message.
+    pub cursor: LogCursor,
 }
 
 /// The channel a stream task writes into.
@@ -174,45 +176,22 @@ impl JobService {
         }
     }
 
-    /// Starts a StreamJobLogs stream: the last `tail_lines` lines (0: all)
-    /// of `attempt` (0: the latest), then, with `follow`, new lines until
-    /// the job has ended and every line was sent.
-    #[allow(clippy::too_many_arguments)]
+    /// Starts a StreamJobLogs stream: the last `tail` lines (0: all) of
+    /// `attempt` (0: the latest), or the lines after `resume`; then, with
+    /// `follow`, new lines until the job has ended and every line was sent.
+    /// The first message has no lines and carries the starting position.
     pub async fn stream_logs(
         self: &Arc<Self>,
         caller: &Caller,
-        job_id: &str,
-        attempt: i32,
-        tail_lines: i32,
-        follow: bool,
+        query: LogQuery,
         timing: StreamTiming,
         shutdown: ShutdownWatch,
     ) -> Result<Items<LogBatch>> {
-        if attempt < 0 {
-            return Err(trainmesh_common::error::FieldError::new(
-                "attempt",
-                "must not be negative (0 means the latest)",
-            )
-            .into());
-        }
-        if tail_lines < 0 {
-            return Err(trainmesh_common::error::FieldError::new(
-                "tail_lines",
-                "must not be negative (0 means the whole log)",
-            )
-            .into());
-        }
-        let job = self.get(caller, job_id).await?.job.id;
+        let job = self.get(caller, &query.job_id).await?.job.id;
         let (tx, rx) = mpsc::channel(CHANNEL);
         let svc = self.clone();
-        let req = LogRequest {
-            job,
-            attempt: i64::from(attempt),
-            tail: i64::from(tail_lines),
-            follow,
-        };
         tokio::spawn(async move {
-            if let Err(e) = svc.logs_loop(&tx, req, timing, shutdown).await {
+            if let Err(e) = svc.logs_loop(&tx, job, query, timing, shutdown).await {
                 let _ = tx.send(Err(e)).await;
             }
         });
@@ -222,14 +201,23 @@ impl JobService {
     async fn logs_loop(
         &self,
         tx: &mpsc::Sender<Result<LogBatch>>,
-        req: LogRequest,
+        job_id: JobId,
+        req: LogQuery,
         timing: StreamTiming,
         mut shutdown: ShutdownWatch,
     ) -> Result<()> {
         let mut new_lines = self.signals.logs.subscribe();
         let mut new_events = self.signals.events.subscribe();
-        let mut attempt = req.attempt;
-        let mut after: Option<i64> = None;
+        // A resumed stream starts on the cursor's attempt (when following
+        // "the latest", later attempts follow as they did for the first
+        // stream) right after its line; the tail applied only to the first.
+        let (mut attempt, mut after) = match req.resume {
+            Some(c) if req.attempt == 0 && c.attempt > 0 => (c.attempt, Some(c.number)),
+            Some(c) => (req.attempt, Some(c.number)),
+            None => (req.attempt, None),
+        };
+        let tail = if req.resume.is_some() { 0 } else { req.tail };
+        let mut started = false;
         loop {
             new_lines.borrow_and_update();
             new_events.borrow_and_update();
@@ -237,32 +225,55 @@ impl JobService {
             // The state is read BEFORE the lines: runners flush their log
             // before reporting the end, so once a read state is terminal,
             // the lines read after it are all there are.
-            let Some(job) = repo::get_job(&mut conn, req.job).await? else {
+            let Some(job) = repo::get_job(&mut conn, job_id).await? else {
                 return Ok(()); // deleted meanwhile
             };
             let ended = job.state.is_terminal();
             if attempt == 0 {
                 attempt = job
                     .current_attempt
-                    .max(repo::latest_log_attempt(&mut conn, req.job).await?);
+                    .max(repo::latest_log_attempt(&mut conn, job_id).await?);
+            }
+            let mut pos = match after {
+                Some(p) => p,
+                None if tail > 0 && attempt > 0 => {
+                    repo::tail_start(&mut conn, job_id, attempt, tail).await?
+                }
+                None => 0,
+            };
+            if !started {
+                started = true;
+                let first = LogBatch {
+                    attempt,
+                    lines: Vec::new(),
+                    cursor: LogCursor {
+                        attempt,
+                        number: pos,
+                    },
+                };
+                if tx.send(Ok(first)).await.is_err() {
+                    return Ok(());
+                }
             }
             if attempt > 0 {
-                let mut pos = match after {
-                    Some(p) => p,
-                    None if req.tail > 0 => {
-                        repo::tail_start(&mut conn, req.job, attempt, req.tail).await?
-                    }
-                    None => 0,
-                };
                 loop {
                     let lines =
-                        repo::logs_after(&mut conn, req.job, attempt, pos, READ_BATCH).await?;
+                        repo::logs_after(&mut conn, job_id, attempt, pos, READ_BATCH).await?;
                     let full = lines.len() as i64 == READ_BATCH;
                     if let Some(last) = lines.last() {
                         pos = last.number;
                     }
                     for lines in by_size(lines) {
-                        if tx.send(Ok(LogBatch { attempt, lines })).await.is_err() {
+                        let cursor = LogCursor {
+                            attempt,
+                            number: lines.last().map_or(pos, |l| l.number),
+                        };
+                        let batch = LogBatch {
+                            attempt,
+                            lines,
+                            cursor,
+                        };
+                        if tx.send(Ok(batch)).await.is_err() {
                             return Ok(());
                         }
                     }
@@ -277,7 +288,7 @@ impl JobService {
             if req.follow && req.attempt == 0 && attempt > 0 {
                 let latest = job
                     .current_attempt
-                    .max(repo::latest_log_attempt(&mut conn, req.job).await?);
+                    .max(repo::latest_log_attempt(&mut conn, job_id).await?);
                 if latest > attempt {
                     attempt = latest;
                     after = Some(0);
@@ -297,13 +308,6 @@ impl JobService {
             }
         }
     }
-}
-
-struct LogRequest {
-    job: JobId,
-    attempt: i64,
-    tail: i64,
-    follow: bool,
 }
 
 /// Splits lines into messages of at most [`MAX_LOG_MESSAGE_BYTES`] of text.

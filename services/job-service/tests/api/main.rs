@@ -7,6 +7,7 @@ mod create;
 mod lifecycle;
 mod limits;
 mod outbox;
+mod shutdown;
 mod support;
 mod validation;
 mod watch_logs;

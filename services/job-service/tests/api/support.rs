@@ -232,3 +232,28 @@ pub fn assert_invalid<T: std::fmt::Debug>(res: Result<T, Status>, field: &str) -
     }
     s
 }
+
+/// Lines `range` of attempt 1, as a runner sends them.
+pub fn lines(range: std::ops::RangeInclusive<i64>) -> Vec<pb::LogLine> {
+    range
+        .map(|n| pb::LogLine {
+            attempt: 1,
+            number: n,
+            text: format!("step {n} loss 0.{n}"),
+        })
+        .collect()
+}
+
+/// Appends lines to attempt 1 as the runner does; returns the last number.
+pub async fn append(app: &App, job: &str, ls: Vec<pb::LogLine>) -> i64 {
+    app.internal()
+        .append_job_logs(pb::AppendJobLogsRequest {
+            job_id: job.into(),
+            attempt: 1,
+            lines: ls,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .last_number
+}

@@ -219,45 +219,6 @@ async fn users_watch_only_their_own_jobs_and_heartbeats_carry_the_cursor() {
     }
 }
 
-#[tokio::test]
-async fn watch_ends_when_the_server_shuts_down() {
-    for db in all_dbs().await {
-        let app = App::start(&db).await;
-        let mut stream = watch(&app, app.tokens.alice, pb::WatchJobsRequest::default()).await;
-        next(&mut stream).await;
-        let stopping = tokio::spawn(app.stop());
-        let end = tokio::time::timeout(WAIT, async {
-            while let Ok(Some(_)) = stream.message().await {}
-        })
-        .await;
-        assert!(end.is_ok(), "{}: stream ended", db.label);
-        stopping.await.unwrap();
-    }
-}
-
-fn lines(range: std::ops::RangeInclusive<i64>) -> Vec<pb::LogLine> {
-    range
-        .map(|n| pb::LogLine {
-            attempt: 1,
-            number: n,
-            text: format!("step {n} loss 0.{n}"),
-        })
-        .collect()
-}
-
-async fn append(app: &App, job: &str, ls: Vec<pb::LogLine>) -> i64 {
-    app.internal()
-        .append_job_logs(pb::AppendJobLogsRequest {
-            job_id: job.into(),
-            attempt: 1,
-            lines: ls,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .last_number
-}
-
 async fn read_all(app: &App, req: pb::StreamJobLogsRequest) -> Vec<pb::LogLine> {
     let mut s = app.alice().stream_job_logs(req).await.unwrap().into_inner();
     let mut out = Vec::new();
