@@ -7,6 +7,8 @@ use trainmesh_common::auth::TokenStore;
 use trainmesh_common::config::CommonArgs;
 use trainmesh_common::server::ServerOptions;
 
+use crate::caps::{Caps, DEFAULT_MAX_KEYS_PER_JOB, DEFAULT_MAX_POINTS_PER_JOB};
+
 /// Everything `run` needs; tests build it directly.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -17,6 +19,8 @@ pub struct Config {
     /// How often a watch looks for points written by another replica
     /// (writes through this process wake watches at once).
     pub watch_poll_interval: Duration,
+    /// Per-job caps on stored points and distinct keys.
+    pub caps: Caps,
 }
 
 impl Config {
@@ -27,6 +31,7 @@ impl Config {
             server: ServerOptions::default(),
             database_url: database_url.into(),
             watch_poll_interval: Duration::from_secs(1),
+            caps: Caps::default(),
         }
     }
 }
@@ -55,6 +60,20 @@ pub struct Args {
     /// How often (ms) a watch polls for points written by another replica.
     #[arg(long, env = "TRAINMESH_METRICS_WATCH_POLL_MS", default_value_t = 1000)]
     pub watch_poll_ms: u64,
+
+    /// Most metric points one job may store; a batch that would pass it is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TRAINMESH_METRICS_MAX_POINTS_PER_JOB",
+          default_value_t = DEFAULT_MAX_POINTS_PER_JOB,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_points_per_job: i64,
+
+    /// Most distinct metric keys one job may store; a batch that would pass
+    /// it is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TRAINMESH_METRICS_MAX_KEYS_PER_JOB",
+          default_value_t = DEFAULT_MAX_KEYS_PER_JOB,
+          value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_keys_per_job: i64,
 }
 
 /// A plain path means a SQLite file.
@@ -74,6 +93,10 @@ impl Args {
             server: self.common.server_options(),
             database_url: database_url(&self.common, self.database_url.as_deref()),
             watch_poll_interval: Duration::from_millis(self.watch_poll_ms.max(10)),
+            caps: Caps {
+                points: self.max_points_per_job,
+                keys: self.max_keys_per_job,
+            },
         })
     }
 }

@@ -257,18 +257,69 @@ fn parse_keys(keys: Vec<String>) -> Result<Vec<MetricKey>, FieldError> {
         .collect()
 }
 
+/// Most latest values in one GetLatestMetrics answer, and the default: at
+/// the longest keys about 280 KB, and every key of a job under the default
+/// key cap, so clients that do not page see no change.
+pub const MAX_LATEST_PAGE: usize = 1000;
+
+/// Which latest values one GetLatestMetrics answer covers.
+#[derive(Clone, Debug, Default)]
+pub struct LatestPage {
+    /// Only these keys (empty: any).
+    pub keys: Vec<MetricKey>,
+    /// Only keys starting with this.
+    pub prefix: Option<MetricKey>,
+    /// Only keys after this one (the last key of the previous page).
+    pub after: Option<MetricKey>,
+}
+
 #[derive(Clone, Debug)]
 pub struct LatestQuery {
     pub job_id: JobId,
-    pub keys: Vec<MetricKey>,
+    pub page: LatestPage,
+    pub page_size: usize,
+}
+
+/// The page token that continues after `key`.
+pub fn latest_page_token(key: &MetricKey) -> String {
+    hex::encode(key.as_str())
+}
+
+fn parse_page_token(token: &str) -> Result<Option<MetricKey>, FieldError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || FieldError::new("page_token", "is not a next_page_token of GetLatestMetrics");
+    let bytes = hex::decode(token).map_err(|_| bad())?;
+    let key = String::from_utf8(bytes).map_err(|_| bad())?;
+    MetricKey::parse("page_token", &key)
+        .map(Some)
+        .map_err(|_| bad())
 }
 
 impl TryFrom<pb::GetLatestMetricsRequest> for LatestQuery {
     type Error = FieldError;
     fn try_from(req: pb::GetLatestMetricsRequest) -> Result<Self, Self::Error> {
+        let page_size = match req.page_size {
+            n if n < 0 => return Err(FieldError::new("page_size", "must not be negative")),
+            0 => MAX_LATEST_PAGE,
+            n => usize::try_from(n)
+                .unwrap_or(MAX_LATEST_PAGE)
+                .min(MAX_LATEST_PAGE),
+        };
+        let prefix = if req.key_prefix.is_empty() {
+            None
+        } else {
+            Some(MetricKey::parse("key_prefix", &req.key_prefix)?)
+        };
         Ok(Self {
             job_id: JobId::parse_field("job_id", &req.job_id)?,
-            keys: parse_keys(req.keys)?,
+            page: LatestPage {
+                keys: parse_keys(req.keys)?,
+                prefix,
+                after: parse_page_token(&req.page_token)?,
+            },
+            page_size,
         })
     }
 }

@@ -1,11 +1,17 @@
 //! The service's errors and their one mapping to `tonic::Status`.
 
+use tonic_types::{ErrorDetails, StatusExt};
 use trainmesh_common::error::{db_error_code, to_status, ErrorCode, FieldError, ServiceError};
+
+use crate::caps::CapExceeded;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Invalid(#[from] FieldError),
+    /// A batch would take a job past a per-job cap.
+    #[error(transparent)]
+    Cap(#[from] CapExceeded),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     /// A stored row that this version cannot read (e.g. an unknown value kind).
@@ -17,6 +23,7 @@ impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
             Error::Invalid(_) => ErrorCode::InvalidArgument,
+            Error::Cap(_) => ErrorCode::ResourceExhausted,
             Error::Db(e) => db_error_code(e),
             Error::Corrupt(_) => ErrorCode::Internal,
         }
@@ -32,7 +39,25 @@ impl ServiceError for Error {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
-        to_status(&e)
+        match &e {
+            // RESOURCE_EXHAUSTED alone also means "shed, retry later"; the
+            // QuotaFailure detail tells a client that retrying the same
+            // batch cannot succeed.
+            Error::Cap(cap) => tonic::Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                e.to_string(),
+                ErrorDetails::with_quota_failure_violation(
+                    format!("job:{}", cap.job),
+                    format!(
+                        "at most {} {} per job (metrics-service {})",
+                        cap.limit,
+                        cap.cap.noun(),
+                        cap.cap.flag()
+                    ),
+                ),
+            ),
+            _ => to_status(&e),
+        }
     }
 }
 

@@ -4,15 +4,15 @@
 //! ownership lives in job-service, and checking it here would put a
 //! job-service call on the ingest path.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use trainmesh_common::auth;
 use trainmesh_common::error::FieldError;
 use trainmesh_common::proto::metrics::v1 as pb;
 use trainmesh_common::server::ShutdownWatch;
+use trainmesh_common::stream::{until_shutdown, BoxStream};
 
 use crate::domain::{JobId, LatestQuery, Point, RangeQuery, WatchQuery, WriteBatch};
 use crate::service::Metrics;
@@ -37,7 +37,10 @@ fn count(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchMetricsResponse, Status>> + Send>>;
+type WatchStream = BoxStream<pb::WatchMetricsResponse>;
+
+/// How streams name this service when they end at shutdown.
+const SERVICE: &str = "metrics-service";
 
 #[tonic::async_trait]
 impl pb::metrics_service_server::MetricsService for MetricsGrpc {
@@ -60,8 +63,24 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
     ) -> Result<Response<pb::StreamWriteMetricsResponse>, Status> {
         auth::caller(&req)?;
         let mut stream = req.into_inner();
+        let mut shutdown = self.shutdown.clone();
         let mut resp = pb::StreamWriteMetricsResponse::default();
-        while let Some(msg) = stream.next().await {
+        loop {
+            // A client stream could keep the server from stopping for as
+            // long as it writes: at shutdown, stop reading and say how far
+            // it got (the batches are idempotent, so re-sending is safe).
+            let msg = tokio::select! {
+                biased;
+                _ = shutdown.wait() => {
+                    return Err(Status::unavailable(format!(
+                        "{SERVICE} is shutting down; the first {} batches of this stream were \
+                         stored; send the rest again (writes are idempotent)",
+                        resp.batches
+                    )));
+                }
+                msg = stream.next() => msg,
+            };
+            let Some(msg) = msg else { break };
             let msg = msg?;
             let n = resp.batches + 1;
             let batch = WriteBatch::try_from(msg.batch.unwrap_or_default()).map_err(|e| {
@@ -73,7 +92,18 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
                     ),
                 )
             })?;
-            let out = self.svc.write(batch).await?;
+            let out = self.svc.write(batch).await.map_err(|e| {
+                let status = Status::from(e);
+                Status::with_details(
+                    status.code(),
+                    format!(
+                        "{} (message {n} of the stream; the {} before it were stored)",
+                        status.message(),
+                        resp.batches
+                    ),
+                    status.details().to_vec().into(),
+                )
+            })?;
             resp.accepted = resp.accepted.saturating_add(count(out.accepted));
             resp.duplicates = resp.duplicates.saturating_add(count(out.duplicates));
             resp.batches = n;
@@ -89,7 +119,8 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         let q = LatestQuery::try_from(req.into_inner())?;
         let latest = self.svc.latest(q).await?;
         Ok(Response::new(pb::GetLatestMetricsResponse {
-            points: points(&latest),
+            points: points(&latest.points),
+            next_page_token: latest.next_page_token.unwrap_or_default(),
         }))
     }
 
@@ -129,7 +160,9 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         req: Request<pb::WatchMetricsRequest>,
     ) -> Result<Response<Self::WatchMetricsStream>, Status> {
         auth::caller(&req)?;
-        let q = WatchQuery::try_from(req.into_inner())?;
+        let r = req.into_inner();
+        let start = r.cursor.clone();
+        let q = WatchQuery::try_from(r)?;
         let rx = self.svc.watch(q, self.shutdown.clone()).await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
             item.map(|u| pb::WatchMetricsResponse {
@@ -139,7 +172,13 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
             })
             .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(until_shutdown(
+            SERVICE,
+            stream,
+            self.shutdown.clone(),
+            start,
+            |m: &pb::WatchMetricsResponse| Some(m.cursor.as_str()),
+        )))
     }
 
     async fn list_anomalies(

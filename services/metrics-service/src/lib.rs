@@ -7,9 +7,15 @@
 //! down-sample to at most N points per key, keeping each bucket's extremes;
 //! watches stream new points from a cursor with a bounded buffer.
 //!
+//! Each job may store at most a configured number of points and of
+//! distinct keys ([`caps`]); GetLatestMetrics answers in pages of at most
+//! 1000 keys. A watch or a streamed write that the server ends because it
+//! shuts down ends with UNAVAILABLE, never with OK.
+//!
 //! Any authenticated caller may write and read any job's metrics (job
 //! ownership lives in job-service).
 
+pub mod caps;
 pub mod config;
 pub mod domain;
 pub mod error;
@@ -50,6 +56,7 @@ pub async fn run(
     let svc = Arc::new(service::Metrics::new(
         repo::Repo::new(db),
         config.watch_poll_interval,
+        config.caps,
     ));
     let max = server_opts.max_message_bytes;
     let metrics = MetricsServiceServer::new(grpc::MetricsGrpc::new(svc, watch))

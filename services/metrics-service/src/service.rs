@@ -7,7 +7,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use trainmesh_common::server::ShutdownWatch;
 
-use crate::domain::{JobId, LatestQuery, MetricKey, Point, RangeQuery, WatchQuery, WriteBatch};
+use crate::caps::Caps;
+use crate::domain::{
+    latest_page_token, JobId, LatestQuery, MetricKey, Point, RangeQuery, WatchQuery, WriteBatch,
+};
 use crate::error::Result;
 use crate::repo::{Repo, WriteOutcome};
 
@@ -43,19 +46,32 @@ pub struct Metrics {
     /// process at once; `poll_interval` covers writes by other replicas.
     written: watch::Sender<u64>,
     poll_interval: Duration,
+    caps: Caps,
+}
+
+/// One page of latest values.
+#[derive(Clone, Debug, Default)]
+pub struct LatestAnswer {
+    pub points: Vec<Point>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_page_token: Option<String>,
 }
 
 impl Metrics {
-    pub fn new(repo: Repo, poll_interval: Duration) -> Self {
+    pub fn new(repo: Repo, poll_interval: Duration, caps: Caps) -> Self {
         Self {
             repo,
             written: watch::Sender::new(0),
             poll_interval,
+            caps,
         }
     }
 
     pub async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome> {
-        let out = self.repo.write(batch.job_id, &batch.points).await?;
+        let out = self
+            .repo
+            .write(batch.job_id, &batch.points, self.caps)
+            .await?;
         if out.accepted > 0 {
             self.written.send_modify(|v| *v = v.wrapping_add(1));
         }
@@ -68,16 +84,23 @@ impl Metrics {
         Ok(out)
     }
 
-    pub async fn latest(&self, q: LatestQuery) -> Result<Vec<Point>> {
-        let all = self.repo.latest(q.job_id).await?;
-        if q.keys.is_empty() {
-            return Ok(all);
-        }
-        let wanted: HashSet<&MetricKey> = q.keys.iter().collect();
-        Ok(all
-            .into_iter()
-            .filter(|p| wanted.contains(&p.key))
-            .collect())
+    /// One page of latest values, in key order.
+    pub async fn latest(&self, q: LatestQuery) -> Result<LatestAnswer> {
+        // One more than the page shows whether another page follows.
+        let mut points = self
+            .repo
+            .latest(q.job_id, &q.page, q.page_size.saturating_add(1))
+            .await?;
+        let next_page_token = if points.len() > q.page_size {
+            points.truncate(q.page_size);
+            points.last().map(|p| latest_page_token(&p.key))
+        } else {
+            None
+        };
+        Ok(LatestAnswer {
+            points,
+            next_page_token,
+        })
     }
 
     /// Series in the order asked (or by key when none are named); a named
@@ -251,7 +274,11 @@ mod tests {
         )
         .await
         .unwrap();
-        Arc::new(Metrics::new(Repo::new(db), Duration::from_millis(20)))
+        Arc::new(Metrics::new(
+            Repo::new(db),
+            Duration::from_millis(20),
+            Caps::default(),
+        ))
     }
 
     #[tokio::test]

@@ -1,92 +1,16 @@
 //! metrics-service over real gRPC on loopback, on SQLite and (when
 //! `TRAINMESH_TEST_POSTGRES_URL` is set) PostgreSQL.
 
-use std::net::SocketAddr;
+mod support;
+
 use std::time::Duration;
 
-use metrics_service::{run, Config};
 use pb::metrics_service_client::MetricsServiceClient;
+use support::*;
 use tonic::Code;
-use tonic_types::StatusExt;
-use trainmesh_common::client::{self, Channel};
+use trainmesh_common::client;
 use trainmesh_common::proto::metrics::v1 as pb;
-use trainmesh_common::testing::{self, TestDb};
-
-struct Server {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Server {
-    async fn start(db: &TestDb) -> Self {
-        testing::init_test_logging();
-        let (listener, addr) = testing::listener().await;
-        let mut config = Config::new(testing::test_tokens().store, db.url.clone());
-        config.watch_poll_interval = Duration::from_millis(50);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Self {
-            addr,
-            stop: Some(tx),
-            handle: Some(handle),
-        }
-    }
-
-    fn client(&self, token: &str) -> MetricsServiceClient<Channel> {
-        MetricsServiceClient::new(client::channel(&self.addr.to_string(), Some(token)).unwrap())
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            h.await.unwrap().unwrap();
-        }
-    }
-}
-
-fn job() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn point(key: &str, step: i64, value: f64) -> pb::MetricPoint {
-    pb::MetricPoint {
-        key: key.into(),
-        step,
-        value,
-        ..Default::default()
-    }
-}
-
-fn records(job_id: &str, lines: &[&str]) -> pb::WriteMetricsRequest {
-    pb::WriteMetricsRequest {
-        job_id: job_id.into(),
-        points: vec![],
-        json_records: lines.iter().map(|s| s.to_string()).collect(),
-    }
-}
-
-async fn latest(c: &mut MetricsServiceClient<Channel>, job_id: &str) -> Vec<pb::MetricPoint> {
-    c.get_latest_metrics(pb::GetLatestMetricsRequest {
-        job_id: job_id.into(),
-        keys: vec![],
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .points
-}
-
-fn find<'a>(points: &'a [pb::MetricPoint], key: &str) -> &'a pb::MetricPoint {
-    points
-        .iter()
-        .find(|p| p.key == key)
-        .unwrap_or_else(|| panic!("no `{key}` in {points:?}"))
-}
+use trainmesh_common::testing;
 
 #[tokio::test]
 async fn flat_and_nested_records_are_flattened_and_latest_follows() {
@@ -124,6 +48,7 @@ async fn flat_and_nested_records_are_flattened_and_latest_follows() {
             .get_latest_metrics(pb::GetLatestMetricsRequest {
                 job_id: j.clone(),
                 keys: vec!["reward.std".into(), "absent".into()],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -287,13 +212,6 @@ async fn nan_and_inf_round_trip_flagged_non_finite() {
         assert_eq!(find(&pts, "loss").value, 0.5);
         server.stop().await;
     }
-}
-
-fn field_of(status: &tonic::Status) -> String {
-    status
-        .get_details_bad_request()
-        .map(|b| b.field_violations[0].field.clone())
-        .unwrap_or_default()
 }
 
 #[tokio::test]
