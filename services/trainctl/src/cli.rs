@@ -236,6 +236,9 @@ pub struct MetricsArgs {
     /// Only this key (repeatable).
     #[arg(long = "key")]
     pub keys: Vec<String>,
+    /// Only keys that start with this (e.g. `reward.`).
+    #[arg(long)]
+    pub prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

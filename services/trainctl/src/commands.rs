@@ -1,6 +1,5 @@
 //! One function per client command. Each returns the process exit code.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -14,11 +13,8 @@ use crate::cli::{
     CancelArgs, DiagnoseArgs, JobArg, ListArgs, LogsArgs, MetricsArgs, SubmitArgs, WatchArgs,
 };
 use crate::context::{print, print_json, print_json_line, Context, Service};
+use crate::resume::{self, Flow};
 use crate::{json, output, spec};
-
-/// How many times in a row a broken event stream is re-opened before
-/// giving up.
-const MAX_RECONNECTS: u32 = 30;
 
 pub(crate) fn now_secs() -> i64 {
     trainmesh_common::time::now_micros() / 1_000_000
@@ -125,17 +121,8 @@ fn is_code(err: &anyhow::Error, code: Code) -> bool {
         .is_some_and(|r| r.status.code() == code)
 }
 
-fn stream_broke(code: Code) -> bool {
-    // A restarted or draining job-service ends streams with these; the
-    // cursor lets the next stream continue where this one stopped.
-    matches!(
-        code,
-        Code::Unavailable | Code::Cancelled | Code::Unknown | Code::DeadlineExceeded
-    )
-}
-
 /// Calls `on_event` for each event (each once, in order) until it returns
-/// `true`, re-opening the stream from the last cursor when it breaks.
+/// `true`, resuming the stream from the last cursor when it breaks.
 async fn follow_events(
     ctx: &Context,
     job_id: Option<&str>,
@@ -143,67 +130,35 @@ async fn follow_events(
     from_start: bool,
     mut on_event: impl FnMut(&pb::JobEvent) -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
-    let mut client = ctx.jobs()?;
-    let mut cursor = cursor.unwrap_or_default();
-    let mut seen: HashMap<String, i64> = HashMap::new();
-    let mut failures = 0u32;
-    let mut opened_once = false;
-    loop {
-        let req = pb::WatchJobsRequest {
-            job_id: job_id.unwrap_or_default().to_owned(),
-            cursor: cursor.clone(),
-            from_start: from_start && cursor.is_empty(),
-        };
-        let status = match client.watch_jobs(req).await {
-            Ok(resp) => {
-                opened_once = true;
-                let mut stream = resp.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(msg)) => {
-                            failures = 0;
-                            match msg.kind {
-                                Some(pb::watch_jobs_response::Kind::Event(e)) => {
-                                    if !e.cursor.is_empty() {
-                                        cursor = e.cursor.clone();
-                                    }
-                                    let last = seen.entry(e.job_id.clone()).or_insert(0);
-                                    if e.sequence > 0 && e.sequence <= *last {
-                                        continue;
-                                    }
-                                    *last = e.sequence;
-                                    if on_event(&e)? {
-                                        return Ok(());
-                                    }
-                                }
-                                Some(pb::watch_jobs_response::Kind::Heartbeat(h))
-                                    if !h.cursor.is_empty() =>
-                                {
-                                    cursor = h.cursor;
-                                }
-                                _ => {}
-                            }
-                        }
-                        Ok(None) => break None,
-                        Err(s) => break Some(s),
-                    }
-                }
-            }
-            Err(s) => Some(s),
-        };
-        if let Some(s) = status {
-            if !opened_once || !stream_broke(s.code()) {
-                return Err(ctx.err(Service::Job)(s).into());
-            }
-        }
-        failures += 1;
-        if failures > MAX_RECONNECTS {
-            return Err(anyhow!(
-                "the event stream from job-service keeps breaking; gave up after {MAX_RECONNECTS} reconnects"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(500 * u64::from(failures.min(4)))).await;
-    }
+    use pb::watch_jobs_response::Kind;
+    let client = ctx.jobs()?;
+    let job_id = job_id.unwrap_or_default().to_owned();
+    resume::follow(
+        ctx,
+        Service::Job,
+        cursor.unwrap_or_default(),
+        |cursor: String| {
+            let mut client = client.clone();
+            let req = pb::WatchJobsRequest {
+                job_id: job_id.clone(),
+                // Once a cursor is known (the first heartbeat carries one)
+                // it says where to go on from.
+                from_start: from_start && cursor.is_empty(),
+                cursor,
+            };
+            async move { client.watch_jobs(req).await }
+        },
+        |m: &pb::WatchJobsResponse| match &m.kind {
+            Some(Kind::Event(e)) => e.cursor.as_str(),
+            Some(Kind::Heartbeat(h)) => h.cursor.as_str(),
+            None => "",
+        },
+        |m| match m.kind {
+            Some(Kind::Event(e)) if on_event(&e)? => Ok(Flow::Stop),
+            _ => Ok(Flow::Continue),
+        },
+    )
+    .await
 }
 
 pub async fn get(ctx: &Context, args: &JobArg) -> anyhow::Result<u8> {
@@ -246,29 +201,39 @@ pub async fn list(ctx: &Context, args: &ListArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn logs(ctx: &Context, args: &LogsArgs) -> anyhow::Result<u8> {
-    let mut stream = ctx
-        .jobs()?
-        .stream_job_logs(pb::StreamJobLogsRequest {
-            job_id: args.job.clone(),
-            attempt: clamp_i32(args.attempt),
-            tail_lines: clamp_i32(args.tail),
-            follow: args.follow,
-        })
-        .await
-        .map_err(ctx.err(Service::Job))?
-        .into_inner();
+    let client = ctx.jobs()?;
+    let json_out = ctx.json();
     let mut any = false;
-    while let Some(batch) = stream.message().await.map_err(ctx.err(Service::Job))? {
-        any |= !batch.lines.is_empty();
-        for line in &batch.lines {
-            if ctx.json() {
-                print_json_line(&json::log_line(line))?;
-            } else {
-                print(&line.text)?;
+    resume::follow(
+        ctx,
+        Service::Job,
+        String::new(),
+        |cursor: String| {
+            let mut client = client.clone();
+            let req = pb::StreamJobLogsRequest {
+                job_id: args.job.clone(),
+                attempt: clamp_i32(args.attempt),
+                tail_lines: clamp_i32(args.tail),
+                follow: args.follow,
+                cursor,
+            };
+            async move { client.stream_job_logs(req).await }
+        },
+        |m: &pb::StreamJobLogsResponse| m.cursor.as_str(),
+        |batch| {
+            any |= !batch.lines.is_empty();
+            for line in &batch.lines {
+                if json_out {
+                    print_json_line(&json::log_line(line))?;
+                } else {
+                    print(&line.text)?;
+                }
             }
-        }
-    }
-    if !any && !ctx.json() {
+            Ok(Flow::Continue)
+        },
+    )
+    .await?;
+    if !any && !json_out {
         eprintln!("no log lines for job `{}` yet", args.job);
     }
     Ok(0)
@@ -326,23 +291,36 @@ pub async fn watch(ctx: &Context, args: &WatchArgs) -> anyhow::Result<u8> {
 }
 
 pub async fn metrics(ctx: &Context, args: &MetricsArgs) -> anyhow::Result<u8> {
-    let resp = ctx
-        .metrics()?
-        .get_latest_metrics(metrics::GetLatestMetricsRequest {
-            job_id: args.job.clone(),
-            keys: args.keys.clone(),
-        })
-        .await
-        .map_err(ctx.err(Service::Metrics))?
-        .into_inner();
+    // The service answers in pages of at most 1000 keys: read them all.
+    let mut client = ctx.metrics()?;
+    let mut points = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let resp = client
+            .get_latest_metrics(metrics::GetLatestMetricsRequest {
+                job_id: args.job.clone(),
+                keys: args.keys.clone(),
+                key_prefix: args.prefix.clone().unwrap_or_default(),
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .map_err(ctx.err(Service::Metrics))?
+            .into_inner();
+        points.extend(resp.points);
+        if resp.next_page_token.is_empty() {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
     if ctx.json() {
         print_json(&json!({
-            "points": resp.points.iter().map(json::metric_point).collect::<Vec<_>>(),
+            "points": points.iter().map(json::metric_point).collect::<Vec<_>>(),
         }))?;
-    } else if resp.points.is_empty() {
+    } else if points.is_empty() {
         eprintln!("no metrics recorded for job `{}`", args.job);
     } else {
-        print(&output::metrics_table(&resp.points))?;
+        print(&output::metrics_table(&points))?;
     }
     Ok(0)
 }

@@ -13,6 +13,7 @@ pub mod commands;
 pub mod context;
 pub mod json;
 pub mod output;
+pub mod resume;
 pub mod scheduling;
 pub mod spec;
 pub mod up;

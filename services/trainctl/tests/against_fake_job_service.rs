@@ -20,6 +20,7 @@ struct Seen {
     correlation_ids: Vec<String>,
     users: Vec<String>,
     watches: Vec<pb::WatchJobsRequest>,
+    logs: Vec<pb::StreamJobLogsRequest>,
     lists: Vec<pb::ListJobsRequest>,
     gets: usize,
 }
@@ -172,23 +173,53 @@ impl JobService for Fake {
             ]
         } else {
             *self.state.lock().unwrap() = self.final_state;
-            vec![
-                // A replayed event must not be shown twice.
-                event(2, pb::JobState::Queued),
-                event(3, pb::JobState::Running),
-                event(4, self.final_state),
-            ]
+            vec![event(3, pb::JobState::Running), event(4, self.final_state)]
         };
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
     type StreamJobLogsStream = BoxStream<pb::StreamJobLogsResponse>;
 
+    /// The first stream sends lines 1-2 and ends as a stopping server ends
+    /// it; the resumed one sends line 3 and the real end. A job named
+    /// `job-broken` gets an answer about the request instead.
     async fn stream_job_logs(
         &self,
-        _: Request<pb::StreamJobLogsRequest>,
+        req: Request<pb::StreamJobLogsRequest>,
     ) -> Result<Response<Self::StreamJobLogsStream>, Status> {
-        Err(Status::unimplemented("not in the fake"))
+        self.record(&req)?;
+        let req = req.into_inner();
+        let broken = req.job_id == "job-broken";
+        let n = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.logs.push(req);
+            seen.logs.len()
+        };
+        let lines = |numbers: &[i64]| {
+            Ok(pb::StreamJobLogsResponse {
+                cursor: format!("1:{}", numbers.last().copied().unwrap_or(0)),
+                lines: numbers
+                    .iter()
+                    .map(|n| pb::LogLine {
+                        attempt: 1,
+                        number: *n,
+                        text: format!("line {n}"),
+                    })
+                    .collect(),
+            })
+        };
+        let items = match (broken, n) {
+            (true, _) => vec![lines(&[1]), Err(Status::internal("internal error"))],
+            (false, 1) => vec![
+                lines(&[]),
+                lines(&[1, 2]),
+                Err(Status::unavailable(
+                    "job-service is shutting down; resume from cursor `1:2`",
+                )),
+            ],
+            (false, _) => vec![lines(&[3])],
+        };
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
     }
 
     async fn create_pipeline(
@@ -430,4 +461,33 @@ async fn unknown_field_in_the_spec_is_refused_before_any_call() {
     .await;
     assert_eq!(code, 1);
     assert!(s.fake.seen.lock().unwrap().created.is_empty());
+}
+
+#[tokio::test]
+async fn logs_follow_resumes_from_the_cursor_after_unavailable() {
+    let s = serve(pb::JobState::Running, true).await;
+    let code = trainctl::run(cli(
+        s.addr,
+        "alice-token",
+        &["logs", "job-1", "-f", "--tail", "5"],
+    ))
+    .await;
+    assert_eq!(code, 0, "only the real end of the stream is a success");
+    let seen = s.fake.seen.lock().unwrap();
+    assert_eq!(seen.logs.len(), 2);
+    assert_eq!(
+        (seen.logs[0].cursor.as_str(), seen.logs[0].tail_lines),
+        ("", 5)
+    );
+    assert!(seen.logs[0].follow && seen.logs[1].follow);
+    assert_eq!(seen.logs[1].cursor, "1:2");
+}
+
+#[tokio::test]
+async fn logs_stop_on_an_error_about_the_request_with_exit_1() {
+    let s = serve(pb::JobState::Running, true).await;
+    let code = trainctl::run(cli(s.addr, "alice-token", &["logs", "job-broken", "-f"])).await;
+    assert_eq!(code, 1);
+    // An answer from the server is not a broken connection: no retry.
+    assert_eq!(s.fake.seen.lock().unwrap().logs.len(), 1);
 }
