@@ -1,6 +1,7 @@
 //! What every trainmesh service does the same way.
 //!
-//! - [`telemetry`]: `tracing` set up from `TRAINMESH_LOG_*` and OTLP export.
+//! - [`telemetry`]: `tracing` set up from `TRAINMESH_LOG_*` and OTLP export;
+//!   [`log_file`]: the log file, rotated by size.
 //! - [`correlation`]: the `x-correlation-id` / `traceparent` server layer and
 //!   the client interceptor that carries both on every outgoing call.
 //! - [`auth`]: bearer tokens (stored hashed) mapped to a [`auth::Caller`].
@@ -24,6 +25,7 @@ pub mod db;
 pub mod error;
 pub mod group_commit;
 pub mod id;
+pub mod log_file;
 pub mod outbox;
 pub mod server;
 pub mod storage;

@@ -2,7 +2,9 @@
 //!
 //! - `TRAINMESH_LOG_FORMAT=json|text` (default text),
 //! - `TRAINMESH_LOG_LEVEL` (an `EnvFilter` directive, default `info`),
-//! - `TRAINMESH_LOG_FILE` (append to this file instead of stderr),
+//! - `TRAINMESH_LOG_FILE` (append to this file instead of stderr), rotated
+//!   by size: `TRAINMESH_LOG_MAX_BYTES` (default 100 MiB) per file, and
+//!   `TRAINMESH_LOG_KEEP` (default 5) rotated files kept ([`crate::log_file`]),
 //! - `OTEL_EXPORTER_OTLP_ENDPOINT` (export spans over OTLP/gRPC when set).
 //!
 //! JSON lines carry `timestamp`, `level`, `target`, `message`, the event's
@@ -22,6 +24,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::log_file::{RotatingFile, Rotation};
 
 static OTEL_ENABLED: OnceLock<bool> = OnceLock::new();
 
@@ -57,10 +61,8 @@ pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
 
     let (writer, guard) = match std::env::var_os("TRAINMESH_LOG_FILE") {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
+            let rotation = Rotation::from_env(|k| std::env::var(k).ok())?;
+            let file = RotatingFile::open(&path, rotation)
                 .map_err(|e| anyhow::anyhow!("cannot open TRAINMESH_LOG_FILE {path:?}: {e}"))?;
             tracing_appender::non_blocking(file)
         }
