@@ -11,7 +11,9 @@
 //! start a second scheduler replica on the same database
 //! ([`MeshOptions::scheduler_replicas`]), give the scheduler approval rules,
 //! start more runners and SIGKILL one ([`Mesh::start_runner`],
-//! [`Mesh::kill`]). [`fake_runner`] speaks RunnerService from the test
+//! [`Mesh::kill`]), stop an instance with SIGTERM and start it again, on a
+//! new port or in place ([`Mesh::stop_instance`], [`Mesh::start_instance`],
+//! [`Mesh::start_instance_in_place`]). [`fake_runner`] speaks RunnerService from the test
 //! itself; [`jobs`] has helpers to submit jobs and wait on their state.
 
 pub mod fake_runner;
@@ -476,6 +478,22 @@ impl Mesh {
         } else {
             self.wait_healthy(instance).await;
         }
+    }
+
+    /// Like [`Mesh::start_instance`], but on the address the instance had,
+    /// as a service restarted in place: clients holding that address (a
+    /// `trainctl` given `host:port`) reconnect where they were.
+    pub async fn start_instance_in_place(&mut self, instance: &str) {
+        let was = self.addr(instance);
+        assert!(!was.is_empty(), "`{instance}` never reported its address");
+        if let Some((_, _, args)) = self.specs.iter_mut().find(|(i, _, _)| i == instance) {
+            if let Some(at) = args.iter().position(|a| a == "--listen") {
+                if let Some(listen) = args.get_mut(at + 1) {
+                    *listen = was;
+                }
+            }
+        }
+        self.start_instance(instance).await;
     }
 
     /// The PostgreSQL URLs of job-service's and the scheduler's databases

@@ -100,6 +100,7 @@ async fn log_text(mesh: &Mesh, job_id: &str) -> String {
             attempt: 0,
             tail_lines: 0,
             follow: false,
+            cursor: String::new(),
         })
         .await
         .expect("logs")
@@ -179,7 +180,7 @@ async fn succeeding_and_failing_jobs_end_to_end() {
         .metrics(ALICE_TOKEN)
         .get_latest_metrics(GetLatestMetricsRequest {
             job_id: ok.id.clone(),
-            keys: vec![],
+            ..Default::default()
         })
         .await
         .expect("latest metrics")

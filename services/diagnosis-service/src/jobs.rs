@@ -94,6 +94,7 @@ impl JobSource {
             attempt: 0,
             tail_lines: TAIL_LINES as i32,
             follow: false,
+            cursor: String::new(),
         };
         let read = async {
             let mut stream = client

@@ -108,7 +108,12 @@ impl JobService for FakeJobs {
         };
         let msgs: Vec<Result<jpb::StreamJobLogsResponse, Status>> = numbered[start..]
             .chunks(100)
-            .map(|c| Ok(jpb::StreamJobLogsResponse { lines: c.to_vec() }))
+            .map(|c| {
+                Ok(jpb::StreamJobLogsResponse {
+                    lines: c.to_vec(),
+                    cursor: String::new(),
+                })
+            })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
     }
