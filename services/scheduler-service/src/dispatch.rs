@@ -1,17 +1,16 @@
 //! The dispatch loop: woken by events (enqueue, finish, register,
 //! heartbeat, acquire) with a periodic sweep as the safety net. Only the
 //! leader replica (see [`crate::leader`]) runs rounds. Each round expires
-//! dead runners' leases and due approvals (so an expired approval is closed
-//! exactly when dispatch looks at the queue), then plans over the leader's
-//! copy of the waiting queue ([`crate::queue_cache`]) and applies the plan,
-//! one fenced transaction per batch of placements.
+//! dead runners' leases ([`crate::leases`]) and due approvals (so an
+//! expired approval is closed exactly when dispatch looks at the queue),
+//! then plans over the leader's copy of the waiting queue
+//! ([`crate::queue_cache`]) and applies the plan, one fenced transaction per
+//! batch of placements.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::AnyConnection;
-use tracing::Instrument;
-use trainmesh_common::correlation;
 use trainmesh_common::proto::job::v1::{FailureCause, JobError, JobSpec};
 use trainmesh_common::server::ShutdownWatch;
 
@@ -146,7 +145,9 @@ impl Scheduler {
             let is_live = match live.get(&p.runner_id) {
                 Some(l) => *l,
                 None => {
-                    let l = repo::runner_is_live(&mut tx, p.runner_id, now).await?;
+                    // A draining runner takes nothing, however recent the plan.
+                    let l =
+                        repo::runner_takes_work(&mut tx, self.db.backend, p.runner_id, now).await?;
                     live.insert(p.runner_id, l);
                     l
                 }
@@ -306,114 +307,5 @@ impl Scheduler {
         update.error = end.error;
         repo::push_status(tx, entry.job_id, &entry.correlation_id, update).await?;
         Ok((to, reason))
-    }
-
-    /// Marks runners whose lease expired as dead; their active attempts are
-    /// lost and the jobs requeued under the retry policy, else failed.
-    pub async fn expire_leases(&self) -> Result<usize> {
-        let now = self.now();
-        let expired = repo::expired_runners(&self.db, now).await?;
-        let mut count = 0;
-        for runner_id in expired {
-            if self.expire_runner(runner_id, now).await? {
-                count += 1;
-            }
-        }
-        if count > 0 {
-            self.relay.notify();
-            self.wake_dispatcher();
-        }
-        Ok(count)
-    }
-
-    async fn expire_runner(&self, runner_id: RunnerId, now: i64) -> Result<bool> {
-        let mut tx = self.db.begin_write().await?;
-        if !repo::mark_runner_dead(&mut tx, runner_id, now).await? {
-            return Ok(false);
-        }
-        let held = repo::active_assignments_of(&mut tx, runner_id).await?;
-        let mut lost = Vec::new();
-        for a in &held {
-            let why = format!(
-                "runner `{runner_id}` stopped renewing its lease while attempt {} was on it",
-                a.attempt
-            );
-            if let Some(moved) = self.lose_attempt(&mut tx, a, why, now).await? {
-                lost.push(moved);
-            }
-        }
-        tx.commit().await?;
-        tracing::warn!(runner_id = %runner_id, attempts_lost = lost.len(), "runner lease expired");
-        for (entry, to, reason) in lost {
-            let span = job_span(entry.job_id, &entry.correlation_id);
-            correlation::scope(
-                entry.correlation_id.clone(),
-                async {
-                    tracing::info!(
-                        runner_id = %runner_id,
-                        attempt = entry.attempt,
-                        state = to.as_str(),
-                        reason = %reason,
-                        "attempt lost"
-                    );
-                }
-                .instrument(span),
-            )
-            .await;
-        }
-        self.forget_runner(runner_id);
-        Ok(true)
-    }
-
-    /// Marks an active attempt LOST and applies the retry policy; `None`
-    /// when its final report won the race or it is no longer current.
-    pub(crate) async fn lose_attempt(
-        &self,
-        tx: &mut AnyConnection,
-        a: &repo::AssignmentRow,
-        why: String,
-        now: i64,
-    ) -> Result<Option<(EntryRow, EntryState, String)>> {
-        if !repo::set_assignment_state(
-            tx,
-            a.job_id,
-            a.attempt,
-            a.state,
-            AttemptStatus::Lost,
-            None,
-            None,
-            now,
-        )
-        .await?
-        {
-            return Ok(None);
-        }
-        let Some(entry) = repo::get_entry(tx, a.job_id).await? else {
-            return Ok(None);
-        };
-        if entry.attempt != a.attempt || entry.state.is_terminal() {
-            return Ok(None);
-        }
-        let error = JobError {
-            r#type: "RunnerLost".into(),
-            message: why,
-            category: "runner-lost".into(),
-            retryable: true,
-            hint: "the job is retried on another runner while attempts remain".into(),
-            ..Default::default()
-        };
-        let this_started = a.state == AttemptStatus::Running;
-        let end = AttemptEnd {
-            runner_id: a.runner_id,
-            attempt: a.attempt,
-            ending: Ending::Lost,
-            attempt_state: AttemptStatus::Lost,
-            this_started,
-            started: entry.started_attempts,
-            exit_code: None,
-            error: Some(error),
-        };
-        let (to, reason) = self.end_attempt(tx, &entry, end, now).await?;
-        Ok(Some((entry, to, reason)))
     }
 }

@@ -458,9 +458,10 @@ pub fn failure_cause(exit_code: Option<i32>, error: Option<&JobError>) -> Failur
         // waiting); the exit code, if any, says nothing.
         "unschedulable" => return FailureCause::NoCapacity,
         // The platform took the resources back (a pod preempted or
-        // evicted); the exit code is only how the container was stopped.
-        "preempted" => return FailureCause::Preempted,
-        "platform" | "runner-lost" | "runner-shutdown" => return FailureCause::Platform,
+        // evicted, a runner stopped and handed its attempt back); the exit
+        // code is only how the workload was stopped.
+        "preempted" | crate::leases::CATEGORY_RUNNER_SHUTDOWN => return FailureCause::Preempted,
+        "platform" | "runner-lost" => return FailureCause::Platform,
         _ => {}
     }
     let code = exit_code.or_else(|| error.map(|e| e.exit_code).filter(|c| *c != 0));

@@ -58,6 +58,36 @@ fn pending_reason(w: &WaitReason) -> pb::PendingReason {
     }
 }
 
+/// A runner's list of attempts, validated; `field` names the list.
+fn attempts_of(
+    field: &str,
+    refs: &[runner_pb::AttemptRef],
+) -> Result<Vec<(JobId, i64)>, FieldError> {
+    refs.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let job_id = JobId::parse_field(&format!("{field}[{i}].job_id"), &a.job_id)?;
+            if a.attempt < 1 {
+                return Err(FieldError::new(
+                    format!("{field}[{i}].attempt"),
+                    "must be 1 or more",
+                ));
+            }
+            Ok((job_id, i64::from(a.attempt)))
+        })
+        .collect()
+}
+
+fn attempt_refs(attempts: Vec<(JobId, i64)>) -> Vec<runner_pb::AttemptRef> {
+    attempts
+        .into_iter()
+        .map(|(job_id, attempt)| runner_pb::AttemptRef {
+            job_id: job_id.to_string(),
+            attempt: i32_of(attempt),
+        })
+        .collect()
+}
+
 fn i32_of(v: impl TryInto<i32>) -> i32 {
     v.try_into().unwrap_or(i32::MAX)
 }
@@ -151,27 +181,37 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         caller(&req)?.require(Role::Service)?;
         let req = req.into_inner();
         let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
-        let mut active = Vec::with_capacity(req.active.len());
-        for (i, a) in req.active.iter().enumerate() {
-            let job_id = JobId::parse_field(&format!("active[{i}].job_id"), &a.job_id)?;
-            if a.attempt < 1 {
-                return Err(
-                    FieldError::new(format!("active[{i}].attempt"), "must be 1 or more").into(),
-                );
-            }
-            active.push((job_id, i64::from(a.attempt)));
-        }
+        let active = attempts_of("active", &req.active)?;
         let out = self.sched.heartbeat(runner_id, &active).await?;
         Ok(Response::new(runner_pb::HeartbeatResponse {
             lease_expire_time: Some(to_timestamp(out.lease_expires_at)),
-            cancel: out
-                .cancel
-                .into_iter()
-                .map(|(job_id, attempt)| runner_pb::AttemptRef {
-                    job_id: job_id.to_string(),
-                    attempt: i32::try_from(attempt).unwrap_or(i32::MAX),
-                })
-                .collect(),
+            cancel: attempt_refs(out.cancel),
+        }))
+    }
+
+    async fn drain_runner(
+        &self,
+        req: Request<runner_pb::DrainRunnerRequest>,
+    ) -> Result<Response<runner_pb::DrainRunnerResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let req = req.into_inner();
+        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        let active = attempts_of("active", &req.active)?;
+        let requeued = self.sched.drain(runner_id, &active).await?;
+        Ok(Response::new(runner_pb::DrainRunnerResponse {
+            requeued: attempt_refs(requeued),
+        }))
+    }
+
+    async fn deregister_runner(
+        &self,
+        req: Request<runner_pb::DeregisterRunnerRequest>,
+    ) -> Result<Response<runner_pb::DeregisterRunnerResponse>, Status> {
+        caller(&req)?.require(Role::Service)?;
+        let runner_id = RunnerId::parse_field("runner_id", &req.get_ref().runner_id)?;
+        let requeued = self.sched.deregister(runner_id).await?;
+        Ok(Response::new(runner_pb::DeregisterRunnerResponse {
+            requeued: attempt_refs(requeued),
         }))
     }
 

@@ -4,8 +4,8 @@
 //! - [`plan`]: the decision as a pure function, property-tested (public, so
 //!   benchmarks can time it);
 //! - [`limits`], [`approvals`], [`retry`]: the policies;
-//! - [`service`], [`runners`], [`dispatch`], [`decisions`], [`explain`]:
-//!   the logic (no tonic types);
+//! - [`service`], [`runners`], [`leases`], [`dispatch`], [`decisions`],
+//!   [`explain`]: the logic (no tonic types);
 //! - [`leader`]: which replica dispatches when several share PostgreSQL;
 //! - [`repo`]: SQL for SQLite and PostgreSQL;
 //! - [`grpc`]: `SchedulerService`, `SchedulerInternalService` and
@@ -26,6 +26,7 @@ pub mod explain;
 pub mod grpc;
 mod handoff;
 pub mod leader;
+pub mod leases;
 pub mod limits;
 pub mod plan;
 mod queue_cache;

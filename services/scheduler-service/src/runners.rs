@@ -17,7 +17,8 @@ use crate::domain::{
     failure_cause, AttemptReport, AttemptStatus, EntryState, JobId, Registration, RunnerId,
 };
 use crate::error::{Error, Result};
-use crate::repo::{self, Delivery};
+use crate::leases::{self, give_back_budget, Loss};
+use crate::repo::{self, Delivery, RunnerStanding};
 use crate::retry::Ending;
 use crate::service::{job_span, micros, retrying, status, Scheduler};
 
@@ -86,7 +87,9 @@ impl Scheduler {
         let now = self.now();
         let expires = now.saturating_add(micros(self.settings.lease_ttl));
         let mut tx = self.db.begin_write().await?;
-        let Some(previous) = repo::renew_lease(&mut tx, runner_id, now, expires).await? else {
+        let Some((previous, draining)) =
+            repo::renew_lease(&mut tx, runner_id, now, expires).await?
+        else {
             return Err(Error::RunnerNotFound(runner_id));
         };
         let held = repo::active_assignments_of(&mut tx, runner_id).await?;
@@ -110,7 +113,17 @@ impl Scheduler {
                     "runner `{runner_id}` stopped listing attempt {} as active ({missed} heartbeats in a row)",
                     a.attempt
                 );
-                if let Some(moved) = self.lose_attempt(&mut tx, a, why, now).await? {
+                // A stopping runner whose final report did not get through:
+                // the platform's doing, not the job's.
+                let loss = if draining {
+                    Loss::HandedBack {
+                        state: AttemptStatus::Lost,
+                        why,
+                    }
+                } else {
+                    Loss::Lost(why)
+                };
+                if let Some(moved) = self.end_held_attempt(&mut tx, a, loss, now).await? {
                     lost.push(moved);
                 }
             }
@@ -188,8 +201,14 @@ impl Scheduler {
     ) -> Result<Vec<Delivery>> {
         {
             let mut conn = self.db.read.acquire().await?;
-            if !repo::runner_is_live(&mut conn, runner_id, self.now()).await? {
-                return Err(Error::RunnerNotFound(runner_id));
+            match repo::runner_standing(&mut conn, runner_id, self.now()).await? {
+                Some(RunnerStanding::Live) => {}
+                Some(RunnerStanding::Draining) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "runner `{runner_id}` is draining: nothing more is placed on it"
+                    )))
+                }
+                None => return Err(Error::RunnerNotFound(runner_id)),
             }
         }
         let max = if max <= 0 {
@@ -307,16 +326,18 @@ impl Scheduler {
                 why: "no such attempt".into(),
             });
         };
+        let (runner_id, job_id, attempt) = (r.runner_id, r.job_id, r.attempt);
         let not_holder = |why: &str| Error::NotHolder {
-            runner_id: r.runner_id,
-            job_id: r.job_id,
-            attempt: r.attempt,
+            runner_id,
+            job_id,
+            attempt,
             why: why.into(),
         };
         let a = ctx.attempt;
         if a.runner_id != r.runner_id {
             return Err(not_holder("it is assigned to another runner"));
         }
+        let r = leases::unasked_cancel_is_handback(r, &a, ctx.entry.as_ref());
         // Fenced by the lease too: once it has run out, the attempt belongs
         // to the expiry (which may not have swept yet), not to the runner.
         if a.state.is_active() && !ctx.runner_live {
@@ -371,12 +392,8 @@ impl Scheduler {
             if current_attempt && r.state == AttemptStatus::Failed && !entry.cancel_requested {
                 let cause = failure_cause(r.exit_code, r.error.as_ref());
                 let was_running = a.state == AttemptStatus::Running;
-                // The stored count follows retry::decide's rule: a
-                // preempted attempt gives back its place in the budget.
                 if cause == FailureCause::Preempted {
-                    if was_running {
-                        repo::uncount_started(&mut *tx, r.job_id).await?;
-                    }
+                    give_back_budget(&mut *tx, r.job_id, cause, was_running).await?;
                 } else if counts_now {
                     repo::count_started(&mut *tx, r.job_id).await?;
                 }

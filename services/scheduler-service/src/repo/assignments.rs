@@ -174,7 +174,7 @@ pub async fn report_context(
     };
     let row = sqlx::query(&format!(
         "SELECT {}, CASE WHEN EXISTS (SELECT 1 FROM runners r WHERE r.runner_id = $3 \
-         AND r.state = 'live' AND r.lease_expires_at > $4) THEN 1 ELSE 0 END, {} \
+         AND r.state IN ('live', 'draining') AND r.lease_expires_at > $4) THEN 1 ELSE 0 END, {} \
          FROM assignments a LEFT JOIN queue_entries e ON e.job_id = a.job_id \
          WHERE a.job_id = $1 AND a.attempt = $2",
         prefixed(ASSIGNMENT_COLS, "a"),

@@ -1,8 +1,12 @@
 //! Runner registrations and their leases.
+//!
+//! A runner is `live` (takes work), `draining` (stopping: holds its lease,
+//! heartbeats and reports, but nothing new is placed on it) or `dead`
+//! (deregistered, or its lease ran out).
 
 use prost::Message;
 use sqlx::{AnyConnection, Row};
-use trainmesh_common::db::Db;
+use trainmesh_common::db::{Backend, Db};
 use trainmesh_common::proto::runner::v1 as runner_pb;
 
 use super::parse_id;
@@ -36,17 +40,17 @@ pub async fn insert_runner(
     Ok(())
 }
 
-/// Renews a live lease and returns the previous heartbeat time; `None`
-/// when the runner is unknown, dead or expired.
+/// Renews a live lease; returns the previous heartbeat time and whether
+/// the runner is draining, or `None` when it is unknown, dead or expired.
 pub async fn renew_lease(
     conn: &mut AnyConnection,
     id: RunnerId,
     now: i64,
     expires_at: i64,
-) -> Result<Option<i64>> {
+) -> Result<Option<(i64, bool)>> {
     let prev = sqlx::query(
-        "SELECT last_heartbeat_at FROM runners WHERE runner_id = $1 AND state = 'live' \
-         AND lease_expires_at > $2",
+        "SELECT last_heartbeat_at, state FROM runners WHERE runner_id = $1 \
+         AND state IN ('live', 'draining') AND lease_expires_at > $2",
     )
     .bind(id.to_string())
     .bind(now)
@@ -57,7 +61,7 @@ pub async fn renew_lease(
     };
     let done = sqlx::query(
         "UPDATE runners SET lease_expires_at = $1, last_heartbeat_at = $2 \
-         WHERE runner_id = $3 AND state = 'live' AND lease_expires_at > $2",
+         WHERE runner_id = $3 AND state IN ('live', 'draining') AND lease_expires_at > $2",
     )
     .bind(expires_at)
     .bind(now)
@@ -67,13 +71,64 @@ pub async fn renew_lease(
     if done.rows_affected() != 1 {
         return Ok(None);
     }
-    Ok(Some(prev.try_get(0)?))
+    let state: String = prev.try_get(1)?;
+    Ok(Some((prev.try_get(0)?, state == "draining")))
 }
 
-pub async fn runner_is_live(conn: &mut AnyConnection, id: RunnerId, now: i64) -> Result<bool> {
+/// Where a registration stands, as far as taking work goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunnerStanding {
+    /// Its lease is live and it takes work.
+    Live,
+    /// Its lease is live but it is stopping: nothing new goes to it.
+    Draining,
+}
+
+/// The standing of a runner whose lease is live; `None` when it is
+/// unknown, dead or expired.
+pub async fn runner_standing(
+    conn: &mut AnyConnection,
+    id: RunnerId,
+    now: i64,
+) -> Result<Option<RunnerStanding>> {
     let row = sqlx::query(
-        "SELECT runner_id FROM runners WHERE runner_id = $1 AND state = 'live' AND lease_expires_at > $2",
+        "SELECT state FROM runners WHERE runner_id = $1 AND state IN ('live', 'draining') \
+         AND lease_expires_at > $2",
     )
+    .bind(id.to_string())
+    .bind(now)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: String = row.try_get(0)?;
+    Ok(Some(if state == "draining" {
+        RunnerStanding::Draining
+    } else {
+        RunnerStanding::Live
+    }))
+}
+
+/// Whether work may be placed on the runner now, inside the caller's
+/// dispatch transaction. On PostgreSQL the row is share-locked until the
+/// commit: a concurrent [`drain_runner`] then waits for this placement and
+/// sees it (and sends it back), or this check waits for the drain and sees
+/// the runner draining. SQLite runs one writer at a time.
+pub async fn runner_takes_work(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    id: RunnerId,
+    now: i64,
+) -> Result<bool> {
+    let lock = match backend {
+        Backend::Postgres => " FOR SHARE",
+        Backend::Sqlite => "",
+    };
+    let row = sqlx::query(&format!(
+        "SELECT runner_id FROM runners WHERE runner_id = $1 AND state = 'live' \
+         AND lease_expires_at > $2{lock}"
+    ))
     .bind(id.to_string())
     .bind(now)
     .fetch_optional(&mut *conn)
@@ -81,9 +136,24 @@ pub async fn runner_is_live(conn: &mut AnyConnection, id: RunnerId, now: i64) ->
     Ok(row.is_some())
 }
 
+/// Marks a runner with a live lease as draining; false when it is unknown,
+/// dead or expired. Draining again changes nothing.
+pub async fn drain_runner(conn: &mut AnyConnection, id: RunnerId, now: i64) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE runners SET state = 'draining' WHERE runner_id = $1 \
+         AND state IN ('live', 'draining') AND lease_expires_at > $2",
+    )
+    .bind(id.to_string())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 pub async fn expired_runners(db: &Db, now: i64) -> Result<Vec<RunnerId>> {
     let rows = sqlx::query(
-        "SELECT runner_id FROM runners WHERE state = 'live' AND lease_expires_at <= $1",
+        "SELECT runner_id FROM runners WHERE state IN ('live', 'draining') \
+         AND lease_expires_at <= $1",
     )
     .bind(now)
     .fetch_all(&db.read)
@@ -93,17 +163,55 @@ pub async fn expired_runners(db: &Db, now: i64) -> Result<Vec<RunnerId>> {
         .collect()
 }
 
-/// Marks an expired runner dead; false when it renewed or was already dead.
-pub async fn mark_runner_dead(conn: &mut AnyConnection, id: RunnerId, now: i64) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE runners SET state = 'dead' WHERE runner_id = $1 AND state = 'live' \
+/// Why a runner's registration ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retirement {
+    /// Its lease ran out (only an expired lease is ended).
+    LeaseExpired,
+    /// It said it is gone.
+    Deregistered,
+}
+
+/// Marks a runner dead. Returns whether it was draining, or `None` when
+/// there was nothing to end (unknown, already dead, or — for a lease
+/// expiry — renewed). A concurrent change between its read and its write
+/// is a [`Error::Conflict`], for the caller to run it again.
+pub async fn retire_runner(
+    conn: &mut AnyConnection,
+    id: RunnerId,
+    why: Retirement,
+    now: i64,
+) -> Result<Option<bool>> {
+    // A deregistration ends the lease whenever it would have run out.
+    let expired_by = match why {
+        Retirement::LeaseExpired => now,
+        Retirement::Deregistered => i64::MAX,
+    };
+    let row = sqlx::query(
+        "SELECT state FROM runners WHERE runner_id = $1 AND state IN ('live', 'draining') \
          AND lease_expires_at <= $2",
     )
     .bind(id.to_string())
-    .bind(now)
+    .bind(expired_by)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: String = row.try_get(0)?;
+    let done = sqlx::query(
+        "UPDATE runners SET state = 'dead' WHERE runner_id = $1 AND state = $2 \
+         AND lease_expires_at <= $3",
+    )
+    .bind(id.to_string())
+    .bind(&state)
+    .bind(expired_by)
     .execute(&mut *conn)
     .await?;
-    Ok(done.rows_affected() == 1)
+    if done.rows_affected() != 1 {
+        return Err(Error::Conflict(format!("runner `{id}` changed meanwhile")));
+    }
+    Ok(Some(state == "draining"))
 }
 
 /// Runners whose lease is live, with their capacity.
