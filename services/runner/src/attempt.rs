@@ -36,8 +36,9 @@ const REPORT_PERSISTENCE: Duration = Duration::from_secs(600);
 pub enum StopReason {
     /// The scheduler asked (the job was cancelled).
     Cancelled,
-    /// The runner is shutting down.
-    Shutdown,
+    /// The runner is stopping and gives the attempt back, to run again
+    /// without using one of the job's attempts.
+    HandBack,
 }
 
 /// What every attempt of this runner shares.
@@ -182,15 +183,24 @@ impl Attempt {
         let stopped_early = *self.stop.borrow();
         if let Some(reason) = stopped_early {
             tracing::info!(?reason, "attempt stopped before it was launched");
-            self.notice("the attempt was cancelled before it started")
-                .await;
+            let (state, error, why) = match reason {
+                StopReason::Cancelled => (
+                    AttemptState::Cancelled,
+                    None,
+                    "the attempt was cancelled before it started",
+                ),
+                StopReason::HandBack => (
+                    AttemptState::Failed,
+                    Some(job_error::handed_back_error(None)),
+                    "the runner is stopping; the attempt goes back to the queue unstarted",
+                ),
+            };
+            self.notice(why).await;
             self.conclude(finish_tx, log_shipper, None, None).await;
-            let error = (reason == StopReason::Shutdown)
-                .then(|| job_error::runner_shutdown_error(Termination::Exited(0)));
             self.reporter
-                .report(AttemptState::Cancelled, None, error, self.writer.tail())
+                .report(state, None, error, self.writer.tail())
                 .await;
-            tracing::info!(state = "ATTEMPT_STATE_CANCELLED", "attempt finished");
+            tracing::info!(state = state.as_str_name(), "attempt finished");
             return;
         }
 
@@ -286,12 +296,12 @@ impl Attempt {
             Outcome::Stopped(StopReason::Cancelled, t) => {
                 (AttemptState::Cancelled, Some(t.exit_code()), None)
             }
-            // Not the user's doing: say so, so the scheduler can tell a
-            // drained node from a cancelled job.
-            Outcome::Stopped(StopReason::Shutdown, t) => (
-                AttemptState::Cancelled,
+            // Not the user's doing, and not the end of the job: the
+            // scheduler runs it again without counting this attempt.
+            Outcome::Stopped(StopReason::HandBack, t) => (
+                AttemptState::Failed,
                 Some(t.exit_code()),
-                Some(job_error::runner_shutdown_error(t)),
+                Some(job_error::handed_back_error(Some(t))),
             ),
             Outcome::DeadlineExceeded(d, t) => (
                 AttemptState::Failed,
@@ -365,7 +375,9 @@ impl Attempt {
         };
         let why = match (reason, deadline) {
             (Some(StopReason::Cancelled), _) => "the job was cancelled".to_owned(),
-            (Some(StopReason::Shutdown), _) => "the runner is shutting down".to_owned(),
+            (Some(StopReason::HandBack), _) => {
+                "the runner is stopping; the attempt goes back to the queue".to_owned()
+            }
             (None, d) => format!(
                 "the attempt ran past its deadline of {}s",
                 d.unwrap_or_default().as_secs_f64()

@@ -37,6 +37,39 @@ impl FromStr for GpuSetting {
     }
 }
 
+/// What a runner that is stopped (SIGTERM, Ctrl-C) does with the attempts
+/// it runs. Either way it first stops taking work and tells the scheduler,
+/// and no attempt is cancelled: what is handed back runs again at once,
+/// without using one of its job's attempts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStop {
+    /// Let the attempts run to their end, up to the drain timeout; hand
+    /// back those still running then.
+    Wait,
+    /// Hand every attempt back at once (SIGTERM, the job's grace, SIGKILL).
+    Handback,
+}
+
+impl OnStop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnStop::Wait => "wait",
+            OnStop::Handback => "handback",
+        }
+    }
+}
+
+impl FromStr for OnStop {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "wait" => Ok(OnStop::Wait),
+            "handback" => Ok(OnStop::Handback),
+            other => Err(format!("`{other}`: expected wait or handback")),
+        }
+    }
+}
+
 /// The backend attempts run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackendKind {
@@ -188,6 +221,32 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_RUNNER_ATTEMPT_LOG_FILES", default_value_t = 4)]
     pub attempt_log_files: u32,
 
+    /// When stopped: `wait` lets running attempts end, up to
+    /// --drain-timeout-secs, then hands back the rest; `handback` hands
+    /// them all back at once. Handed-back attempts run again at once and do
+    /// not use up their job's attempts.
+    #[arg(long, env = "TRAINMESH_RUNNER_ON_STOP", default_value = "wait")]
+    pub on_stop: OnStop,
+
+    /// With --on-stop wait: how long a stopped runner waits for its
+    /// attempts before it hands back those still running.
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_DRAIN_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub drain_timeout_secs: u64,
+
+    /// How long an ended attempt's directory (its log files, metrics file
+    /// and whatever the job wrote to $TRAINMESH_OUTPUT_DIR) is kept before
+    /// it is deleted. The log has been shipped to job-service by then.
+    #[arg(
+        long,
+        env = "TRAINMESH_RUNNER_ATTEMPT_DIR_KEEP_SECS",
+        default_value_t = 86_400
+    )]
+    pub attempt_dir_keep_secs: u64,
+
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
 }
@@ -231,6 +290,17 @@ pub struct Config {
     pub docker: DockerSettings,
     /// Settings of the kubernetes backend.
     pub kubernetes: KubernetesConfig,
+    /// What to do with running attempts when stopped.
+    pub on_stop: OnStop,
+    /// With [`OnStop::Wait`], how long to wait before handing back.
+    pub drain_timeout: Duration,
+    /// How long an ended attempt's directory is kept.
+    pub attempt_dir_keep: Duration,
+    /// The program the process backend starts attempts through: this
+    /// runner's own binary (see [`crate::shim`]). `None`: the running
+    /// executable, which is right for the `runner` binary; a program that
+    /// embeds the runner names the `runner` binary here.
+    pub shim: Option<PathBuf>,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -285,6 +355,10 @@ impl Config {
                 .collect(),
             docker: DockerSettings::default(),
             kubernetes: KubernetesConfig::default(),
+            on_stop: OnStop::Wait,
+            drain_timeout: Duration::from_secs(30),
+            attempt_dir_keep: Duration::from_secs(24 * 3600),
+            shim: None,
         }
     }
 
@@ -376,6 +450,9 @@ impl Args {
             max_bytes: self.attempt_log_max_mib.saturating_mul(1024 * 1024),
             files: self.attempt_log_files,
         };
+        c.on_stop = self.on_stop;
+        c.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
+        c.attempt_dir_keep = Duration::from_secs(self.attempt_dir_keep_secs);
         c.validate()?;
         Ok(c)
     }

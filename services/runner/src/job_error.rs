@@ -445,16 +445,21 @@ pub fn deadline_error(deadline: std::time::Duration, term: Termination) -> JobEr
     }
 }
 
-/// The note on an attempt stopped because its runner shut down.
-pub fn runner_shutdown_error(term: Termination) -> JobError {
+/// The error of an attempt its runner handed back because the runner was
+/// stopped (`term`: how it was stopped; `None` when it never started).
+/// The category tells the scheduler to run it again at once without
+/// counting it against the job's attempts.
+pub fn handed_back_error(term: Option<Termination>) -> JobError {
     JobError {
         r#type: "RunnerShutdown".into(),
-        message: "the runner running this attempt shut down and stopped it".into(),
-        exit_code: term.exit_code(),
-        signal: term.signal().unwrap_or(0),
+        message: "the runner running this attempt was stopped and handed the attempt back".into(),
+        exit_code: term.map_or(-1, Termination::exit_code),
+        signal: term.and_then(Termination::signal).unwrap_or(0),
         category: CATEGORY_RUNNER_SHUTDOWN.into(),
         retryable: true,
-        hint: "the attempt can run again elsewhere; nothing is wrong with the job".into(),
+        hint: "the attempt runs again at once and does not use one of the job's attempts; \
+               nothing is wrong with the job"
+            .into(),
         ..JobError::default()
     }
 }

@@ -20,13 +20,17 @@ pub mod inventory;
 pub mod job_error;
 pub mod logs;
 pub mod metrics;
+pub mod procfs;
+pub mod retention;
 pub mod rpc;
+pub mod shim;
 pub mod tailer;
 
-pub use config::{BackendKind, Config, GpuSetting};
+pub use config::{BackendKind, Config, GpuSetting, OnStop};
 
-/// Runs the runner until `shutdown` resolves; then stops every attempt
-/// (SIGTERM, grace, SIGKILL), reports them, and returns.
+/// Runs the runner until `shutdown` resolves; then drains: it takes no
+/// more work, tells the scheduler, lets its attempts end or hands them back
+/// (`config.on_stop`), deregisters, and returns.
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -50,12 +54,31 @@ pub async fn run(
         cpu = capacity.cpu, memory_mib = capacity.memory_mib, work_dir = %work_dir.display(),
         "runner starting");
 
+    // Before taking any work: what a killed earlier run left must not run
+    // next to the attempts the scheduler retries.
+    let dir = work_dir.clone();
+    let killed =
+        tokio::task::spawn_blocking(move || backend::process::leftovers::kill_all(&dir)).await?;
+    if killed > 0 {
+        tracing::warn!(
+            processes = killed,
+            "killed processes an earlier run of this runner left running"
+        );
+    }
+
     let backend: Arc<dyn backend::Backend> = match config.backend {
-        BackendKind::Process => Arc::new(backend::ProcessBackend::new(
-            config.default_working_dir.clone(),
-            &config.inherit_env,
-            capacity.gpus.clone(),
-        )?),
+        BackendKind::Process => {
+            let shim = match &config.shim {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()?,
+            };
+            Arc::new(backend::ProcessBackend::new(
+                config.default_working_dir.clone(),
+                &config.inherit_env,
+                capacity.gpus.clone(),
+                shim,
+            )?)
+        }
         BackendKind::Docker => {
             let settings = config::DockerSettings {
                 runner: config.name.clone(),

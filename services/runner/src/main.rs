@@ -1,11 +1,18 @@
-//! `runner`: see the library for what it does.
+//! `runner`: see the library for what it does. The same binary is also
+//! the attempt shim ([`runner::shim`]), which must take over before any
+//! runtime or thread starts.
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    runner::shim::run_if_shim();
     let args = runner::config::Args::parse();
-    let _telemetry = trainmesh_common::telemetry::init("runner")?;
-    let config = args.into_config()?;
-    runner::run(config, trainmesh_common::server::shutdown_signal()).await
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            let _telemetry = trainmesh_common::telemetry::init("runner")?;
+            let config = args.into_config()?;
+            runner::run(config, trainmesh_common::server::shutdown_signal()).await
+        })
 }

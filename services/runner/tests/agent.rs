@@ -305,27 +305,28 @@ async fn a_deadline_stops_the_attempt_and_reports_failed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_stops_attempts_and_reports_them_before_returning() {
+async fn an_ended_attempts_directory_is_removed_after_its_keep_time() {
     let m = mesh().await;
     let endpoint = m.addr.to_string();
-    let runner = Runner::start(|w| config(&endpoint, w));
-    let a = assignment(&["/bin/sh", "-c", "echo up; sleep 1000"]);
+    let runner = Runner::start(|w| {
+        let mut c = config(&endpoint, w);
+        c.attempt_dir_keep = std::time::Duration::ZERO;
+        c
+    });
+    let a = assignment(&["/bin/sh", "-c", "echo kept until shipped"]);
     let job_id = a.job_id.clone();
+    let job_dir = runner.work.path().join(&job_id);
     m.fake.assign(a);
-    wait_for("the attempt to run", WAIT, || async {
-        (!m.fake.reports(&job_id).is_empty()).then_some(())
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Succeeded as i32);
+    // Shipped, and in the final report, before the directory goes.
+    assert_eq!(last.log_tail, ["kept until shipped"]);
+    assert_eq!(m.fake.log_lines(&job_id).len(), 1);
+    wait_for("the attempt's directory to be removed", WAIT, || async {
+        (!job_dir.exists()).then_some(())
     })
     .await;
     runner.shutdown().await.unwrap();
-    // Reported before `run` returned.
-    let reports = m.fake.reports(&job_id);
-    assert_eq!(
-        states(&reports),
-        [AttemptState::Running, AttemptState::Cancelled]
-    );
-    let err = reports[1].error.clone().unwrap();
-    assert_eq!(err.r#type, "RunnerShutdown");
-    assert!(err.retryable);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,8 @@ pub enum Call {
     Report(ReportAttemptStatusRequest, Option<String>),
     Logs(AppendJobLogsRequest, Option<String>),
     Metrics(WriteMetricsRequest, Option<String>),
+    Drain(DrainRunnerRequest),
+    Deregister(DeregisterRunnerRequest),
 }
 
 #[derive(Default)]
@@ -214,6 +216,24 @@ impl RunnerService for Fake {
         self.with(|s| s.calls.push(Call::Report(req.get_ref().clone(), cid())));
         Ok(Response::new(ReportAttemptStatusResponse { changed: true }))
     }
+
+    async fn drain_runner(
+        &self,
+        req: Request<DrainRunnerRequest>,
+    ) -> Result<Response<DrainRunnerResponse>, Status> {
+        service(&req)?;
+        self.with(|s| s.calls.push(Call::Drain(req.get_ref().clone())));
+        Ok(Response::new(DrainRunnerResponse::default()))
+    }
+
+    async fn deregister_runner(
+        &self,
+        req: Request<DeregisterRunnerRequest>,
+    ) -> Result<Response<DeregisterRunnerResponse>, Status> {
+        service(&req)?;
+        self.with(|s| s.calls.push(Call::Deregister(req.get_ref().clone())));
+        Ok(Response::new(DeregisterRunnerResponse::default()))
+    }
 }
 
 #[tonic::async_trait]
@@ -368,7 +388,13 @@ pub fn config(endpoint: &str, work_dir: &std::path::Path) -> Config {
     c.max_backoff = Duration::from_millis(200);
     c.acquire_wait = Duration::from_secs(2);
     c.flush_timeout = Duration::from_secs(10);
+    c.shim = Some(shim());
     c
+}
+
+/// The runner binary, which the process backend runs attempts through.
+pub fn shim() -> std::path::PathBuf {
+    env!("CARGO_BIN_EXE_runner").into()
 }
 
 pub struct Runner {
@@ -379,7 +405,15 @@ pub struct Runner {
 
 impl Runner {
     pub fn start(config_for: impl FnOnce(&std::path::Path) -> Config) -> Runner {
-        let work = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), config_for)
+    }
+
+    /// A runner whose work dir is `work` (which may hold an earlier run's
+    /// attempts).
+    pub fn start_in(
+        work: tempfile::TempDir,
+        config_for: impl FnOnce(&std::path::Path) -> Config,
+    ) -> Runner {
         let config = config_for(work.path());
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(runner::run(config, async move {
@@ -393,7 +427,17 @@ impl Runner {
     }
 
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.begin_stop();
+        self.stopped().await
+    }
+
+    /// Tells the runner to stop, without waiting for it.
+    pub fn begin_stop(&mut self) {
         drop(self.stop.take());
+    }
+
+    /// Waits for a runner told to stop to return.
+    pub async fn stopped(self) -> anyhow::Result<()> {
         tokio::time::timeout(WAIT, self.handle)
             .await
             .expect("runner stops in time")

@@ -1,16 +1,21 @@
-//! The process backend for real: `sh` is used here to build test
-//! workloads; the product itself never builds shell strings.
+//! The process backend for real, through the runner binary as its shim:
+//! `sh` is used here to build test workloads; the product itself never
+//! builds shell strings.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use nix::sys::signal::kill;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use runner::backend::process::leftovers;
+use runner::backend::{Backend, LaunchRequest, ProcessBackend, Workload};
+use runner::domain::{AttemptKey, JobId, Termination};
+use runner::error::Error;
+use runner::inventory::fake_gpus;
+use runner::logs::{LogLimits, LogWriter};
+use runner::procfs;
 use trainmesh_common::testing::wait_for;
-
-use super::*;
-use crate::domain::{AttemptKey, JobId};
-use crate::inventory::fake_gpus;
-use crate::logs::{LogLimits, LogWriter};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -34,14 +39,19 @@ impl Run {
     }
 }
 
+fn shim() -> PathBuf {
+    env!("CARGO_BIN_EXE_runner").into()
+}
+
 fn backend(gpus: u32) -> ProcessBackend {
     ProcessBackend::new(
         None,
-        &crate::config::DEFAULT_INHERITED_ENV
+        &runner::config::DEFAULT_INHERITED_ENV
             .iter()
             .map(|s| s.to_string())
             .collect::<Vec<_>>(),
         fake_gpus(gpus),
+        shim(),
     )
     .unwrap()
 }
@@ -95,11 +105,15 @@ async fn launch(argv: &[&str]) -> Run {
 
 /// Alive and not a zombie (an init that does not reap would keep zombies).
 fn alive(pid: i32) -> bool {
-    kill(Pid::from_raw(pid), None).is_ok() && proc_state(pid).is_some_and(|(s, _)| s != 'Z')
+    kill(Pid::from_raw(pid), None).is_ok() && procfs::stat(pid).is_some_and(|s| s.is_live())
 }
 
 async fn read_pid(run: &Run, name: &str) -> i32 {
-    let path = run.file(name);
+    read_pid_at(run.dir.path(), name).await
+}
+
+async fn read_pid_at(dir: &std::path::Path, name: &str) -> i32 {
+    let path = dir.join(name);
     wait_for(&format!("{name} to be written"), WAIT, || {
         let path = path.clone();
         async move {
@@ -313,50 +327,86 @@ async fn background_children_do_not_outlive_the_job() {
     .await;
 }
 
-#[test]
-fn the_job_dies_with_the_runner_thread_that_started_it() {
-    // Stands in for `kill -9` of the runner: the thread that spawned the
-    // job goes away without stopping it (no kill-on-drop either).
-    let outer = tempfile::tempdir().unwrap();
-    let pid_file = outer.path().join("job.pid");
-    let script = format!("echo $$ > '{}'; exec sleep 1000", pid_file.display());
-    let pid_path = pid_file.clone();
-    let pid = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let run = launch_with(
-                &backend(0),
-                &["/bin/sh", "-c", &script],
-                vec![],
-                BTreeMap::new(),
-                None,
-            )
-            .await
-            .unwrap();
-            let pid = wait_for("the job's pid", WAIT, || {
-                let p = pid_path.clone();
-                async move {
-                    std::fs::read_to_string(&p)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<i32>().ok())
-                }
+/// The kernel sends a parent-death signal when the *thread* that started
+/// a process exits; runtime threads come and go while the runner lives,
+/// and that must not kill a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_outlives_the_thread_that_started_it_while_the_runner_lives() {
+    let handle = tokio::runtime::Handle::current();
+    // The shim is forked on a thread of its own, which then ends.
+    let started = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || {
+            let _runtime = handle.enter();
+            futures::executor::block_on(async {
+                // Says when it is asked to stop, and ends well.
+                let run = launch(&[
+                    "/bin/sh",
+                    "-c",
+                    r#"trap 'echo asked to stop; exit 0' TERM; echo up; while :; do sleep 0.05; done"#,
+                ])
+                .await;
+                // SAFETY: gettid has no preconditions.
+                (run, unsafe { libc::gettid() })
             })
-            .await;
-            let Run { workload, .. } = run;
-            std::mem::forget(workload);
-            pid
         })
+        .join()
+        .unwrap()
+    });
+    let (mut run, tid) = started.await.unwrap();
+    // Gone from the task list only after the kernel sent the signal.
+    let task = PathBuf::from(format!("/proc/self/task/{tid}"));
+    wait_for("the starting thread to be gone", WAIT, || async {
+        (!task.exists()).then_some(())
     })
-    .join()
-    .unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
+    .await;
+    // The shim takes pending signals lowest number first: it has seen the
+    // parent-death signal (SIGUSR1) before this SIGTERM (15).
+    kill(Pid::from_raw(read_shim_pid(&run)), Signal::SIGTERM).unwrap();
+    let t = run.workload.wait().await.unwrap();
+    run.writer.finished().await;
+    let log = std::fs::read_to_string(run.file("output.log")).unwrap();
+    assert_eq!(t, Termination::Exited(0), "{log}");
+    assert!(log.contains("asked to stop"), "{log}");
+}
+
+/// The shim's pid, from the record the backend keeps for a restart.
+fn read_shim_pid(run: &Run) -> i32 {
+    let text = std::fs::read(run.file(leftovers::RECORD)).expect("the process record");
+    serde_json::from_slice::<leftovers::Record>(&text)
+        .expect("a valid record")
+        .shim_pid
+}
+
+/// Stands in for `kill -9` of the runner: the shim's parent dies without a
+/// word, and the whole tree goes with it — a background grandchild that
+/// started its own session included.
+#[tokio::test]
+async fn the_whole_tree_dies_with_the_shims_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let marks = dir.path().display().to_string();
+    // `sh` is the stand-in runner: the shim's parent, killed below. The
+    // trailing command keeps it from exec'ing the shim.
+    let job = r#"setsid sleep 1000 & echo $! > "$MARKS/escaped.pid"; sleep 1000 & echo $! > "$MARKS/bg.pid"; echo $$ > "$MARKS/job.pid"; wait"#;
+    let mut parent = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(r#""$0" __trainmesh-attempt-shim $$ /bin/sh -c "$1"; echo never"#)
+        .arg(shim())
+        .arg(job)
+        .env("MARKS", &marks)
+        .spawn()
         .unwrap();
-    rt.block_on(wait_for("the orphaned job to die", WAIT, || async {
-        (!alive(pid)).then_some(())
-    }));
+    let pids = [
+        read_pid_at(dir.path(), "job.pid").await,
+        read_pid_at(dir.path(), "bg.pid").await,
+        read_pid_at(dir.path(), "escaped.pid").await,
+    ];
+    assert!(pids.iter().all(|p| alive(*p)), "{pids:?}");
+    parent.start_kill().unwrap();
+    parent.wait().await.unwrap();
+    wait_for(
+        "the job, its child and its escaped child to die",
+        WAIT,
+        || async { pids.iter().all(|p| !alive(*p)).then_some(()) },
+    )
+    .await;
 }
