@@ -10,9 +10,10 @@
 //! job-service and the scheduler on PostgreSQL ([`MeshOptions::postgres`]),
 //! start a second scheduler replica on the same database
 //! ([`MeshOptions::scheduler_replicas`]), give the scheduler approval rules,
-//! start more runners and SIGKILL one ([`Mesh::start_runner`],
-//! [`Mesh::kill`]), stop an instance with SIGTERM and start it again, on a
-//! new port or in place ([`Mesh::stop_instance`], [`Mesh::start_instance`],
+//! start more runners, stop one gracefully or SIGKILL it
+//! ([`Mesh::start_runner`], [`Mesh::terminate`], [`Mesh::kill`]), stop an
+//! instance with SIGTERM and start it again, on a new port or in place
+//! ([`Mesh::stop_instance`], [`Mesh::start_instance`],
 //! [`Mesh::start_instance_in_place`]). [`fake_runner`] speaks RunnerService from the test
 //! itself; [`jobs`] has helpers to submit jobs and wait on their state.
 
@@ -416,8 +417,8 @@ impl Mesh {
         self.dir.path().join(instance)
     }
 
-    /// Sends SIGKILL to an instance and reaps it. The runner's job
-    /// processes die with it (PR_SET_PDEATHSIG).
+    /// Sends SIGKILL to an instance and reaps it. A runner's job processes,
+    /// and everything they started, die with it (see the runner's shim).
     pub async fn kill(&mut self, instance: &str) -> std::process::ExitStatus {
         let pos = self
             .children
@@ -429,6 +430,39 @@ impl Mesh {
         tokio::time::timeout(Duration::from_secs(20), child.wait())
             .await
             .expect("a killed process is reaped within 20 s")
+            .expect("wait")
+    }
+
+    /// Sends SIGTERM to an instance (a graceful stop) without waiting.
+    pub fn terminate(&self, instance: &str) {
+        let pid = self
+            .children
+            .iter()
+            .find(|(n, _)| n == instance)
+            .and_then(|(_, c)| c.id())
+            .unwrap_or_else(|| panic!("no running instance `{instance}`"));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+    }
+
+    /// Waits up to `timeout` for an instance to exit and reaps it.
+    pub async fn wait_exit(
+        &mut self,
+        instance: &str,
+        timeout: Duration,
+    ) -> std::process::ExitStatus {
+        let pos = self
+            .children
+            .iter()
+            .position(|(n, _)| n == instance)
+            .unwrap_or_else(|| panic!("no running instance `{instance}`"));
+        let (_, mut child) = self.children.remove(pos);
+        tokio::time::timeout(timeout, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{instance} did not exit within {timeout:?}"))
             .expect("wait")
     }
 

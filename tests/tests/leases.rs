@@ -1,6 +1,8 @@
 //! Runner leases with the scheduler's clock moved by the test: a runner
-//! killed with SIGKILL loses its attempt, which then runs once elsewhere;
-//! a late report from a runner whose lease expired is refused.
+//! killed with SIGKILL takes its attempt's processes with it (children and
+//! escaped grandchildren included) and loses the attempt, which then runs
+//! once elsewhere; a late report from a runner whose lease expired is
+//! refused.
 
 use std::path::Path;
 use std::time::Duration;
@@ -16,11 +18,12 @@ use trainmesh_tests::{process_alive, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Attempt 1 sleeps "forever"; attempt 2 checks that attempt 1's process
-/// is gone (else exits 3) and succeeds. Each writes `<pid> <output dir>`
-/// to `$MARK_DIR/attempt-<n>`.
+/// Attempt 1 starts two `sleep`s — one its child, one in a session of its
+/// own — and waits "forever"; attempt 2 checks that attempt 1 and both of
+/// its children are gone (else exits 3) and succeeds. Each writes
+/// `<output dir> <pid>…` to `$MARK_DIR/attempt-<n>`.
 const SCRIPT: &str = r#"
-import os, signal, sys
+import os, signal, subprocess, sys
 attempt = os.environ["TRAINMESH_ATTEMPT"]
 marks = os.environ["MARK_DIR"]
 def alive(pid):
@@ -29,31 +32,40 @@ def alive(pid):
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+pids = [os.getpid()]
+if attempt == "1":
+    pids.append(subprocess.Popen(["sleep", "1000"]).pid)
+    pids.append(subprocess.Popen(["sleep", "1000"], start_new_session=True).pid)
 tmp = os.path.join(marks, f".attempt-{attempt}")
 with open(tmp, "w") as f:
-    f.write(f"{os.getpid()} {os.environ.get('TRAINMESH_OUTPUT_DIR', '')}")
+    f.write(" ".join([os.environ.get("TRAINMESH_OUTPUT_DIR", "")] + [str(p) for p in pids]))
 os.rename(tmp, os.path.join(marks, f"attempt-{attempt}"))
 if attempt == "1":
     print("attempt 1 runs until its runner dies", flush=True)
-    # Blocks until a signal ends it: the kernel's SIGKILL when the runner dies.
+    # Blocks until a signal ends it: the shim's SIGKILL when the runner dies.
     signal.pause()
     sys.exit(0)
-first = int(open(os.path.join(marks, "attempt-1")).read().split()[0])
-if alive(first):
-    print(f"attempt 1 (pid {first}) is still running", flush=True)
+first = [int(p) for p in open(os.path.join(marks, "attempt-1")).read().split()[1:]]
+left = [p for p in first if alive(p)]
+if left:
+    print(f"processes of attempt 1 still run: {left}", flush=True)
     sys.exit(3)
 print("attempt 1 is gone; attempt 2 done", flush=True)
 "#;
 
-/// `(pid, output dir)` written by an attempt of [`SCRIPT`].
-async fn wait_mark(marks: &Path, attempt: i32) -> (i32, String) {
+/// `(output dir, pids)` written by an attempt of [`SCRIPT`].
+async fn wait_mark(marks: &Path, attempt: i32) -> (String, Vec<i32>) {
     let path = marks.join(format!("attempt-{attempt}"));
     wait_for(&format!("attempt {attempt} to start"), WAIT, || {
         let text = std::fs::read_to_string(&path).ok();
         async move {
             let text = text?;
-            let (pid, dir) = text.split_once(' ')?;
-            Some((pid.parse().ok()?, dir.to_string()))
+            let mut words = text.split(' ');
+            let dir = words.next()?.to_string();
+            let pids = words
+                .map(|p| p.parse().ok())
+                .collect::<Option<Vec<i32>>>()?;
+            Some((dir, pids))
         }
     })
     .await
@@ -96,17 +108,25 @@ async fn killed_runner_attempt_is_lost_and_runs_once_elsewhere() {
     let running = wait_state(&mesh, &job.id, JobState::Running, WAIT).await;
     assert_eq!(running.attempts.len(), 1);
     assert_eq!(running.attempts[0].runner_id, runner_a);
-    let (pid1, dir1) = wait_mark(&marks, 1).await;
+    let (dir1, pids1) = wait_mark(&marks, 1).await;
     assert!(
         Path::new(&dir1).starts_with(mesh.runner_work_dir("runner-a")),
         "attempt 1 runs on runner A: {dir1}"
     );
+    assert_eq!(pids1.len(), 3, "the job and its two children: {pids1:?}");
+    assert!(pids1.iter().all(|p| process_alive(*p)), "{pids1:?}");
 
     let runner_b = mesh.start_runner("runner-b", &[]).await;
     mesh.kill("runner-a").await;
-    wait_for("the job's process to die with its runner", WAIT, || {
-        let alive = process_alive(pid1);
-        async move { (!alive).then_some(()) }
+    // Its child, and the one that left its session, too: nothing of the
+    // attempt may run on next to its retry.
+    wait_for("the job's processes to die with their runner", WAIT, || {
+        let alive: Vec<i32> = pids1
+            .iter()
+            .copied()
+            .filter(|p| process_alive(*p))
+            .collect();
+        async move { alive.is_empty().then_some(()) }
     })
     .await;
 
@@ -141,7 +161,7 @@ async fn killed_runner_attempt_is_lost_and_runs_once_elsewhere() {
         start2 >= end1,
         "attempt 2 started after attempt 1 ended (scheduler clock): {a1:#?} {a2:#?}"
     );
-    let (_, dir2) = wait_mark(&marks, 2).await;
+    let (dir2, _) = wait_mark(&marks, 2).await;
     assert!(
         Path::new(&dir2).starts_with(mesh.runner_work_dir("runner-b")),
         "attempt 2 ran on runner B: {dir2}"

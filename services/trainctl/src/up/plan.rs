@@ -214,6 +214,11 @@ pub fn runner_child(args: &UpArgs, layout: &Layout, bin_dir: &Path) -> ChildSpec
         args.backend.clone().into(),
         "--work-dir".into(),
         layout.runner_work.clone().into(),
+        // Ctrl-C should stop the mesh within its stop timeout: running jobs
+        // are handed back at once (they run again on the next `up`, without
+        // using an attempt) while the scheduler still listens.
+        "--on-stop".into(),
+        "handback".into(),
     ];
     flags.extend(peer_flags(args, layout, &RUNNER_PEERS));
     ChildSpec {
@@ -299,6 +304,8 @@ mod tests {
                 "docker",
                 "--work-dir",
                 "/data/tm/runner",
+                "--on-stop",
+                "handback",
                 "--scheduler-endpoint",
                 "127.0.0.1:50052",
                 "--job-endpoint",

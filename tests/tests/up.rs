@@ -1,0 +1,137 @@
+//! `trainctl up` stopped with Ctrl-C while a job runs: the runner hands the
+//! attempt back before the scheduler stops, so the job is not cancelled;
+//! the next `up` runs it again although it had only one attempt.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use trainmesh_common::client::channel;
+use trainmesh_common::testing::wait_for;
+use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
+use trainmesh_proto::job::v1::{
+    AttemptState, CreateJobRequest, GetJobRequest, Job, JobSpec, JobState, RetryPolicy,
+};
+use trainmesh_tests::bin_dir;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Attempt 1 runs until it is stopped; a later attempt ends at once.
+const SCRIPT: &str = r#"
+import os, signal, sys
+print(f"attempt {os.environ['TRAINMESH_ATTEMPT']}", flush=True)
+if os.environ["TRAINMESH_ATTEMPT"] == "1":
+    signal.pause()
+"#;
+
+/// `trainctl up` in its own process group, as a terminal would run it
+/// (Ctrl-C then reaches `trainctl` alone, which stops its children).
+async fn up(data: &Path, run: u32) -> Child {
+    let out = data.with_file_name(format!("up-{run}.out"));
+    let child = Command::new(bin_dir().join("trainctl"))
+        .args(["up", "--ports-from-zero", "--data-dir"])
+        .arg(data)
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("up output"))
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start trainctl up");
+    wait_for("the mesh to be up", WAIT, || async {
+        std::fs::read_to_string(&out)
+            .ok()?
+            .contains("press Ctrl-C")
+            .then_some(())
+    })
+    .await;
+    child
+}
+
+fn jobs(data: &Path) -> JobServiceClient<trainmesh_common::client::Channel> {
+    let addr = std::fs::read_to_string(data.join("run").join("job-service.addr")).expect("addr");
+    let token = std::fs::read_to_string(data.join("admin.token")).expect("admin token");
+    JobServiceClient::new(channel(addr.trim(), Some(token.trim())).expect("channel"))
+}
+
+async fn wait_job(data: &Path, id: &str, what: &str, done: impl Fn(&Job) -> bool) -> Job {
+    wait_for(what, WAIT, || {
+        let mut c = jobs(data);
+        let id = id.to_string();
+        let done = &done;
+        async move {
+            let job = c
+                .get_job(GetJobRequest { job_id: id })
+                .await
+                .ok()?
+                .into_inner()
+                .job?;
+            done(&job).then_some(job)
+        }
+    })
+    .await
+}
+
+async fn ctrl_c(mut up: Child) {
+    let pid = up.id().expect("running") as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = tokio::time::timeout(WAIT, up.wait())
+        .await
+        .expect("up stops")
+        .expect("wait");
+    assert!(status.success(), "trainctl up stops cleanly: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_of_up_hands_a_running_job_back_instead_of_cancelling_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("mesh");
+    let first = up(&data, 1).await;
+    let mut spec = JobSpec {
+        name: "outlives-the-mesh".into(),
+        image: "python:3.11-slim".into(),
+        command: vec!["python3".into(), "-c".into(), SCRIPT.into()],
+        retry_policy: Some(RetryPolicy {
+            max_attempts: 1,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    spec.env.insert("PYTHONUNBUFFERED".into(), "1".into());
+    let job = jobs(&data)
+        .create_job(CreateJobRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("create job")
+        .into_inner()
+        .job
+        .expect("job");
+    wait_job(&data, &job.id, "the job to run", |j| {
+        j.state == JobState::Running as i32
+    })
+    .await;
+    ctrl_c(first).await;
+
+    let second = up(&data, 2).await;
+    let done = wait_job(&data, &job.id, "the job to run again and succeed", |j| {
+        j.state == JobState::Succeeded as i32
+    })
+    .await;
+    assert_eq!(done.attempts.len(), 2, "{:#?}", done.attempts);
+    let a1 = &done.attempts[0];
+    assert_eq!(a1.state, AttemptState::Failed as i32, "{a1:#?}");
+    assert_eq!(
+        a1.error.as_ref().map(|e| e.category.as_str()),
+        Some("runner-shutdown"),
+        "{a1:#?}"
+    );
+    ctrl_c(second).await;
+}
