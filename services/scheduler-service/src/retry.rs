@@ -17,7 +17,9 @@
 //!   the job, so such an attempt is retried at once.
 //!
 //! The scheduler itself does not preempt (yet); preemption reaches it from
-//! a backend (Kubernetes), as an attempt that failed with cause PREEMPTED.
+//! a backend (Kubernetes) or from a runner that was stopped and handed its
+//! attempts back ([`crate::leases`]), as an attempt that ended with cause
+//! PREEMPTED.
 
 use std::time::Duration;
 
