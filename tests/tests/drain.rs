@@ -112,6 +112,18 @@ async fn a_runner_stopped_with_handback_has_its_attempt_retried_elsewhere_withou
     assert_eq!(a2.state, AttemptState::Succeeded as i32, "{a2:#?}");
     assert_eq!(a2.exit_code, Some(0), "attempt 1 was gone when 2 started");
     assert_never_cancelled(&mesh, &done).await;
+
+    // A is gone at once, not when its lease would have run out: the next
+    // job goes to B, in one attempt, never lost on A.
+    let late = submit(
+        &mesh,
+        ALICE_TOKEN,
+        python_job("after-the-stop", "print('ran')", &[]),
+    )
+    .await;
+    let ran = wait_state(&mesh, &late.id, JobState::Succeeded, WAIT).await;
+    assert_eq!(ran.attempts.len(), 1, "{:#?}", ran.attempts);
+    assert_eq!(ran.attempts[0].runner_id, runner_b);
     mesh.stop().await;
 }
 
