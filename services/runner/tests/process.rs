@@ -359,6 +359,16 @@ async fn a_job_outlives_the_thread_that_started_it_while_the_runner_lives() {
         (!task.exists()).then_some(())
     })
     .await;
+    // Only once the job's trap is set does its answer to SIGTERM say
+    // anything.
+    let log = run.file("output.log");
+    wait_for("the job to start", WAIT, || async {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("up"))
+            .map(|_| ())
+    })
+    .await;
     // The shim takes pending signals lowest number first: it has seen the
     // parent-death signal (SIGUSR1) before this SIGTERM (15).
     kill(Pid::from_raw(read_shim_pid(&run)), Signal::SIGTERM).unwrap();
