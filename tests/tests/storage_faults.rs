@@ -71,6 +71,50 @@ fn assert_retryable(status: &tonic::Status, label: &str) {
     );
 }
 
+/// Under a fault, makes writes (`write(i)` for i = 0, 1, …) until five
+/// are refused — each refusal must be UNAVAILABLE, and the first must turn
+/// `instance`'s health NOT_SERVING — and returns what was acknowledged.
+async fn write_until_refused<T, F, Fut>(
+    mesh: &Mesh,
+    instance: &str,
+    label: &str,
+    mut write: F,
+) -> Vec<T>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for i in 0..MAX_TRIES {
+        match write(i).await {
+            Ok(v) => acked.push(v),
+            Err(s) => {
+                assert_retryable(&s, label);
+                refused += 1;
+                if refused == 1 {
+                    wait_health(mesh, instance, ServingStatus::NotServing, label).await;
+                }
+                if refused == 5 {
+                    assert_eq!(
+                        health(mesh, instance).await,
+                        Some(ServingStatus::NotServing),
+                        "{label}: {instance} health while writes fail"
+                    );
+                    return acked;
+                }
+            }
+        }
+    }
+    panic!("{label}: {instance} refused {refused} of {MAX_TRIES} writes, not 5");
+}
+
+/// Ends the fault and waits for `instance` to say it is SERVING again.
+async fn recover(mesh: &Mesh, instance: &str, fault: &StorageFault) {
+    fault.clear().await;
+    wait_health(mesh, instance, ServingStatus::Serving, fault.label()).await;
+}
+
 // ---------------------------------------------------------------------------
 // job-service
 
@@ -123,38 +167,15 @@ async fn job_service_acknowledges_only_stored_jobs(mesh: &mut Mesh, fault: &Stor
     }
 
     fault.inject().await;
-    let mut refused = 0;
-    for i in 0..MAX_TRIES {
+    let m: &Mesh = mesh;
+    let during = write_until_refused(m, "job-service", label, |i| {
         let k = format!("during-{i}");
         keys.insert(k.clone());
-        match create(mesh, &k).await {
-            Ok((id, _)) => {
-                acked.insert(k, id);
-            }
-            Err(s) => {
-                assert_retryable(&s, label);
-                refused += 1;
-                if refused == 1 {
-                    wait_health(mesh, "job-service", ServingStatus::NotServing, label).await;
-                }
-                if refused == 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        refused > 0,
-        "{label}: no CreateJob failed in {MAX_TRIES} tries"
-    );
-    assert_eq!(
-        health(mesh, "job-service").await,
-        Some(ServingStatus::NotServing),
-        "{label}: health while writes fail"
-    );
-
-    fault.clear().await;
-    wait_health(mesh, "job-service", ServingStatus::Serving, label).await;
+        async move { create(m, &k).await.map(|(id, _)| (k, id)) }
+    })
+    .await;
+    acked.extend(during);
+    recover(mesh, "job-service", fault).await;
     for i in 0..10 {
         let k = format!("after-{i}");
         let (id, existing) = create(mesh, &k).await.expect("create after the fault");
@@ -288,33 +309,15 @@ async fn scheduler_acknowledges_only_stored_writes(mesh: &mut Mesh, fault: &Stor
     for i in 0..20 {
         submitted.insert(create(mesh, &format!("during-{i}")).await.unwrap().0);
     }
-    let mut refused = 0;
-    for i in 0..MAX_TRIES {
+    let m: &Mesh = mesh;
+    let during = write_until_refused(m, "scheduler-service", label, |i| {
         let user = format!("during-{i}");
         let value = (i % 100) as i32 + 1;
-        match set_limit(mesh, &user, value).await {
-            Ok(()) => {
-                acked.insert(user, value);
-            }
-            Err(s) => {
-                assert_retryable(&s, label);
-                refused += 1;
-                if refused == 1 {
-                    wait_health(mesh, "scheduler-service", ServingStatus::NotServing, label).await;
-                }
-                if refused == 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        refused > 0,
-        "{label}: no SetLimits failed in {MAX_TRIES} tries"
-    );
-
-    fault.clear().await;
-    wait_health(mesh, "scheduler-service", ServingStatus::Serving, label).await;
+        async move { set_limit(m, &user, value).await.map(|()| (user, value)) }
+    })
+    .await;
+    acked.extend(during);
+    recover(mesh, "scheduler-service", fault).await;
     for i in 0..5 {
         submitted.insert(create(mesh, &format!("after-{i}")).await.unwrap().0);
         let user = format!("after-{i}");
@@ -448,29 +451,14 @@ async fn metrics_acknowledges_only_stored_points(mesh: &mut Mesh, fault: &Storag
         acked.push(job);
     }
     fault.inject().await;
-    let mut refused = 0;
-    for _ in 0..MAX_TRIES {
+    let m: &Mesh = mesh;
+    let during = write_until_refused(m, "metrics-service", label, |_| {
         let job = new_job();
-        match write_batch(mesh, &job).await {
-            Ok(()) => acked.push(job),
-            Err(s) => {
-                assert_retryable(&s, label);
-                refused += 1;
-                if refused == 1 {
-                    wait_health(mesh, "metrics-service", ServingStatus::NotServing, label).await;
-                }
-                if refused == 5 {
-                    break;
-                }
-            }
-        }
-    }
-    assert!(
-        refused > 0,
-        "{label}: no WriteMetrics failed in {MAX_TRIES} tries"
-    );
-    fault.clear().await;
-    wait_health(mesh, "metrics-service", ServingStatus::Serving, label).await;
+        async move { write_batch(m, &job).await.map(|()| job) }
+    })
+    .await;
+    acked.extend(during);
+    recover(mesh, "metrics-service", fault).await;
     for _ in 0..5 {
         let job = new_job();
         write_batch(mesh, &job)
