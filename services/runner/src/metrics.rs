@@ -15,6 +15,18 @@ use crate::logs::Shipped;
 use crate::rpc::{is_permanent, request, Backoff, CALL_TIMEOUT};
 use crate::tailer::{Batch, Limits, Tailer};
 
+/// Records refused one by one for a per-job cap, in a row, after which the
+/// job is taken to be past its cap for good and shipping stops.
+const CAPPED_IN_A_ROW: u32 = 100;
+
+/// metrics-service's refusal of a batch that would take the job past a
+/// per-job cap (points or keys): RESOURCE_EXHAUSTED with a QuotaFailure,
+/// unlike load shedding, which a retry fixes.
+fn is_cap(s: &tonic::Status) -> bool {
+    use tonic_types::StatusExt;
+    s.code() == tonic::Code::ResourceExhausted && s.get_error_details().quota_failure().is_some()
+}
+
 pub struct MetricsShipper {
     pub client: MetricsServiceClient<Channel>,
     pub key: AttemptKey,
@@ -31,6 +43,7 @@ impl MetricsShipper {
         let full = Limits::default();
         let mut limits = full;
         let mut shipped = 0u64;
+        let mut capped_in_a_row = 0u32;
         let mut backoff = Backoff::new(Duration::from_millis(100), self.max_backoff);
         loop {
             let deadline = *finish.borrow();
@@ -60,6 +73,7 @@ impl MetricsShipper {
                         shipped += batch.records.len() as u64;
                         self.commit(&batch);
                         limits = full;
+                        capped_in_a_row = 0;
                         backoff.reset();
                         if batch.records.len() < limits.max_lines && deadline.is_none() {
                             tokio::select! {
@@ -69,17 +83,35 @@ impl MetricsShipper {
                         }
                         continue;
                     }
-                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
-                        // Too many points for one batch, or a record the
-                        // service rejects: halve until the bad record is
-                        // alone, then skip it.
+                    Err(s) if s.code() == tonic::Code::InvalidArgument || is_cap(&s) => {
+                        // Too many points for one batch, a record the
+                        // service rejects, or one past a per-job cap (a
+                        // new key at the key cap, while points of known
+                        // keys still go): halve until the refused record
+                        // is alone, then skip it.
                         if batch.records.len() > 1 {
                             limits.max_lines = batch.records.len() / 2;
-                        } else {
-                            tracing::warn!(record = %batch.records[0].chars().take(200).collect::<String>(),
-                                detail = s.message(), "metrics-service rejected a record; skipping it");
-                            self.commit(&batch);
+                            continue;
+                        }
+                        tracing::warn!(record = %batch.records[0].chars().take(200).collect::<String>(),
+                            detail = s.message(), "metrics-service refused a record; skipping it");
+                        self.commit(&batch);
+                        if !is_cap(&s) {
                             limits = full;
+                            continue;
+                        }
+                        // Past a cap, records go one at a time until one
+                        // is taken again.
+                        capped_in_a_row += 1;
+                        if capped_in_a_row >= CAPPED_IN_A_ROW {
+                            tracing::warn!(
+                                detail = s.message(),
+                                "the job is past its metrics cap; metrics shipping stops"
+                            );
+                            return Shipped {
+                                count: shipped,
+                                complete: false,
+                            };
                         }
                         continue;
                     }
