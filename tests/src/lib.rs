@@ -17,6 +17,10 @@
 //! [`Mesh::start_instance_in_place`]). [`fake_runner`] speaks RunnerService from the test
 //! itself; [`jobs`] has helpers to submit jobs and wait on their state.
 
+/// The real Docker Engine and the busybox test image: the runner's own
+/// docker tests use the same file.
+#[path = "../../services/runner/tests/support/docker.rs"]
+pub mod docker;
 pub mod fake_runner;
 pub mod faults;
 pub mod jobs;

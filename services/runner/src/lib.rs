@@ -25,6 +25,7 @@ pub mod retention;
 pub mod rpc;
 pub mod shim;
 pub mod tailer;
+pub mod watchdog;
 
 pub use config::{BackendKind, Config, GpuSetting, OnStop};
 
@@ -66,25 +67,38 @@ pub async fn run(
         );
     }
 
+    // The runner's own binary, run again as an attempt's shim or as the
+    // container watchdog.
+    let shim = match &config.shim {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?,
+    };
     let backend: Arc<dyn backend::Backend> = match config.backend {
-        BackendKind::Process => {
-            let shim = match &config.shim {
-                Some(p) => p.clone(),
-                None => std::env::current_exe()?,
-            };
-            Arc::new(backend::ProcessBackend::new(
-                config.default_working_dir.clone(),
-                &config.inherit_env,
-                capacity.gpus.clone(),
-                shim,
-            )?)
-        }
+        BackendKind::Process => Arc::new(backend::ProcessBackend::new(
+            config.default_working_dir.clone(),
+            &config.inherit_env,
+            capacity.gpus.clone(),
+            shim,
+        )?),
         BackendKind::Docker => {
             let settings = config::DockerSettings {
                 runner: config.name.clone(),
                 ..config.docker.clone()
             };
-            let docker = backend::DockerBackend::connect(settings, capacity.gpus.clone()).await?;
+            let host = settings.host.clone();
+            let mut docker =
+                backend::DockerBackend::connect(settings, capacity.gpus.clone()).await?;
+            match watchdog::socket_of(host.as_deref()) {
+                Some(socket) => match watchdog::Watchdog::start(&shim, &socket) {
+                    Ok(w) => docker = docker.with_watchdog(w),
+                    Err(e) => tracing::warn!(error = %e,
+                        "cannot start the container watchdog: containers of a killed runner run on until it starts again"),
+                },
+                None => tracing::warn!(
+                    "the Docker engine is reached over TCP, which the container watchdog cannot use: \
+                     containers of a killed runner run on until it starts again"
+                ),
+            }
             if !capacity.gpus.is_empty() {
                 if let Err(e) = docker.check_gpu_support().await {
                     // Offered GPUs will fail every GPU job with this error:

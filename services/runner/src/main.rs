@@ -1,11 +1,13 @@
 //! `runner`: see the library for what it does. The same binary is also
-//! the attempt shim ([`runner::shim`]), which must take over before any
+//! the attempt shim ([`runner::shim`]) and the container watchdog
+//! ([`runner::watchdog`]), which must take over before any
 //! runtime or thread starts.
 
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     runner::shim::run_if_shim();
+    runner::watchdog::run_if_watchdog();
     let args = runner::config::Args::parse();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

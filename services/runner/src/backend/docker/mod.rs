@@ -24,6 +24,7 @@ use trainmesh_common::proto::runner::v1::Gpu;
 use super::{Backend, LaunchRequest, Workload};
 use crate::config::DockerSettings;
 use crate::error::Error;
+use crate::watchdog::Watchdog;
 
 pub mod errors;
 pub mod image;
@@ -50,6 +51,8 @@ pub struct DockerBackend {
     settings: DockerSettings,
     gpus: Vec<Gpu>,
     _reaper: reaper::Reaper,
+    /// Kills this runner's containers should it die ([`crate::watchdog`]).
+    watchdog: Option<std::sync::Arc<Watchdog>>,
 }
 
 impl DockerBackend {
@@ -81,9 +84,17 @@ impl DockerBackend {
             settings,
             gpus,
             _reaper: reaper,
+            watchdog: None,
         };
         backend.stop_orphans().await?;
         Ok(backend)
+    }
+
+    /// Tells `watchdog` about every container from now on, so that none
+    /// outlives this runner.
+    pub fn with_watchdog(mut self, watchdog: Watchdog) -> Self {
+        self.watchdog = Some(std::sync::Arc::new(watchdog));
+        self
     }
 
     /// Stops the containers an earlier run of this runner left running. A
@@ -250,25 +261,16 @@ impl DockerBackend {
 
     async fn run(&self, req: LaunchRequest) -> Result<Box<dyn Workload>, Error> {
         let spec = self.spec(&req)?;
-        let existing = self.inspect(&spec.name).await?;
-        let adopted = match existing {
-            Some(info) => Some(info),
-            None => {
-                if !req.gpu_indexes.is_empty() {
-                    self.check_gpu_support().await?;
-                }
-                image::ensure_image(&self.docker, &spec.image, self.settings.pull_policy).await?;
-                if self.create(&spec).await? {
-                    self.start_once(&spec.name, &spec.image).await?;
-                    None
-                } else {
-                    Some(self.inspect_created_elsewhere(&spec.name).await?)
-                }
-            }
-        };
-        if let Some(info) = adopted {
-            self.adopt(&req, &spec, info).await?;
+        // Before the container can start: a runner killed right after the
+        // start must not leave it running.
+        if let Some(w) = &self.watchdog {
+            w.watch(&spec.name);
         }
+        let started = self.start_or_adopt(&req, &spec).await;
+        if let (Err(_), Some(w)) = (&started, &self.watchdog) {
+            w.unwatch(&spec.name);
+        }
+        started?;
         tracing::debug!(container = %spec.name, image = %spec.image, "container running");
         Ok(Box::new(DockerWorkload::attach(
             self.docker.clone(),
@@ -280,7 +282,31 @@ impl DockerBackend {
                 failed: self.settings.keep_failed.is_zero(),
             },
             req.output,
+            self.watchdog.clone(),
         )))
+    }
+
+    async fn start_or_adopt(&self, req: &LaunchRequest, spec: &ContainerSpec) -> Result<(), Error> {
+        let existing = self.inspect(&spec.name).await?;
+        let adopted = match existing {
+            Some(info) => Some(info),
+            None => {
+                if !req.gpu_indexes.is_empty() {
+                    self.check_gpu_support().await?;
+                }
+                image::ensure_image(&self.docker, &spec.image, self.settings.pull_policy).await?;
+                if self.create(spec).await? {
+                    self.start_once(&spec.name, &spec.image).await?;
+                    None
+                } else {
+                    Some(self.inspect_created_elsewhere(&spec.name).await?)
+                }
+            }
+        };
+        if let Some(info) = adopted {
+            self.adopt(req, spec, info).await?;
+        }
+        Ok(())
     }
 
     /// Takes over the existing container of this attempt: starts it when

@@ -1,6 +1,7 @@
 //! A started (or adopted) container: its log pump, its end, its stop.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::errors::Error as EngineError;
@@ -17,6 +18,7 @@ use super::output::{follow, Followed};
 use crate::backend::Workload;
 use crate::domain::Termination;
 use crate::logs::OutputSink;
+use crate::watchdog::Watchdog;
 
 /// How long output may keep arriving after the container ended (the
 /// engine closes the log stream right after the exit).
@@ -45,6 +47,8 @@ pub struct DockerWorkload {
     logs: Option<JoinHandle<Followed>>,
     ended: Option<Termination>,
     failure: Option<JobError>,
+    /// Told once the container has ended.
+    watchdog: Option<Arc<Watchdog>>,
 }
 
 impl DockerWorkload {
@@ -57,6 +61,7 @@ impl DockerWorkload {
         memory_mib: Option<i64>,
         remove: RemoveOnExit,
         sink: OutputSink,
+        watchdog: Option<Arc<Watchdog>>,
     ) -> Self {
         let logs = tokio::spawn(follow(docker.clone(), name.clone(), sink));
         Self {
@@ -68,6 +73,7 @@ impl DockerWorkload {
             logs: Some(logs),
             ended: None,
             failure: None,
+            watchdog,
         }
     }
 
@@ -112,6 +118,9 @@ impl DockerWorkload {
         let term = errors::termination(&state);
         self.failure = errors::failure_of(&state, &self.image, self.memory_mib);
         self.ended = Some(term);
+        if let Some(w) = &self.watchdog {
+            w.unwatch(&self.name);
+        }
         let remove = if term.success() {
             self.remove.succeeded
         } else {
