@@ -707,3 +707,36 @@ pub fn process_alive(pid: i32) -> bool {
         .unwrap_or("");
     !matches!(state, "Z" | "X" | "x" | "")
 }
+
+/// A gate a job blocks on without polling: a FIFO that the job opens for
+/// reading (`open(path).read()` returns once the gate opens).
+pub struct Gate(PathBuf);
+
+impl Gate {
+    /// Makes the FIFO at `path`.
+    pub fn new(path: PathBuf) -> Gate {
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success(), "mkfifo {}: {status}", path.display());
+        Gate(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Opens the gate: waits (up to 60 s) for the job to be at it, then
+    /// lets it through.
+    pub async fn open(&self) {
+        let path = self.0.clone();
+        // Opening a FIFO for writing blocks until its reader opens it.
+        let write = tokio::task::spawn_blocking(move || std::fs::write(path, b"go"));
+        tokio::time::timeout(Duration::from_secs(60), write)
+            .await
+            .expect("the job to reach the gate within 60 s")
+            .expect("gate thread")
+            .expect("write to the gate");
+    }
+}

@@ -11,7 +11,7 @@ use trainmesh_common::testing::wait_for;
 use trainmesh_proto::job::v1::{AttemptState, Job, JobSpec, JobState, RetryPolicy};
 use trainmesh_proto::scheduler::v1::{GetQueueRequest, PendingReason};
 use trainmesh_tests::jobs::{events_to_end, python_job, submit, wait_state};
-use trainmesh_tests::{process_alive, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
+use trainmesh_tests::{process_alive, Gate, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -19,7 +19,7 @@ const WAIT: Duration = Duration::from_secs(30);
 /// is stopped, or until `$MARK_DIR/go` exists; a later attempt checks
 /// attempt 1's process is gone (else exits 3) and succeeds.
 const SCRIPT: &str = r#"
-import os, sys, time
+import os, sys
 attempt = os.environ["TRAINMESH_ATTEMPT"]
 marks = os.environ["MARK_DIR"]
 def alive(pid):
@@ -34,8 +34,8 @@ with open(tmp, "w") as f:
 os.rename(tmp, os.path.join(marks, f"attempt-{attempt}"))
 if attempt == "1":
     print("attempt 1 runs", flush=True)
-    while not os.path.exists(os.path.join(marks, "go")):
-        time.sleep(0.05)
+    # Blocks until the test opens the gate (a FIFO).
+    open(os.path.join(marks, "go")).read()
     print("attempt 1 finished its work", flush=True)
     sys.exit(0)
 first = int(open(os.path.join(marks, "attempt-1")).read())
@@ -64,7 +64,8 @@ async fn wait_mark(marks: &Path, attempt: i32) -> i32 {
     .await
 }
 
-async fn mesh_with_marks() -> (Mesh, std::path::PathBuf) {
+/// The mesh, the marks dir, and the gate attempt 1 waits at.
+async fn mesh_with_marks() -> (Mesh, std::path::PathBuf, Gate) {
     let mesh = Mesh::start_with(MeshOptions {
         no_runner: true,
         ..Default::default()
@@ -72,7 +73,8 @@ async fn mesh_with_marks() -> (Mesh, std::path::PathBuf) {
     .await;
     let marks = mesh.dir.path().join("marks");
     std::fs::create_dir_all(&marks).expect("marks dir");
-    (mesh, marks)
+    let gate = Gate::new(marks.join("go"));
+    (mesh, marks, gate)
 }
 
 async fn assert_never_cancelled(mesh: &Mesh, job: &Job) {
@@ -84,7 +86,7 @@ async fn assert_never_cancelled(mesh: &Mesh, job: &Job) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_stopped_with_handback_has_its_attempt_retried_elsewhere_without_using_the_budget()
 {
-    let (mut mesh, marks) = mesh_with_marks().await;
+    let (mut mesh, marks, _gate) = mesh_with_marks().await;
     let runner_a = mesh
         .start_runner("runner-a", &["--on-stop", "handback"])
         .await;
@@ -129,7 +131,7 @@ async fn a_runner_stopped_with_handback_has_its_attempt_retried_elsewhere_withou
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_runner_lets_its_attempt_finish_and_takes_no_new_work() {
-    let (mut mesh, marks) = mesh_with_marks().await;
+    let (mut mesh, marks, gate) = mesh_with_marks().await;
     let runner_a = mesh
         .start_runner(
             "runner-a",
@@ -172,7 +174,7 @@ async fn a_draining_runner_lets_its_attempt_finish_and_takes_no_new_work() {
     })
     .await;
 
-    std::fs::write(marks.join("go"), "").expect("go");
+    gate.open().await;
     let done = wait_state(&mesh, &job.id, JobState::Succeeded, WAIT).await;
     let status = mesh.wait_exit("runner-a", WAIT).await;
     assert!(status.success(), "runner A stops cleanly: {status}");

@@ -12,17 +12,16 @@ use tonic::Code;
 use trainmesh_common::testing::wait_for;
 use trainmesh_proto::job::v1::{StreamJobLogsRequest, WatchJobsRequest};
 use trainmesh_tests::jobs::{python_job, submit, wait_job};
-use trainmesh_tests::{bin_dir, Mesh, ALICE_TOKEN};
+use trainmesh_tests::{bin_dir, Gate, Mesh, ALICE_TOKEN};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// Prints lines 1-30, waits for the gate file, prints lines 31-60.
+/// Prints lines 1-30, waits at the gate (a FIFO), prints lines 31-60.
 const GATED: &str = r#"
-import os, time
+import os
 for i in range(1, 31):
     print(f"line {i}")
-while not os.path.exists(os.environ["GATE"]):
-    time.sleep(0.02)
+open(os.environ["GATE"]).read()
 for i in range(31, 61):
     print(f"line {i}")
 "#;
@@ -88,8 +87,8 @@ async fn end_of<T>(stream: &mut tonic::Streaming<T>) -> Result<(), tonic::Status
 #[tokio::test]
 async fn streams_survive_a_job_service_restart_and_end_unavailable_otherwise() {
     let mut mesh = Mesh::start().await;
-    let gate = mesh.dir.path().join("gate");
-    let gate_s = gate.display().to_string();
+    let gate = Gate::new(mesh.dir.path().join("gate"));
+    let gate_s = gate.path().display().to_string();
     let job = submit(
         &mesh,
         ALICE_TOKEN,
@@ -144,7 +143,7 @@ async fn streams_survive_a_job_service_restart_and_end_unavailable_otherwise() {
     }
     mesh.start_instance_in_place("job-service").await;
 
-    std::fs::write(&gate, b"").expect("open the gate");
+    gate.open().await;
     let done = wait_job(&mesh, &job.id, "the job to succeed", DEADLINE, |j| {
         j.state == trainmesh_proto::job::v1::JobState::Succeeded as i32
     })
