@@ -20,6 +20,8 @@ pub enum ScenarioArg {
     Dispatch,
     /// CreateJob per second with concurrent clients (≥ 2,000/s SQLite, ≥ 1,000/s PostgreSQL).
     Create,
+    /// Jobs submitted during a scheduler outage, queued after it returns (≤ 1 s).
+    Recovery,
     All,
 }
 
@@ -68,6 +70,14 @@ pub struct Args {
     /// CREATEDB.
     #[arg(long, env = "TRAINMESH_TEST_POSTGRES_URL")]
     pub postgres_url: Option<String>,
+
+    /// Length of the recovery scenario's scheduler outage.
+    #[arg(long, default_value_t = 20)]
+    pub outage_secs: u64,
+
+    /// Jobs submitted during the recovery scenario's outage.
+    #[arg(long, default_value_t = 50)]
+    pub outage_jobs: usize,
 
     /// Print the results as one JSON document instead of a table.
     #[arg(long)]

@@ -183,7 +183,7 @@ impl Service {
     }
 
     /// Fires shutdown and waits (bounded) for `run` to return.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
@@ -197,6 +197,18 @@ impl Service {
             }
         }
     }
+}
+
+fn spawn_scheduler(
+    config: scheduler_service::Config,
+    listener: TcpListener,
+    addr: SocketAddr,
+) -> Service {
+    Service::spawn("scheduler-service", addr, move |stopped| {
+        scheduler_service::run(config, listener, async {
+            let _ = stopped.await;
+        })
+    })
 }
 
 async fn bind() -> anyhow::Result<(TcpListener, SocketAddr)> {
@@ -238,6 +250,8 @@ pub struct Mesh {
     pub jobs: Service,
     pub scheduler: Service,
     pub tokens: TestTokens,
+    /// To start the scheduler again on the same address and database.
+    scheduler_config: scheduler_service::Config,
 }
 
 impl Mesh {
@@ -249,11 +263,7 @@ impl Mesh {
         let (sl, saddr) = bind().await?;
         let scfg = scheduler_config(sched_url, &tokens, jaddr.to_string(), opts);
         let jcfg = job_config(jobs_url, &tokens, saddr.to_string());
-        let scheduler = Service::spawn("scheduler-service", saddr, move |stopped| {
-            scheduler_service::run(scfg, sl, async {
-                let _ = stopped.await;
-            })
-        });
+        let scheduler = spawn_scheduler(scfg.clone(), sl, saddr);
         let jobs = Service::spawn("job-service", jaddr, move |stopped| {
             job_service::run(jcfg, jl, async {
                 let _ = stopped.await;
@@ -263,6 +273,7 @@ impl Mesh {
             jobs,
             scheduler,
             tokens,
+            scheduler_config: scfg,
         };
         wait_scheduler_ready(mesh.scheduler.addr, mesh.tokens.admin).await?;
         wait_jobs_ready(mesh.jobs.addr, mesh.tokens.alice).await?;
@@ -276,7 +287,24 @@ impl Mesh {
         )?))
     }
 
-    pub async fn stop(self) -> anyhow::Result<()> {
+    /// Stops the scheduler (job-service keeps running and keeps taking
+    /// jobs).
+    pub async fn stop_scheduler(&mut self) -> anyhow::Result<()> {
+        self.scheduler.stop().await
+    }
+
+    /// Starts the scheduler again on its address and database; returns
+    /// once it answers.
+    pub async fn start_scheduler(&mut self) -> anyhow::Result<()> {
+        let addr = self.scheduler.addr;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("bind the scheduler's address {addr} again"))?;
+        self.scheduler = spawn_scheduler(self.scheduler_config.clone(), listener, addr);
+        wait_scheduler_ready(addr, self.tokens.admin).await
+    }
+
+    pub async fn stop(mut self) -> anyhow::Result<()> {
         // job-service first: its relay would otherwise retry enqueues
         // against a scheduler that is going away.
         let j = self.jobs.stop().await;
@@ -312,11 +340,7 @@ impl SchedulerAlone {
         let sched_url = dbs.create("scheduler").await?;
         let (sl, saddr) = bind().await?;
         let scfg = scheduler_config(sched_url, &tokens, jaddr.to_string(), opts);
-        let scheduler = Service::spawn("scheduler-service", saddr, move |stopped| {
-            scheduler_service::run(scfg, sl, async {
-                let _ = stopped.await;
-            })
-        });
+        let scheduler = spawn_scheduler(scfg, sl, saddr);
         wait_scheduler_ready(saddr, tokens.admin).await?;
         Ok(SchedulerAlone {
             scheduler,
@@ -326,7 +350,7 @@ impl SchedulerAlone {
         })
     }
 
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(mut self) -> anyhow::Result<()> {
         let r = self.scheduler.stop().await;
         self.sink_task.abort();
         r
@@ -416,6 +440,15 @@ async fn wait_jobs_ready(addr: SocketAddr, token: &str) -> anyhow::Result<()> {
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
+}
+
+/// Jobs the scheduler holds queued now (0 when it does not answer).
+pub async fn queued_now(stats: &mut SchedulerServiceClient<Channel>) -> usize {
+    stats
+        .get_queue_stats(GetQueueStatsRequest {})
+        .await
+        .map(|r| usize::try_from(r.into_inner().queued).unwrap_or(0))
+        .unwrap_or(0)
 }
 
 /// The job every scenario submits: one GPU, one CPU, 1 GiB.

@@ -91,6 +91,15 @@ async fn main() -> ExitCode {
                 scenario::create::run(&args, backend).await,
             );
         }
+        if args.runs(ScenarioArg::Recovery) {
+            progress(&args, "recovery", label);
+            collect(
+                &mut report,
+                "recovery",
+                label,
+                scenario::recovery::run(&args, backend).await,
+            );
+        }
     }
     if args.runs(ScenarioArg::Dispatch) {
         report.results.extend(scenario::plan_time::measure(

@@ -9,13 +9,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use trainmesh_common::client::Channel;
 use trainmesh_common::proto::job::v1::CreateJobRequest;
 use trainmesh_common::proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
-use trainmesh_common::proto::scheduler::v1::GetQueueStatsRequest;
 
 use crate::cli::Args;
-use crate::env::{job_spec, Backend, Mesh, SchedulerOptions};
+use crate::env::{job_spec, queued_now, Backend, Mesh, SchedulerOptions};
 use crate::report::{Row, Target};
 use crate::stats::{ms, percentile, rate};
 
@@ -203,14 +201,6 @@ async fn measure(args: &Args, backend: Backend, mesh: &Mesh) -> anyhow::Result<V
         ))
     });
     Ok(rows)
-}
-
-async fn queued_now(stats: &mut SchedulerServiceClient<Channel>) -> usize {
-    stats
-        .get_queue_stats(GetQueueStatsRequest {})
-        .await
-        .map(|r| usize::try_from(r.into_inner().queued).unwrap_or(0))
-        .unwrap_or(0)
 }
 
 fn request(client: usize, i: usize, phase: &str) -> CreateJobRequest {

@@ -6,6 +6,7 @@ pub mod create;
 pub mod dispatch;
 pub mod latency;
 pub mod plan_time;
+pub mod recovery;
 
 use std::future::Future;
 

@@ -26,6 +26,10 @@ enum Call {
 #[derive(Clone, Default)]
 struct FakeScheduler {
     calls: Arc<Mutex<Vec<Call>>>,
+    /// While set, EnqueueJob answers UNAVAILABLE (a scheduler whose
+    /// database fails, or that is shedding load) and records the job.
+    down: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<Mutex<Vec<String>>>,
 }
 
 fn header(req: &Request<impl Sized>, name: &str) -> String {
@@ -42,6 +46,10 @@ impl spb::scheduler_internal_service_server::SchedulerInternalService for FakeSc
         &self,
         req: Request<spb::EnqueueJobRequest>,
     ) -> Result<Response<spb::EnqueueJobResponse>, Status> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            self.refused.lock().unwrap().push(req.into_inner().job_id);
+            return Err(Status::unavailable("the scheduler's database is failing"));
+        }
         let call = Call::Enqueue {
             authorization: header(&req, "authorization"),
             correlation_id: header(&req, "x-correlation-id"),
@@ -299,5 +307,54 @@ async fn failed_job_is_diagnosed_and_the_summary_attached() {
         assert_eq!(d.solution, "reduce the batch size");
         assert!(!d.healthy);
         assert_eq!(fake.asked.lock().unwrap().clone(), vec![job.id.clone()]);
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_scheduler_is_probed_with_one_job_and_then_gets_the_backlog() {
+    for db in all_dbs().await {
+        let dir = tempfile::tempdir().unwrap();
+        let addr_file = dir.path().join("scheduler.addr");
+        let fake = FakeScheduler::default();
+        fake.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        fake.start(&addr_file).await;
+        let ep = format!("file:{}", addr_file.display());
+        let app = App::start_in(&db, dir, |c| c.scheduler_endpoint = ep).await;
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            ids.push(
+                create(&mut app.alice(), spec(&format!("backlog-{i}")))
+                    .await
+                    .id,
+            );
+        }
+        // Each message backing off on its own would try every job; the
+        // destination backing off as a whole probes it with one.
+        let refused = wait_for("several probes of the scheduler", WAIT, || {
+            let fake = fake.clone();
+            async move {
+                let r = fake.refused.lock().unwrap().clone();
+                (r.len() >= 5).then_some(r)
+            }
+        })
+        .await;
+        let probed: std::collections::BTreeSet<&String> = refused.iter().collect();
+        assert_eq!(probed.len(), 1, "{}: probes named {probed:?}", app.label);
+
+        fake.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        let delivered = wait_for("the backlog", WAIT, || {
+            let fake = fake.clone();
+            let n = ids.len();
+            async move {
+                let d = enqueued_ids(&fake.calls());
+                (d.len() >= n).then_some(d)
+            }
+        })
+        .await;
+        let mut got = delivered.clone();
+        got.sort();
+        let mut want = ids.clone();
+        want.sort();
+        assert_eq!(got, want, "{}: each job once: {delivered:?}", app.label);
     }
 }
