@@ -30,16 +30,33 @@ const FS_BYTES: u64 = 24 << 20;
 const MAX_TRIES: usize = 5000;
 const HEALTH_DEADLINE: Duration = Duration::from_secs(20);
 
-/// The fault for `binary`'s database, and the arguments that put the
-/// database where the fault can reach it. `None` when it cannot be made
-/// here (no mount permission, no PostgreSQL).
-async fn disk_full(binary: &str) -> Option<(StorageFault, Vec<String>)> {
+/// A mesh (no runner) whose `binary` keeps its SQLite database on a small
+/// filesystem, and the fault that fills it; `None` when this process may
+/// not mount one.
+async fn disk_full_mesh(binary: &str) -> Option<(Mesh, StorageFault)> {
     let fs = SmallFs::mount(FS_BYTES)?;
     let url = trainmesh_common::db::sqlite_url(fs.path(), &format!("{binary}.db"));
-    Some((
-        StorageFault::DiskFull(fs),
-        vec!["--database-url".into(), url],
-    ))
+    let opts = MeshOptions {
+        no_runner: true,
+        ..Default::default()
+    }
+    .arg(binary, &["--database-url", &url]);
+    Some((Mesh::start_with(opts).await, StorageFault::DiskFull(fs)))
+}
+
+/// A mesh (no runner) with job-service and the scheduler on PostgreSQL,
+/// and the fault that makes database `which` of [`Mesh::postgres_urls`]
+/// read-only; `None` without a PostgreSQL server.
+async fn read_only_mesh(which: usize) -> Option<(Mesh, StorageFault)> {
+    postgres_db().await?;
+    let mesh = Mesh::start_with(MeshOptions {
+        no_runner: true,
+        postgres: true,
+        ..Default::default()
+    })
+    .await;
+    let fault = StorageFault::ReadOnly(PgReadOnly::new(&mesh.postgres_urls()[which]));
+    Some((mesh, fault))
 }
 
 async fn health(mesh: &Mesh, instance: &str) -> Option<ServingStatus> {
@@ -197,36 +214,20 @@ async fn job_service_acknowledges_only_stored_jobs(mesh: &mut Mesh, fault: &Stor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_service_disk_full_acknowledges_only_stored_jobs() {
-    let Some((fault, args)) = disk_full("job-service").await else {
+    let Some((mut mesh, fault)) = disk_full_mesh("job-service").await else {
         eprintln!("skipped: no tmpfs can be mounted here");
         return;
     };
-    let opts = MeshOptions {
-        no_runner: true,
-        ..Default::default()
-    }
-    .arg(
-        "job-service",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let mut mesh = Mesh::start_with(opts).await;
     job_service_acknowledges_only_stored_jobs(&mut mesh, &fault).await;
     mesh.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_service_read_only_postgres_acknowledges_only_stored_jobs() {
-    if postgres_db().await.is_none() {
+    let Some((mut mesh, fault)) = read_only_mesh(0).await else {
         eprintln!("skipped: TRAINMESH_TEST_POSTGRES_URL is not set");
         return;
-    }
-    let mut mesh = Mesh::start_with(MeshOptions {
-        no_runner: true,
-        postgres: true,
-        ..Default::default()
-    })
-    .await;
-    let fault = StorageFault::ReadOnly(PgReadOnly::new(&mesh.postgres_urls()[0]));
+    };
     job_service_acknowledges_only_stored_jobs(&mut mesh, &fault).await;
     mesh.stop().await;
 }
@@ -360,36 +361,20 @@ async fn scheduler_acknowledges_only_stored_writes(mesh: &mut Mesh, fault: &Stor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_disk_full_acknowledges_only_stored_writes() {
-    let Some((fault, args)) = disk_full("scheduler-service").await else {
+    let Some((mut mesh, fault)) = disk_full_mesh("scheduler-service").await else {
         eprintln!("skipped: no tmpfs can be mounted here");
         return;
     };
-    let opts = MeshOptions {
-        no_runner: true,
-        ..Default::default()
-    }
-    .arg(
-        "scheduler-service",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let mut mesh = Mesh::start_with(opts).await;
     scheduler_acknowledges_only_stored_writes(&mut mesh, &fault).await;
     mesh.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduler_read_only_postgres_acknowledges_only_stored_writes() {
-    if postgres_db().await.is_none() {
+    let Some((mut mesh, fault)) = read_only_mesh(1).await else {
         eprintln!("skipped: TRAINMESH_TEST_POSTGRES_URL is not set");
         return;
-    }
-    let mut mesh = Mesh::start_with(MeshOptions {
-        no_runner: true,
-        postgres: true,
-        ..Default::default()
-    })
-    .await;
-    let fault = StorageFault::ReadOnly(PgReadOnly::new(&mesh.postgres_urls()[1]));
+    };
     scheduler_acknowledges_only_stored_writes(&mut mesh, &fault).await;
     mesh.stop().await;
 }
@@ -479,19 +464,10 @@ async fn metrics_acknowledges_only_stored_points(mesh: &mut Mesh, fault: &Storag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_disk_full_acknowledges_only_stored_points() {
-    let Some((fault, args)) = disk_full("metrics-service").await else {
+    let Some((mut mesh, fault)) = disk_full_mesh("metrics-service").await else {
         eprintln!("skipped: no tmpfs can be mounted here");
         return;
     };
-    let opts = MeshOptions {
-        no_runner: true,
-        ..Default::default()
-    }
-    .arg(
-        "metrics-service",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let mut mesh = Mesh::start_with(opts).await;
     metrics_acknowledges_only_stored_points(&mut mesh, &fault).await;
     mesh.stop().await;
 }
