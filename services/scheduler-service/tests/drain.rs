@@ -17,6 +17,19 @@ use trainmesh_common::proto::runner::v1::{
 use trainmesh_common::proto::scheduler::v1::GetQueueStatsRequest;
 use trainmesh_common::testing::{all_dbs, test_tokens};
 
+/// A one-GPU runner running attempt 1 of a new job of alice's that may
+/// start only once (a hand-back counted against it would end it).
+async fn one_running_attempt(h: &Harness) -> (String, String) {
+    let runner = h.register(1).await;
+    let job = new_job_id();
+    h.enqueue(&job, "alice", spec_with_attempts(1, 1)).await;
+    h.acquire_n(&runner, 1).await;
+    h.report(&runner, &job, 1, AttemptState::Running, None)
+        .await
+        .unwrap();
+    (runner, job)
+}
+
 async fn drain(h: &Harness, runner: &str, active: &[(&str, i32)]) -> Vec<AttemptRef> {
     h.runners()
         .drain_runner(DrainRunnerRequest {
@@ -137,14 +150,8 @@ async fn a_draining_runner_gets_no_new_work_and_gives_back_what_it_was_not_runni
 async fn an_attempt_handed_back_by_its_runner_is_retried_at_once_without_using_the_budget() {
     for db in all_dbs().await {
         let h = Harness::start(db).await;
-        let a = h.register(1).await;
-        let job = new_job_id();
         // One attempt only: were the hand-back counted, the job would fail.
-        h.enqueue(&job, "alice", spec_with_attempts(1, 1)).await;
-        h.acquire_n(&a, 1).await;
-        h.report(&a, &job, 1, AttemptState::Running, None)
-            .await
-            .unwrap();
+        let (a, job) = one_running_attempt(&h).await;
         assert!(drain(&h, &a, &[(&job, 1)]).await.is_empty(), "{}", h.label);
         h.report_error(
             &a,
@@ -196,13 +203,7 @@ async fn an_attempt_handed_back_by_its_runner_is_retried_at_once_without_using_t
 async fn a_cancel_the_runner_was_not_asked_for_is_a_hand_back() {
     for db in all_dbs().await {
         let h = Harness::start(db).await;
-        let a = h.register(1).await;
-        let job = new_job_id();
-        h.enqueue(&job, "alice", spec_with_attempts(1, 1)).await;
-        h.acquire_n(&a, 1).await;
-        h.report(&a, &job, 1, AttemptState::Running, None)
-            .await
-            .unwrap();
+        let (a, job) = one_running_attempt(&h).await;
         // What a runner that predates draining sends when it is stopped.
         h.report(&a, &job, 1, AttemptState::Cancelled, Some(143))
             .await
@@ -230,13 +231,7 @@ async fn a_cancel_the_runner_was_not_asked_for_is_a_hand_back() {
 async fn a_draining_runner_whose_lease_runs_out_hands_its_attempts_back() {
     for db in all_dbs().await {
         let h = Harness::start(db).await;
-        let a = h.register(1).await;
-        let job = new_job_id();
-        h.enqueue(&job, "alice", spec_with_attempts(1, 1)).await;
-        h.acquire_n(&a, 1).await;
-        h.report(&a, &job, 1, AttemptState::Running, None)
-            .await
-            .unwrap();
+        let (a, job) = one_running_attempt(&h).await;
         drain(&h, &a, &[(&job, 1)]).await;
         // Killed while draining: no report, no deregistration.
         h.clock.advance(Duration::from_secs(20));
