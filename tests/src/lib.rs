@@ -424,12 +424,7 @@ impl Mesh {
     /// Sends SIGKILL to an instance and reaps it. A runner's job processes,
     /// and everything they started, die with it (see the runner's shim).
     pub async fn kill(&mut self, instance: &str) -> std::process::ExitStatus {
-        let pos = self
-            .children
-            .iter()
-            .position(|(n, _)| n == instance)
-            .unwrap_or_else(|| panic!("no running instance `{instance}`"));
-        let (_, mut child) = self.children.remove(pos);
+        let mut child = self.take_child(instance);
         child.start_kill().expect("SIGKILL");
         tokio::time::timeout(Duration::from_secs(20), child.wait())
             .await
@@ -458,28 +453,27 @@ impl Mesh {
         instance: &str,
         timeout: Duration,
     ) -> std::process::ExitStatus {
-        let pos = self
-            .children
-            .iter()
-            .position(|(n, _)| n == instance)
-            .unwrap_or_else(|| panic!("no running instance `{instance}`"));
-        let (_, mut child) = self.children.remove(pos);
+        let mut child = self.take_child(instance);
         tokio::time::timeout(timeout, child.wait())
             .await
             .unwrap_or_else(|_| panic!("{instance} did not exit within {timeout:?}"))
             .expect("wait")
     }
 
-    /// Stops one instance with SIGTERM and waits for it to exit (SIGKILL
-    /// after 20 s). [`Mesh::start_instance`] starts it again.
-    pub async fn stop_instance(&mut self, instance: &str) -> std::process::ExitStatus {
+    /// The running instance's process, no longer the mesh's to stop.
+    fn take_child(&mut self, instance: &str) -> Child {
         let pos = self
             .children
             .iter()
             .position(|(n, _)| n == instance)
             .unwrap_or_else(|| panic!("no running instance `{instance}`"));
-        let (_, child) = self.children.remove(pos);
-        terminate(child).await
+        self.children.remove(pos).1
+    }
+
+    /// Stops one instance with SIGTERM and waits for it to exit (SIGKILL
+    /// after 20 s). [`Mesh::start_instance`] starts it again.
+    pub async fn stop_instance(&mut self, instance: &str) -> std::process::ExitStatus {
+        terminate(self.take_child(instance)).await
     }
 
     /// Starts a stopped (or killed) instance again with the arguments it
