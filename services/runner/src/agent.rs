@@ -19,6 +19,9 @@ use crate::config::Config;
 use crate::domain::AttemptKey;
 use crate::rpc::{request, Backoff, Peers, CALL_TIMEOUT};
 
+/// How long a stop waits for a registration call already in flight.
+const REGISTER_GRACE_ON_STOP: Duration = Duration::from_secs(2);
+
 mod stop;
 
 /// The scheduler's answer to a registration.
@@ -51,9 +54,21 @@ impl Registrar {
         loop {
             let mut client = self.peers.scheduler.clone();
             let call = client.register_runner(request(self.request.clone(), CALL_TIMEOUT));
-            let result = tokio::select! {
-                r = call => r,
-                _ = stop.wait_for(|s| *s) => return None,
+            tokio::pin!(call);
+            let answered = tokio::select! {
+                r = &mut call => Some(r),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let result = match answered {
+                Some(r) => r,
+                // The scheduler may already hold this registration: let the
+                // call land, briefly, so the stop drains and deregisters
+                // instead of leaving a runner that the scheduler only
+                // forgets when its lease runs out.
+                None => match tokio::time::timeout(REGISTER_GRACE_ON_STOP, call).await {
+                    Ok(r @ Ok(_)) => r,
+                    _ => return None,
+                },
             };
             match result {
                 Ok(resp) => {

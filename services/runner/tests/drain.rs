@@ -180,3 +180,24 @@ async fn a_stopped_runner_with_nothing_running_drains_and_leaves_at_once() {
     assert!(d.active.is_empty());
     assert!(position(&calls, is_deregister) > drained);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_stopped_while_registering_still_drains_and_deregisters() {
+    let m = mesh().await;
+    let hold = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    m.fake.with(|s| s.hold_registration = Some(hold.clone()));
+    let endpoint = m.addr.to_string();
+    let mut runner = Runner::start(|w| config(&endpoint, w));
+    wait_for("the registration call", WAIT, || async {
+        (m.fake.with(|s| s.registrations) >= 1).then_some(())
+    })
+    .await;
+    // The scheduler holds the registration; the runner is stopped before
+    // it hears back, then the answer arrives.
+    runner.begin_stop();
+    hold.add_permits(1);
+    runner.stopped().await.unwrap();
+    let calls = m.fake.calls();
+    let drained = position(&calls, is_drain);
+    assert!(position(&calls, is_deregister) > drained);
+}

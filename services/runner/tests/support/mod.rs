@@ -58,6 +58,8 @@ pub struct State {
     pub registrations: u32,
     /// Fail this many WriteMetrics/AppendJobLogs calls with UNAVAILABLE first.
     pub fail_shipping: u32,
+    /// When set, RegisterRunner answers only once a permit is added.
+    pub hold_registration: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 #[derive(Clone, Default)]
@@ -149,11 +151,14 @@ impl RunnerService for Fake {
         req: Request<RegisterRunnerRequest>,
     ) -> Result<Response<RegisterRunnerResponse>, Status> {
         service(&req)?;
-        let n = self.with(|s| {
+        let (n, hold) = self.with(|s| {
             s.calls.push(Call::Register(req.get_ref().clone()));
             s.registrations += 1;
-            s.registrations
+            (s.registrations, s.hold_registration.clone())
         });
+        if let Some(hold) = hold {
+            let _ = hold.acquire().await;
+        }
         Ok(Response::new(RegisterRunnerResponse {
             runner_id: format!("runner-{n}"),
             lease_ttl: Some(prost_types::Duration {
