@@ -15,6 +15,8 @@
 //!   the storage health that `grpc.health.v1` reports.
 //! - [`outbox`]: a transactional outbox relay for calls to other services.
 //! - [`group_commit`]: many small write transactions sharing one commit.
+//! - [`healthcheck`]: `<binary> healthcheck ADDR`, for container health
+//!   checks.
 //! - [`testing`]: helpers for tests that start real servers.
 
 pub mod auth;
@@ -24,6 +26,7 @@ pub mod correlation;
 pub mod db;
 pub mod error;
 pub mod group_commit;
+pub mod healthcheck;
 pub mod id;
 pub mod log_file;
 pub mod outbox;
