@@ -122,6 +122,27 @@ pub enum Command {
     /// Show limits and, with --user/--org, the effective ones; `limits set`
     /// changes them (admin).
     Limits(LimitsArgs),
+    /// Credentials for a deployed mesh: `tokens init DIR` writes an admin
+    /// token, a service token and the tokens file that lists their hashes.
+    Tokens(TokensArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokensArgs {
+    #[command(subcommand)]
+    pub action: TokensAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokensAction {
+    /// Write DIR/admin.token, DIR/service.token and DIR/tokens.yaml (owner
+    /// read-only), unless DIR/tokens.yaml exists: then they are kept.
+    /// Services read tokens.yaml (--tokens) and service.token
+    /// (--service-token-file); people use admin.token.
+    Init {
+        /// Directory to write to; created if missing.
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

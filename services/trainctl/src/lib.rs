@@ -65,5 +65,6 @@ async fn dispatch(ctx: &Context, command: &Command) -> anyhow::Result<u8> {
         Command::Reject(a) => scheduling::reject(ctx, a).await,
         Command::Approvals(a) => scheduling::approvals(ctx, a).await,
         Command::Limits(a) => scheduling::limits(ctx, a).await,
+        Command::Tokens(a) => up::tokens::command(a),
     }
 }

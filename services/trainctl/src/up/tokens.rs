@@ -62,6 +62,19 @@ pub fn ensure(dir: &Path) -> anyhow::Result<TokenFiles> {
     Ok(files)
 }
 
+/// `trainctl tokens init DIR`.
+pub fn command(args: &crate::cli::TokensArgs) -> anyhow::Result<u8> {
+    let crate::cli::TokensAction::Init { dir } = &args.action;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let files = ensure(dir)?;
+    let verb = if files.created { "wrote" } else { "kept" };
+    for path in [&files.admin, &files.service, &files.tokens] {
+        println!("{verb} {}", path.display());
+    }
+    Ok(0)
+}
+
 fn read_token(path: &Path) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
