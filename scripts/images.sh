@@ -128,6 +128,9 @@ build_postgres() {
   mapfile -t elves < <(find /usr/lib/postgresql/15 -type f \( -perm -u+x -o -name '*.so' \) ! -name 'llvmjit*')
   # shellcheck disable=SC2046 # one path per word
   add_paths "$root" "${files[@]}" $(library_closure "${elves[@]}")
+  # pg_isready, for health checks, as the official image has it.
+  add_paths "$root" /usr/lib/postgresql/15/bin/pg_isready
+  ln -s ../lib/postgresql/15/bin/pg_isready "$root/usr/bin/pg_isready"
   cp /bin/busybox "$root/usr/bin/busybox"
   for applet in sh mkdir chmod rm mktemp printf cat; do ln -sf busybox "$root/usr/bin/$applet"; done
   mkdir -p "$root/usr/local/bin"
