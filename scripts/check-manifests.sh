@@ -6,6 +6,8 @@
 # - the output validates against the Kubernetes JSON schemas that the PyPI package
 #   kubernetes-validate bundles, strictly (an unknown field is an error) and with no kind
 #   left unchecked (a kind or apiVersion it has no schema for is an error too);
+# - every namespaced object has a namespace, and every ConfigMap a pod refers to is in
+#   the output (a reference kustomize did not resolve keeps the unhashed name);
 # - every trainmesh image is tagged with the workspace version (Cargo.toml), which is
 #   what the image build tags.
 #
@@ -101,6 +103,49 @@ for overlay in "${OVERLAYS[@]}"; do
   if [[ -n "$report" ]]; then
     echo "FAIL $overlay: does not validate against Kubernetes $K8S_VERSION:" >&2
     printf '%s\n' "$report" | sed "s#$out#$overlay#; s/^/  /" >&2
+    bad=1
+  fi
+
+  # Objects outside the namespace, and ConfigMaps referred to but not there. PyYAML
+  # comes with the validator.
+  refs=$(PYTHONPATH="$VALIDATOR_DIR" "$PY" - "$out" <<'PY'
+import sys, yaml
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
+                  "StorageClass", "PriorityClass", "RuntimeClass", "CustomResourceDefinition",
+                  "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"}
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+config_maps = {(d["metadata"].get("namespace"), d["metadata"]["name"])
+               for d in docs if d["kind"] == "ConfigMap"}
+def pod_spec(d):
+    spec = d.get("spec") or {}
+    if d["kind"] == "Pod":
+        return spec
+    if d["kind"] == "CronJob":
+        spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+    return (spec.get("template") or {}).get("spec")
+for d in docs:
+    kind, meta = d["kind"], d["metadata"]
+    what = "%s/%s" % (kind, meta["name"])
+    ns = meta.get("namespace")
+    if kind not in CLUSTER_SCOPED and not ns:
+        print("%s has no namespace" % what)
+    pod = pod_spec(d)
+    if not pod:
+        continue
+    names = [v["configMap"]["name"] for v in pod.get("volumes") or [] if "configMap" in v]
+    for c in (pod.get("initContainers") or []) + (pod.get("containers") or []):
+        names += [f["configMapRef"]["name"] for f in c.get("envFrom") or [] if "configMapRef" in f]
+        names += [e["valueFrom"]["configMapKeyRef"]["name"] for e in c.get("env") or []
+                  if "configMapKeyRef" in (e.get("valueFrom") or {})]
+    for name in names:
+        if (ns, name) not in config_maps:
+            print("%s refers to ConfigMap %s, which is not in namespace %s of the output"
+                  % (what, name, ns or "(none)"))
+PY
+  )
+  if [[ -n "$refs" ]]; then
+    echo "FAIL $overlay:" >&2
+    printf '%s\n' "$refs" | sed 's/^/  /' >&2
     bad=1
   fi
 
