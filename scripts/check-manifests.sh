@@ -13,7 +13,8 @@
 #
 #   scripts/check-manifests.sh [OVERLAY_DIR...]
 #
-# Needs kubectl on PATH (1.27 or newer, for kustomize components). The validator is
+# Needs kubectl on PATH, one whose built-in kustomize knows components (kubectl 1.32 is
+# what CI has; Debian 12's kubernetes-client, 1.20, is too old). The validator is
 # installed with `pip --target` into a cache dir, like .ci/run installs buf: no dependence
 # on where pip puts scripts and no clash with Debian's externally-managed Python (PEP 668).
 # Which flags and variables the manifests pass is checked by the Rust test
@@ -37,7 +38,7 @@ die() {
 
 if ! command -v kubectl >/dev/null 2>&1; then
   die "kubectl not found on PATH; it renders the overlays (kubectl kustomize).
-Install kubectl 1.27 or newer from the Kubernetes release packages. Debian 12's
+Install a recent kubectl from the Kubernetes release packages. Debian 12's
 kubernetes-client package (1.20) is too old: its kustomize knows no components."
 fi
 
