@@ -27,6 +27,22 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::log_file::{RotatingFile, Rotation};
 
+pub const LOG_FORMAT_ENV: &str = "TRAINMESH_LOG_FORMAT";
+pub const LOG_LEVEL_ENV: &str = "TRAINMESH_LOG_LEVEL";
+pub const LOG_FILE_ENV: &str = "TRAINMESH_LOG_FILE";
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Every variable [`init`] reads. They are not clap flags, so no binary's
+/// `--help` lists them; deployment checks accept them for every binary.
+pub const ENV_VARS: [&str; 6] = [
+    LOG_FORMAT_ENV,
+    LOG_LEVEL_ENV,
+    LOG_FILE_ENV,
+    crate::log_file::MAX_BYTES_ENV,
+    crate::log_file::KEEP_ENV,
+    OTLP_ENDPOINT_ENV,
+];
+
 static OTEL_ENABLED: OnceLock<bool> = OnceLock::new();
 
 fn otel_enabled() -> bool {
@@ -50,20 +66,20 @@ impl Drop for Telemetry {
 /// Installs the global subscriber for `service`. Safe to call more than once
 /// in one process (tests): later calls leave the first subscriber in place.
 pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
-    let level = std::env::var("TRAINMESH_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let level = std::env::var(LOG_LEVEL_ENV).unwrap_or_else(|_| "info".into());
     let filter = EnvFilter::try_new(&level)
-        .map_err(|e| anyhow::anyhow!("invalid TRAINMESH_LOG_LEVEL `{level}`: {e}"))?;
-    let json = match std::env::var("TRAINMESH_LOG_FORMAT").as_deref() {
+        .map_err(|e| anyhow::anyhow!("invalid {LOG_LEVEL_ENV} `{level}`: {e}"))?;
+    let json = match std::env::var(LOG_FORMAT_ENV).as_deref() {
         Ok("json") => true,
         Ok("text") | Err(_) => false,
-        Ok(other) => anyhow::bail!("invalid TRAINMESH_LOG_FORMAT `{other}`: expected json or text"),
+        Ok(other) => anyhow::bail!("invalid {LOG_FORMAT_ENV} `{other}`: expected json or text"),
     };
 
-    let (writer, guard) = match std::env::var_os("TRAINMESH_LOG_FILE") {
+    let (writer, guard) = match std::env::var_os(LOG_FILE_ENV) {
         Some(path) => {
             let rotation = Rotation::from_env(|k| std::env::var(k).ok())?;
             let file = RotatingFile::open(&path, rotation)
-                .map_err(|e| anyhow::anyhow!("cannot open TRAINMESH_LOG_FILE {path:?}: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("cannot open {LOG_FILE_ENV} {path:?}: {e}"))?;
             tracing_appender::non_blocking(file)
         }
         None => tracing_appender::non_blocking(std::io::stderr()),
@@ -83,7 +99,7 @@ pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
     };
 
     let mut provider = None;
-    let otel_layer = match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+    let otel_layer = match std::env::var(OTLP_ENDPOINT_ENV) {
         Ok(ep) if !ep.is_empty() => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
