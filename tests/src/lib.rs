@@ -17,6 +17,7 @@
 //! [`Mesh::start_instance_in_place`]). [`fake_runner`] speaks RunnerService from the test
 //! itself; [`jobs`] has helpers to submit jobs and wait on their state.
 
+pub mod compose;
 /// The real Docker Engine and the busybox test image: the runner's own
 /// docker tests use the same file.
 #[path = "../../services/runner/tests/support/docker.rs"]

@@ -1,0 +1,99 @@
+//! The mesh of deploy/compose in containers on the real engine: every
+//! service healthy, a job submitted from this machine with `trainctl` runs
+//! as a sibling container of the runners and succeeds, and a failing one
+//! carries its error and a diagnosis.
+
+use trainmesh_tests::compose::{docker_out, write, Compose};
+use trainmesh_tests::docker::{engine, ensure_test_image, TEST_IMAGE};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "trainctl printed no JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_from_the_host_run_as_sibling_containers_and_failures_are_diagnosed() {
+    let Some(mesh) = Compose::up("").await else {
+        return;
+    };
+    let docker = engine().await.expect("engine");
+    ensure_test_image(&docker).await;
+
+    let ok = mesh.path("ok.yaml");
+    write(
+        &ok,
+        &format!(
+            r#"name: compose-ok
+image: {TEST_IMAGE}
+command: ["/bin/sh", "-c", "echo hello from a sibling; echo '{{\"step\": 1, \"loss\": 0.5}}' >> \"$TRAINMESH_METRICS_FILE\""]
+resources: {{cpu: 0.5, memory_mib: 64}}
+"#
+        ),
+    );
+    let out = mesh
+        .trainctl()
+        .args(["-o", "json", "submit", "--wait"])
+        .arg(&ok)
+        .output()
+        .unwrap();
+    let job = json(&out);
+    assert!(out.status.success(), "{job}");
+    assert_eq!(job["state"], "SUCCEEDED", "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    // It ran in its own container, next to the runners, not inside one.
+    let labels = docker_out(&[
+        "inspect",
+        "--format",
+        "{{index .Config.Labels \"trainmesh.job\"}} {{index .Config.Labels \"trainmesh.runner\"}} {{.State.ExitCode}}",
+        &format!("trainmesh-{id}-1"),
+    ]);
+    let parts: Vec<&str> = labels.split(' ').collect();
+    assert_eq!(parts[0], id);
+    assert!(parts[1].starts_with("runner-"), "{labels}");
+    assert_eq!(parts[2], "0");
+    let logs = mesh.trainctl().args(["logs", &id]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("hello from a sibling"),
+        "{}",
+        String::from_utf8_lossy(&logs.stdout)
+    );
+
+    let fail = mesh.path("fail.yaml");
+    write(
+        &fail,
+        &format!(
+            r#"name: compose-fail
+image: {TEST_IMAGE}
+command: ["/bin/sh", "-c", "echo 'Traceback (most recent call last):' >&2; echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB' >&2; exit 1"]
+resources: {{cpu: 0.5, memory_mib: 64}}
+retry_policy: {{max_attempts: 1}}
+"#
+        ),
+    );
+    let out = mesh
+        .trainctl()
+        .args(["-o", "json", "submit", "--wait"])
+        .arg(&fail)
+        .output()
+        .unwrap();
+    let job = json(&out);
+    assert!(!out.status.success(), "a failed job is a failed submit --wait");
+    assert_eq!(job["state"], "FAILED", "{job}");
+    let text = job.to_string();
+    assert!(text.contains("CUDA out of memory"), "the job's error: {job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let out = mesh
+        .trainctl()
+        .args(["-o", "json", "diagnose", &id])
+        .output()
+        .unwrap();
+    let diagnosis = json(&out);
+    assert!(out.status.success(), "{diagnosis}");
+    let d = diagnosis.to_string().to_lowercase();
+    assert!(d.contains("out of memory"), "{diagnosis}");
+}
