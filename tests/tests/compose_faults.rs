@@ -1,0 +1,549 @@
+//! The compose mesh under faults, each while a bounded stream of
+//! submissions with idempotency keys flows: the leading scheduler killed,
+//! job-service killed and restarted, a runner cut off the network,
+//! PostgreSQL restarted. Afterwards the whole history is checked: every
+//! acknowledged job exists exactly once and ends in exactly one terminal
+//! state (SUCCEEDED: the jobs cannot fail), no job had two attempts
+//! running at once, and the per-user limit was never exceeded (both from
+//! the engine's own container start/die events).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::watch;
+use trainmesh_common::testing::wait_for;
+use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
+use trainmesh_proto::job::v1::{
+    watch_jobs_response, CreateJobRequest, JobSpec, JobState, ListJobsRequest, Resources,
+    WatchJobsRequest,
+};
+use trainmesh_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
+use trainmesh_proto::scheduler::v1::{LimitScope, Limits, SetLimitsRequest};
+use trainmesh_tests::compose::{docker_out, Compose};
+use trainmesh_tests::docker::{engine, ensure_test_image, TEST_IMAGE};
+
+/// Jobs the admin may run at once.
+const LIMIT: usize = 3;
+/// Submissions are bounded in number and paced.
+const MAX_JOBS: usize = 60;
+const PACE: Duration = Duration::from_millis(250);
+const DEADLINE: Duration = Duration::from_secs(180);
+/// The scheduler's runner lease and leader lease in these tests.
+const LEASE_TTL_SECS: u64 = 6;
+const LEADER_TTL_SECS: u64 = 4;
+
+fn overrides() -> String {
+    let scheduler = format!(
+        r#"    environment:
+      TRAINMESH_SCHEDULER_LEASE_TTL_SECS: "{LEASE_TTL_SECS}"
+      TRAINMESH_SCHEDULER_HEARTBEAT_INTERVAL_SECS: "1"
+      TRAINMESH_SCHEDULER_LEADER_LEASE_TTL_SECS: "{LEADER_TTL_SECS}"
+"#
+    );
+    format!(
+        "  scheduler-1:\n{scheduler}  scheduler-2:\n{scheduler}  job-service:\n    environment:\n      TRAINMESH_JOB_WATCH_HEARTBEAT_SECS: \"1\"\n"
+    )
+}
+
+async fn mesh() -> Option<Compose> {
+    let mesh = Compose::up(&overrides()).await?;
+    let docker = engine().await.expect("engine");
+    ensure_test_image(&docker).await;
+    let mut scheduler = SchedulerServiceClient::new(mesh.channel("scheduler-1", 50052));
+    scheduler
+        .set_limits(SetLimitsRequest {
+            limits: Some(Limits {
+                scope: LimitScope::UserDefault as i32,
+                subject: String::new(),
+                max_running_jobs: Some(LIMIT as i32),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("set the per-user running limit");
+    Some(mesh)
+}
+
+/// A job of about two seconds that cannot fail.
+fn spec(name: &str) -> JobSpec {
+    JobSpec {
+        name: name.into(),
+        image: TEST_IMAGE.into(),
+        command: vec!["/bin/busybox".into(), "sleep".into(), "2".into()],
+        resources: Some(Resources {
+            cpu: 0.1,
+            memory_mib: 32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The submissions: idempotency key → job id once acknowledged, and every
+/// error code seen on the way.
+#[derive(Default)]
+struct Submitted {
+    acked: BTreeMap<String, String>,
+    errors: Vec<tonic::Code>,
+}
+
+struct Stream {
+    state: Arc<Mutex<Submitted>>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Submits a job every PACE until stopped (or MAX_JOBS), each retried with
+/// its idempotency key until acknowledged. The address is looked up again
+/// after a failure: a restarted container gets a new published port.
+fn start_stream(mesh: &Compose, prefix: &str) -> Stream {
+    let state = Arc::new(Mutex::new(Submitted::default()));
+    let (stop, mut stopped) = watch::channel(false);
+    let token = mesh.admin_token.clone();
+    let addr_of = {
+        let cmd = mesh.command();
+        move || {
+            let mut c = std::process::Command::new(cmd.get_program());
+            c.args(cmd.get_args())
+                .args(["port", "job-service", "50051"]);
+            for (k, v) in cmd.get_envs() {
+                if let Some(v) = v {
+                    c.env(k, v);
+                }
+            }
+            let out = c.output().ok()?;
+            let addr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            (!addr.is_empty() && !addr.ends_with(":0")).then_some(addr)
+        }
+    };
+    let prefix = prefix.to_owned();
+    let st = state.clone();
+    let task = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(PACE);
+        let mut client: Option<JobServiceClient<_>> = None;
+        for i in 0..MAX_JOBS {
+            if *stopped.borrow() {
+                break;
+            }
+            let key = format!("{prefix}-{i:03}");
+            loop {
+                tokio::select! {
+                    _ = pace.tick() => {}
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
+                if client.is_none() {
+                    client = addr_of()
+                        .and_then(|a| trainmesh_common::client::channel(&a, Some(&token)).ok())
+                        .map(JobServiceClient::new);
+                }
+                let Some(c) = client.as_mut() else { continue };
+                let mut req = tonic::Request::new(CreateJobRequest {
+                    spec: Some(spec(&key)),
+                    idempotency_key: key.clone(),
+                });
+                req.set_timeout(Duration::from_secs(5));
+                match c.create_job(req).await {
+                    Ok(r) => {
+                        let id = r.into_inner().job.map(|j| j.id).unwrap_or_default();
+                        st.lock().unwrap().acked.insert(key.clone(), id);
+                        break;
+                    }
+                    Err(s) => {
+                        st.lock().unwrap().errors.push(s.code());
+                        client = None;
+                        // A key not yet acknowledged is given up only
+                        // when the stream is stopped.
+                        if *stopped.borrow() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Stream { state, stop, task }
+}
+
+impl Stream {
+    fn acked(&self) -> usize {
+        self.state.lock().unwrap().acked.len()
+    }
+
+    async fn wait_acked(&self, more_than: usize, what: &str) {
+        wait_for(what, DEADLINE, || async {
+            (self.acked() > more_than).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> Submitted {
+        let _ = self.stop.send(true);
+        self.task.await.expect("submitter");
+        Arc::try_unwrap(self.state)
+            .ok()
+            .expect("one owner")
+            .into_inner()
+            .unwrap()
+    }
+}
+
+fn jobs_client(mesh: &Compose) -> JobServiceClient<trainmesh_common::client::Channel> {
+    JobServiceClient::new(mesh.channel("job-service", 50051))
+}
+
+/// Every job of the admin, by name.
+async fn all_jobs(mesh: &Compose) -> Vec<trainmesh_proto::job::v1::Job> {
+    let mut client = jobs_client(mesh);
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let resp = client
+            .list_jobs(ListJobsRequest {
+                page_size: 100,
+                page_token: page_token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("list jobs")
+            .into_inner();
+        jobs.extend(resp.jobs);
+        if resp.next_page_token.is_empty() {
+            return jobs;
+        }
+        page_token = resp.next_page_token;
+    }
+}
+
+fn terminal(s: JobState) -> bool {
+    matches!(
+        s,
+        JobState::Succeeded | JobState::Failed | JobState::Cancelled
+    )
+}
+
+/// The history checks every fault test ends with; returns how long the
+/// last job took to end after the stream stopped.
+async fn check_history(mesh: &Compose, submitted: &Submitted, since: SystemTime) {
+    assert!(!submitted.acked.is_empty(), "nothing was acknowledged");
+    // Every acknowledged job ends.
+    wait_for("every job to end", DEADLINE, || async {
+        let jobs = all_jobs(mesh).await;
+        jobs.iter().all(|j| terminal(j.state())).then_some(())
+    })
+    .await;
+    let jobs = all_jobs(mesh).await;
+    // Exactly once per key; nothing unacknowledged beyond the one key in
+    // flight when the stream stopped.
+    let mut by_name: HashMap<String, Vec<&trainmesh_proto::job::v1::Job>> = HashMap::new();
+    for j in &jobs {
+        let name = j.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        by_name.entry(name).or_default().push(j);
+    }
+    for (key, id) in &submitted.acked {
+        let found = by_name.get(key).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(found.len(), 1, "job {key} exists {} times", found.len());
+        assert_eq!(&found[0].id, id, "job {key} answered with another id");
+        assert_eq!(
+            found[0].state(),
+            JobState::Succeeded,
+            "job {key} ({id}) ended {:?}",
+            found[0].state()
+        );
+    }
+    assert!(
+        jobs.len() <= submitted.acked.len() + 1,
+        "{} jobs for {} acknowledged keys",
+        jobs.len(),
+        submitted.acked.len()
+    );
+    check_terminal_events(mesh, &jobs).await;
+    check_containers(since);
+}
+
+/// In the event log, each job reaches a terminal state exactly once.
+async fn check_terminal_events(mesh: &Compose, jobs: &[trainmesh_proto::job::v1::Job]) {
+    let mut stream = jobs_client(mesh)
+        .watch_jobs(WatchJobsRequest {
+            job_id: String::new(),
+            cursor: String::new(),
+            from_start: true,
+        })
+        .await
+        .expect("watch jobs")
+        .into_inner();
+    let mut terminals: HashMap<String, Vec<JobState>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    // Until every job's end is seen and a heartbeat (sent once the stream
+    // has caught up) follows it.
+    let mut caught_up = false;
+    while !caught_up {
+        let msg = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("the event log in time")
+            .expect("watch")
+            .expect("an open watch");
+        match msg.kind {
+            Some(watch_jobs_response::Kind::Event(e))
+                if e.r#type == "state_changed" && terminal(e.state()) =>
+            {
+                terminals
+                    .entry(e.job_id.clone())
+                    .or_default()
+                    .push(e.state());
+            }
+            Some(watch_jobs_response::Kind::Heartbeat(_)) => {
+                caught_up = jobs.iter().all(|j| terminals.contains_key(&j.id));
+            }
+            _ => {}
+        }
+    }
+    for j in jobs {
+        assert_eq!(
+            terminals[&j.id].len(),
+            1,
+            "job {} reached terminal states {:?}",
+            j.id,
+            terminals[&j.id]
+        );
+    }
+}
+
+/// From the engine's events: no job had two containers (attempts) alive at
+/// once, and no more than LIMIT ran at once.
+fn check_containers(since: SystemTime) {
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    let until = (SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 1)
+    .to_string();
+    let text = docker_out(&[
+        "events",
+        "--since",
+        &since,
+        "--until",
+        &until,
+        "--filter",
+        "type=container",
+        "--filter",
+        "event=start",
+        "--filter",
+        "event=die",
+        "--filter",
+        &format!("image={TEST_IMAGE}"),
+        "--format",
+        "{{.TimeNano}} {{.Action}} {{index .Actor.Attributes \"trainmesh.job\"}} {{index .Actor.Attributes \"trainmesh.attempt\"}}",
+    ]);
+    let mut running_per_job: HashMap<String, i32> = HashMap::new();
+    let mut running = 0usize;
+    let mut max_running = 0usize;
+    let mut starts = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let [_, action, job, attempt] = f.as_slice() else {
+            continue;
+        };
+        let n = running_per_job.entry(job.to_string()).or_default();
+        match *action {
+            "start" => {
+                starts += 1;
+                *n += 1;
+                running += 1;
+                assert!(
+                    *n <= 1,
+                    "job {job} attempt {attempt} started while another attempt ran"
+                );
+            }
+            "die" => {
+                *n -= 1;
+                running = running.saturating_sub(1);
+            }
+            _ => {}
+        }
+        max_running = max_running.max(running);
+    }
+    assert!(starts > 0, "no container events were seen");
+    assert!(
+        max_running <= LIMIT,
+        "{max_running} jobs ran at once; the limit is {LIMIT}"
+    );
+}
+
+/// The scheduler replica that leads now, from its own log.
+fn leader(mesh: &Compose) -> Option<&'static str> {
+    ["scheduler-1", "scheduler-2"].into_iter().find(|s| {
+        let log = mesh.logs(s);
+        let gained = log.rfind("now dispatches (leader)");
+        let lost = log.rfind("lost the dispatch leadership");
+        matches!((gained, lost), (Some(g), l) if l.is_none_or(|l| l < g))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leading_scheduler_killed_the_other_leads_within_the_lease() {
+    let Some(mesh) = mesh().await else { return };
+    let since = SystemTime::now();
+    let stream = start_stream(&mesh, "leader");
+    stream.wait_acked(5, "the first submissions").await;
+    let old = wait_for("a leader", DEADLINE, || async { leader(&mesh) }).await;
+    let other = if old == "scheduler-1" {
+        "scheduler-2"
+    } else {
+        "scheduler-1"
+    };
+    let killed = Instant::now();
+    mesh.kill(old);
+    wait_for("the other replica to lead", DEADLINE, || async {
+        (leader(&mesh) == Some(other)).then_some(())
+    })
+    .await;
+    let took = killed.elapsed();
+    eprintln!("figure: {other} led {took:?} after {old} was killed");
+    assert!(
+        took <= Duration::from_secs(LEADER_TTL_SECS + 3),
+        "took {took:?}; the leader lease is {LEADER_TTL_SECS} s"
+    );
+    let before = stream.acked();
+    stream
+        .wait_acked(before + 5, "submissions after the new leader")
+        .await;
+    let submitted = stream.finish().await;
+    check_history(&mesh, &submitted, since).await;
+    eprintln!(
+        "figure: {} jobs acknowledged, all succeeded once",
+        submitted.acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_service_killed_and_restarted_loses_nothing_acknowledged() {
+    let Some(mesh) = mesh().await else { return };
+    let since = SystemTime::now();
+    let stream = start_stream(&mesh, "jobsvc");
+    stream.wait_acked(8, "the first submissions").await;
+    mesh.kill("job-service");
+    let before = stream.acked();
+    let down = Instant::now();
+    mesh.start("job-service");
+    stream
+        .wait_acked(before, "a submission after the restart")
+        .await;
+    eprintln!(
+        "figure: submissions acknowledged again {:?} after the kill",
+        down.elapsed()
+    );
+    stream.wait_acked(before + 5, "more submissions").await;
+    let submitted = stream.finish().await;
+    assert!(
+        !submitted.errors.is_empty(),
+        "the kill was not seen by the submitter"
+    );
+    check_history(&mesh, &submitted, since).await;
+    eprintln!(
+        "figure: {} jobs acknowledged, all succeeded once",
+        submitted.acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_cut_off_has_its_attempts_run_elsewhere_and_its_late_reports_refused() {
+    let Some(mesh) = mesh().await else { return };
+    let since = SystemTime::now();
+    let stream = start_stream(&mesh, "partition");
+    // Cut runner-1 off while it runs something.
+    let jobs_on_1 = || {
+        docker_out(&[
+            "ps",
+            "--filter",
+            "label=trainmesh.runner=runner-1",
+            "--filter",
+            &format!("ancestor={TEST_IMAGE}"),
+            "-q",
+        ])
+    };
+    wait_for("runner-1 to run a job", DEADLINE, || async {
+        (!jobs_on_1().is_empty()).then_some(())
+    })
+    .await;
+    let cut = Instant::now();
+    mesh.disconnect("runner-1");
+    // Its containers are stopped by its own fence before the lease ends.
+    wait_for("runner-1's containers to stop", DEADLINE, || async {
+        jobs_on_1().is_empty().then_some(())
+    })
+    .await;
+    eprintln!(
+        "figure: runner-1's jobs stopped {:?} after the cut",
+        cut.elapsed()
+    );
+    let before = stream.acked();
+    stream
+        .wait_acked(before + 8, "submissions while runner-1 is cut off")
+        .await;
+    mesh.connect("runner-1");
+    mesh.wait_healthy(&["runner-1"]).await;
+    eprintln!(
+        "figure: runner-1 healthy again {:?} after the cut",
+        cut.elapsed()
+    );
+    let submitted = stream.finish().await;
+    check_history(&mesh, &submitted, since).await;
+    // The attempts it lost were retried elsewhere, and what it reported
+    // about them afterwards was refused.
+    let jobs = all_jobs(&mesh).await;
+    let retried = jobs.iter().filter(|j| j.attempts.len() > 1).count();
+    assert!(
+        retried > 0,
+        "no attempt of runner-1 was run again elsewhere"
+    );
+    let log = mesh.logs("runner-1");
+    assert!(
+        log.contains("refused") || log.contains("FailedPrecondition") || log.contains("NotFound"),
+        "runner-1 did not report late (or its refusal was not logged)"
+    );
+    eprintln!(
+        "figure: {} jobs acknowledged, {retried} retried after the partition",
+        submitted.acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_callers_see_unavailable_and_nothing_is_lost() {
+    let Some(mesh) = mesh().await else { return };
+    let since = SystemTime::now();
+    let stream = start_stream(&mesh, "pg");
+    stream.wait_acked(8, "the first submissions").await;
+    let before = stream.acked();
+    let restarted = Instant::now();
+    mesh.restart("postgres");
+    stream
+        .wait_acked(before + 5, "submissions after the restart")
+        .await;
+    eprintln!(
+        "figure: 5 more submissions acknowledged {:?} after the restart began",
+        restarted.elapsed()
+    );
+    let submitted = stream.finish().await;
+    assert!(
+        !submitted.errors.contains(&tonic::Code::Internal),
+        "a caller saw INTERNAL: {:?}",
+        submitted.errors
+    );
+    assert!(
+        submitted.errors.contains(&tonic::Code::Unavailable),
+        "no caller saw the restart: {:?}",
+        submitted.errors
+    );
+    check_history(&mesh, &submitted, since).await;
+    eprintln!(
+        "figure: {} jobs acknowledged, errors seen {:?}",
+        submitted.acked.len(),
+        submitted.errors
+    );
+}
