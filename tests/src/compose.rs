@@ -133,7 +133,11 @@ impl Compose {
 
     /// Runs `docker-compose ARGS`, failing the test if it fails.
     pub fn run(&self, args: &[&str]) -> Output {
-        let out = self.command().args(args).output().expect("run docker-compose");
+        let out = self
+            .command()
+            .args(args)
+            .output()
+            .expect("run docker-compose");
         assert!(
             out.status.success(),
             "docker-compose {} failed: {}",
@@ -227,7 +231,10 @@ impl Compose {
                 "TRAINMESH_SCHEDULER_ENDPOINT",
                 self.addr("scheduler-1", 50052),
             )
-            .env("TRAINMESH_METRICS_ENDPOINT", self.addr("metrics-service", 50053))
+            .env(
+                "TRAINMESH_METRICS_ENDPOINT",
+                self.addr("metrics-service", 50053),
+            )
             .env(
                 "TRAINMESH_DIAGNOSIS_ENDPOINT",
                 self.addr("diagnosis-service", 50054),
@@ -292,7 +299,11 @@ impl Drop for Compose {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for s in SERVICES {
-                if let Ok(out) = self.command().args(["logs", "--no-color", "--tail", "40", s]).output() {
+                if let Ok(out) = self
+                    .command()
+                    .args(["logs", "--no-color", "--tail", "40", s])
+                    .output()
+                {
                     eprintln!("--- {s} ---\n{}", String::from_utf8_lossy(&out.stdout));
                 }
             }
@@ -315,7 +326,10 @@ fn docker_gid() -> String {
 
 /// `docker ARGS`, failing the test if it fails; its trimmed stdout.
 pub fn docker_out(args: &[&str]) -> String {
-    let out = Command::new("docker").args(args).output().expect("run docker");
+    let out = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("run docker");
     assert!(
         out.status.success(),
         "docker {} failed: {}",
@@ -353,7 +367,10 @@ fn remove_job_containers(since: std::time::SystemTime) {
             .map(|(id, _)| id.to_owned())
             .collect();
         if !ids.is_empty() {
-            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
         }
     }
 }

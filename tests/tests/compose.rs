@@ -82,10 +82,16 @@ retry_policy: {{max_attempts: 1}}
         .output()
         .unwrap();
     let job = json(&out);
-    assert!(!out.status.success(), "a failed job is a failed submit --wait");
+    assert!(
+        !out.status.success(),
+        "a failed job is a failed submit --wait"
+    );
     assert_eq!(job["state"], "FAILED", "{job}");
     let text = job.to_string();
-    assert!(text.contains("CUDA out of memory"), "the job's error: {job}");
+    assert!(
+        text.contains("CUDA out of memory"),
+        "the job's error: {job}"
+    );
     let id = job["id"].as_str().unwrap().to_owned();
     let out = mesh
         .trainctl()
