@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use trainmesh_common::proto::runner::v1::{
-    AcquireAssignmentsRequest, Assignment, Capacity, HeartbeatRequest, RegisterRunnerRequest,
+    AcquireAssignmentsRequest, Assignment, Capacity, RegisterRunnerRequest,
 };
 
 use crate::attempt::{self, AttemptContext, StopReason};
@@ -22,6 +22,7 @@ use crate::rpc::{request, Backoff, Peers, CALL_TIMEOUT};
 /// How long a stop waits for a registration call already in flight.
 const REGISTER_GRACE_ON_STOP: Duration = Duration::from_secs(2);
 
+mod heartbeat;
 mod stop;
 
 /// The scheduler's answer to a registration.
@@ -201,7 +202,7 @@ impl Agent {
         }
         let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
         let heartbeat = tokio::spawn(
-            heartbeat_loop(
+            heartbeat::heartbeat_loop(
                 self.ctx.peers.clone(),
                 self.registrar.clone(),
                 self.active.clone(),
@@ -339,76 +340,5 @@ impl Agent {
 fn log_join(r: Result<(), tokio::task::JoinError>) {
     if let Err(e) = r {
         tracing::error!(error = %e, "attempt task failed");
-    }
-}
-
-/// Renews the lease every heartbeat interval and stops attempts the
-/// scheduler cancels. Runs until `hb_stop` — after the attempts are done,
-/// so the lease holds while they are being stopped.
-async fn heartbeat_loop(
-    peers: Peers,
-    registrar: Arc<Registrar>,
-    active: ActiveMap,
-    mut hb_stop: watch::Receiver<bool>,
-    runner_stop: watch::Receiver<bool>,
-) {
-    loop {
-        let Some(reg) = registrar.current() else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(reg.heartbeat_interval) => {}
-            _ = hb_stop.wait_for(|s| *s) => return,
-        }
-        let Some(reg) = registrar.current() else {
-            return;
-        };
-        let refs = lock(&active).keys().map(|k| k.to_ref()).collect();
-        let req = HeartbeatRequest {
-            runner_id: reg.runner_id.clone(),
-            active: refs,
-        };
-        match peers
-            .scheduler
-            .clone()
-            .heartbeat(request(req, CALL_TIMEOUT))
-            .await
-        {
-            Ok(resp) => {
-                for c in resp.into_inner().cancel {
-                    let key = match AttemptKey::try_from(&c) {
-                        Ok(k) => k,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring an invalid cancellation");
-                            continue;
-                        }
-                    };
-                    if let Some(a) = lock(&active).get(&key) {
-                        let fresh = a.stop.send_if_modified(|r| {
-                            let first = r.is_none();
-                            if first {
-                                *r = Some(StopReason::Cancelled);
-                            }
-                            first
-                        });
-                        if fresh {
-                            tracing::info!(job_id = %key.job_id, attempt = key.attempt,
-                                "the scheduler cancelled the attempt");
-                        }
-                    }
-                }
-            }
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                // Not while shutting down: a new registration would only
-                // attract work this runner will not take.
-                if !*runner_stop.borrow() {
-                    let mut stop = runner_stop.clone();
-                    registrar.reregister(&reg.runner_id, &mut stop).await;
-                }
-            }
-            Err(s) => {
-                tracing::warn!(code = ?s.code(), detail = s.message(), "heartbeat failed");
-            }
-        }
     }
 }
