@@ -16,6 +16,7 @@ pub mod backend;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod health;
 pub mod inventory;
 pub mod job_error;
 pub mod logs;
