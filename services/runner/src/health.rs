@@ -1,10 +1,10 @@
 //! The runner's health, served as `grpc.health.v1` (and nothing else) on
 //! `--health-listen`, for Kubernetes probes and compose health checks.
 //!
-//! SERVING exactly while the runner can do its job: it is registered and
-//! its latest call to renew its lease (the registration or a heartbeat)
-//! succeeded, its backend answered its latest probe, and it is not
-//! stopping. The agent reports the first and last as they happen; the
+//! SERVING exactly while the runner can do its job: it is registered, its
+//! latest call to renew its lease (the registration or a heartbeat)
+//! succeeded and it has not fenced itself (`agent::fence`), its backend
+//! answered its latest probe, and it is not stopping. The agent reports the first and last as they happen; the
 //! backend is probed on a timer, each probe bounded by a timeout, so a
 //! probe of the health port costs nothing but a read.
 
@@ -45,7 +45,8 @@ impl Default for Probe {
 /// What health is made of.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conditions {
-    /// Registered, and the latest call renewing the lease succeeded.
+    /// Registered, the latest call renewing the lease succeeded, and the
+    /// runner is not fenced.
     pub lease: bool,
     /// The backend answered its latest probe (false until the first).
     pub backend: bool,

@@ -2,11 +2,13 @@
 //! cancellations.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use trainmesh_common::proto::runner::v1::HeartbeatRequest;
 
-use super::{lock, ActiveMap, Registrar};
+use super::{lock, ActiveMap, Registrar, Registration};
 use crate::attempt::StopReason;
 use crate::domain::AttemptKey;
 use crate::rpc::{request, Peers, CALL_TIMEOUT};
@@ -37,13 +39,17 @@ pub(super) async fn heartbeat_loop(
             runner_id: reg.runner_id.clone(),
             active: refs,
         };
+        // The scheduler counts the lease from when it gets the call; the
+        // runner only knows when it sent it, which is no later.
+        let sent = Instant::now();
         match peers
             .scheduler
             .clone()
-            .heartbeat(request(req, CALL_TIMEOUT))
+            .heartbeat(request(req, call_timeout(&reg)))
             .await
         {
             Ok(resp) => {
+                registrar.lease.renewed(sent, reg.lease_ttl);
                 for c in resp.into_inner().cancel {
                     let key = match AttemptKey::try_from(&c) {
                         Ok(k) => k,
@@ -69,15 +75,29 @@ pub(super) async fn heartbeat_loop(
             }
             Err(s) if s.code() == tonic::Code::NotFound => {
                 // Not while shutting down: a new registration would only
-                // attract work this runner will not take.
-                if !*runner_stop.borrow() {
+                // attract work this runner will not take. Its attempts
+                // belong to no lease either way.
+                if *runner_stop.borrow() {
+                    registrar.lease.lost();
+                } else {
                     let mut stop = runner_stop.clone();
                     registrar.reregister(&reg.runner_id, &mut stop).await;
                 }
             }
             Err(s) => {
+                registrar.lease.renewal_failed();
                 tracing::warn!(code = ?s.code(), detail = s.message(), "heartbeat failed");
             }
         }
     }
+}
+
+/// A heartbeat stuck on a dead connection must not use up the lease: at
+/// most a third of the TTL, so a fresh call, perhaps on a fresh
+/// connection, goes out before the runner would fence itself.
+fn call_timeout(reg: &Registration) -> Duration {
+    if reg.lease_ttl.is_zero() {
+        return CALL_TIMEOUT;
+    }
+    (reg.lease_ttl / 3).min(CALL_TIMEOUT)
 }
