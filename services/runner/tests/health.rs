@@ -42,12 +42,14 @@ async fn health_follows_registration_the_scheduler_and_the_drain() {
     assert_eq!(before, NotServing, "not registered yet");
 
     hold.add_permits(1);
-    wait_health(addr, Serving).await;
+    wait_health(addr, Serving, WAIT).await;
 
+    // At the first failed heartbeat (they go every 50 ms), well before the
+    // 15 s lease would fence the runner at 10 s.
     m.fake.with(|s| s.partitioned = true);
-    wait_health(addr, NotServing).await;
+    wait_health(addr, NotServing, Duration::from_secs(5)).await;
     m.fake.with(|s| s.partitioned = false);
-    wait_health(addr, Serving).await;
+    wait_health(addr, Serving, Duration::from_secs(5)).await;
 
     // Draining with an attempt that runs on: not serving all along.
     let a = assignment(&["/bin/sh", "-c", WAITS_FOR_GO]);
@@ -64,7 +66,7 @@ async fn health_follows_registration_the_scheduler_and_the_drain() {
     .await;
     assert_eq!(health(addr).await, Some(Serving));
     runner.begin_stop();
-    wait_health(addr, NotServing).await;
+    wait_health(addr, NotServing, WAIT).await;
     wait_for("the drain call", WAIT, || async {
         m.fake
             .calls()

@@ -559,9 +559,9 @@ pub async fn health(addr: SocketAddr) -> Option<tonic_health::ServingStatus> {
     }
 }
 
-/// Waits until the health port answers `want`.
-pub async fn wait_health(addr: SocketAddr, want: tonic_health::ServingStatus) {
-    wait_for(&format!("health {want:?}"), WAIT, || async {
+/// Waits up to `within` for the health port to answer `want`.
+pub async fn wait_health(addr: SocketAddr, want: tonic_health::ServingStatus, within: Duration) {
+    wait_for(&format!("health {want:?}"), within, || async {
         (health(addr).await == Some(want)).then_some(())
     })
     .await;
