@@ -143,9 +143,9 @@ impl Lease {
             first
         });
         let reason = StopReason::LeaseLost { kill_by };
-        // Set before the attempts are read, under the same lock `start`
-        // inserts under: an attempt inserted meanwhile is either seen here
-        // or sees the fence.
+        // The fence is up before the attempts are read, and they are read
+        // under the lock `start` reads the fence under: an attempt started
+        // meanwhile is either seen here or sees the fence.
         let stopped = lock(&self.active)
             .values()
             .filter(|a| {
