@@ -11,18 +11,23 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 use trainmesh_common::proto::runner::v1::{
-    AcquireAssignmentsRequest, Assignment, Capacity, HeartbeatRequest, RegisterRunnerRequest,
+    AcquireAssignmentsRequest, Assignment, Capacity, RegisterRunnerRequest,
 };
 
 use crate::attempt::{self, AttemptContext, StopReason};
 use crate::config::Config;
 use crate::domain::AttemptKey;
+use crate::health::Health;
 use crate::rpc::{request, Backoff, Peers, CALL_TIMEOUT};
 
 /// How long a stop waits for a registration call already in flight.
 const REGISTER_GRACE_ON_STOP: Duration = Duration::from_secs(2);
 
+pub mod fence;
+mod heartbeat;
 mod stop;
+
+use fence::Lease;
 
 /// The scheduler's answer to a registration.
 #[derive(Clone, Debug)]
@@ -41,6 +46,8 @@ struct Registrar {
     lock: tokio::sync::Mutex<()>,
     default_heartbeat: Duration,
     max_backoff: Duration,
+    /// Renewed by each registration, as by each heartbeat.
+    lease: Arc<Lease>,
 }
 
 impl Registrar {
@@ -52,6 +59,7 @@ impl Registrar {
     async fn register(&self, stop: &mut watch::Receiver<bool>) -> Option<Registration> {
         let mut backoff = Backoff::new(Duration::from_millis(100), self.max_backoff);
         loop {
+            let sent = tokio::time::Instant::now();
             let mut client = self.peers.scheduler.clone();
             let call = client.register_runner(request(self.request.clone(), CALL_TIMEOUT));
             tokio::pin!(call);
@@ -86,9 +94,11 @@ impl Registrar {
                     tracing::info!(runner_id = %reg.runner_id, heartbeat_ms = reg.heartbeat_interval.as_millis() as u64,
                         lease_ttl_ms = reg.lease_ttl.as_millis() as u64, "registered with the scheduler");
                     self.current.send_replace(Some(reg.clone()));
+                    self.lease.renewed(sent, reg.lease_ttl);
                     return Some(reg);
                 }
                 Err(s) => {
+                    self.lease.renewal_failed();
                     let delay = backoff.next_delay();
                     tracing::warn!(code = ?s.code(), detail = s.message(),
                         retry_in_ms = delay.as_millis() as u64, "cannot register with the scheduler; will retry");
@@ -115,6 +125,7 @@ impl Registrar {
                     runner_id = stale_id,
                     "the scheduler does not know this runner; registering again"
                 );
+                self.lease.lost();
                 self.register(stop).await
             }
         }
@@ -156,6 +167,7 @@ pub struct Agent {
     registrar: Arc<Registrar>,
     active: ActiveMap,
     slot_freed: Arc<Notify>,
+    health: Health,
 }
 
 impl Agent {
@@ -164,6 +176,7 @@ impl Agent {
         capacity: Capacity,
         ctx: Arc<AttemptContext>,
         backend_kind: &str,
+        health: Health,
     ) -> Self {
         let request = RegisterRunnerRequest {
             name: config.name.clone(),
@@ -175,6 +188,8 @@ impl Agent {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
         };
+        let active: ActiveMap = Arc::new(Mutex::new(HashMap::new()));
+        let lease = Arc::new(Lease::new(active.clone(), health.clone()));
         let registrar = Arc::new(Registrar {
             peers: ctx.peers.clone(),
             request,
@@ -182,26 +197,31 @@ impl Agent {
             lock: tokio::sync::Mutex::new(()),
             default_heartbeat: config.default_heartbeat_interval,
             max_backoff: config.max_backoff,
+            lease,
         });
         Self {
             config,
             ctx,
             registrar,
-            active: Arc::new(Mutex::new(HashMap::new())),
+            active,
             slot_freed: Arc::new(Notify::new()),
+            health,
         }
     }
 
     /// Runs until `stop` turns true, then drains (see [`Agent::drain`])
     /// and returns.
     pub async fn run(self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let fence = self.registrar.lease.spawn_enforcer();
         if self.registrar.register(&mut stop).await.is_none() {
+            self.health.set_stopping();
+            fence.abort();
             tracing::info!("stopped before registering");
             return Ok(());
         }
         let (hb_stop_tx, hb_stop_rx) = watch::channel(false);
         let heartbeat = tokio::spawn(
-            heartbeat_loop(
+            heartbeat::heartbeat_loop(
                 self.ctx.peers.clone(),
                 self.registrar.clone(),
                 self.active.clone(),
@@ -217,6 +237,7 @@ impl Agent {
         // After the attempts are done, so the lease held while they ended.
         let _ = hb_stop_tx.send(true);
         let _ = heartbeat.await;
+        fence.abort();
         sweeper.abort();
         self.deregister().await;
         tracing::info!("runner stopped");
@@ -239,6 +260,15 @@ impl Agent {
             if free == 0 {
                 tokio::select! {
                     _ = self.slot_freed.notified() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            // Work taken now could not run: the scheduler is about to give
+            // it, like the attempts just stopped, to another runner.
+            if self.registrar.lease.fenced().is_some() {
+                tokio::select! {
+                    _ = self.registrar.lease.unfenced() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
                 continue;
@@ -300,16 +330,20 @@ impl Agent {
                 return;
             }
         };
-        let (tx, rx) = watch::channel(None);
-        {
+        let rx = {
             let mut active = lock(&self.active);
             if active.contains_key(&key) {
                 tracing::warn!(job_id = %key.job_id, attempt = key.attempt,
                     "assignment for an attempt already running here; ignoring the duplicate");
                 return;
             }
+            // Read under the lock the fence stops attempts under: one
+            // delivered by a long poll that outlived the lease is stopped
+            // before it starts and reported as such.
+            let (tx, rx) = watch::channel(self.registrar.lease.fenced());
             active.insert(key, ActiveAttempt { stop: tx });
-        }
+            rx
+        };
         let guard = ActiveGuard {
             key,
             active: self.active.clone(),
@@ -339,76 +373,5 @@ impl Agent {
 fn log_join(r: Result<(), tokio::task::JoinError>) {
     if let Err(e) = r {
         tracing::error!(error = %e, "attempt task failed");
-    }
-}
-
-/// Renews the lease every heartbeat interval and stops attempts the
-/// scheduler cancels. Runs until `hb_stop` — after the attempts are done,
-/// so the lease holds while they are being stopped.
-async fn heartbeat_loop(
-    peers: Peers,
-    registrar: Arc<Registrar>,
-    active: ActiveMap,
-    mut hb_stop: watch::Receiver<bool>,
-    runner_stop: watch::Receiver<bool>,
-) {
-    loop {
-        let Some(reg) = registrar.current() else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(reg.heartbeat_interval) => {}
-            _ = hb_stop.wait_for(|s| *s) => return,
-        }
-        let Some(reg) = registrar.current() else {
-            return;
-        };
-        let refs = lock(&active).keys().map(|k| k.to_ref()).collect();
-        let req = HeartbeatRequest {
-            runner_id: reg.runner_id.clone(),
-            active: refs,
-        };
-        match peers
-            .scheduler
-            .clone()
-            .heartbeat(request(req, CALL_TIMEOUT))
-            .await
-        {
-            Ok(resp) => {
-                for c in resp.into_inner().cancel {
-                    let key = match AttemptKey::try_from(&c) {
-                        Ok(k) => k,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring an invalid cancellation");
-                            continue;
-                        }
-                    };
-                    if let Some(a) = lock(&active).get(&key) {
-                        let fresh = a.stop.send_if_modified(|r| {
-                            let first = r.is_none();
-                            if first {
-                                *r = Some(StopReason::Cancelled);
-                            }
-                            first
-                        });
-                        if fresh {
-                            tracing::info!(job_id = %key.job_id, attempt = key.attempt,
-                                "the scheduler cancelled the attempt");
-                        }
-                    }
-                }
-            }
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                // Not while shutting down: a new registration would only
-                // attract work this runner will not take.
-                if !*runner_stop.borrow() {
-                    let mut stop = runner_stop.clone();
-                    registrar.reregister(&reg.runner_id, &mut stop).await;
-                }
-            }
-            Err(s) => {
-                tracing::warn!(code = ?s.code(), detail = s.message(), "heartbeat failed");
-            }
-        }
     }
 }

@@ -39,6 +39,10 @@ pub enum StopReason {
     /// The runner is stopping and gives the attempt back, to run again
     /// without using one of the job's attempts.
     HandBack,
+    /// The runner lost its lease: the scheduler runs the attempt elsewhere
+    /// by `kill_by` or soon after, so it must be dead by then, whatever
+    /// its own grace (see `agent::fence`).
+    LeaseLost { kill_by: Instant },
 }
 
 /// What every attempt of this runner shares.
@@ -194,6 +198,11 @@ impl Attempt {
                     Some(job_error::handed_back_error(None)),
                     "the runner is stopping; the attempt goes back to the queue unstarted",
                 ),
+                StopReason::LeaseLost { .. } => (
+                    AttemptState::Failed,
+                    Some(job_error::lease_lost_error(None)),
+                    "the runner lost its lease with the scheduler; the attempt was not started",
+                ),
             };
             self.notice(why).await;
             self.conclude(finish_tx, log_shipper, None, None).await;
@@ -303,6 +312,13 @@ impl Attempt {
                 Some(t.exit_code()),
                 Some(job_error::handed_back_error(Some(t))),
             ),
+            // Never SUCCEEDED, even if the job exited 0 on SIGTERM: the
+            // scheduler may already run it elsewhere.
+            Outcome::Stopped(StopReason::LeaseLost { .. }, t) => (
+                AttemptState::Failed,
+                Some(t.exit_code()),
+                Some(job_error::lease_lost_error(Some(t))),
+            ),
             Outcome::DeadlineExceeded(d, t) => (
                 AttemptState::Failed,
                 Some(t.exit_code()),
@@ -378,10 +394,21 @@ impl Attempt {
             (Some(StopReason::HandBack), _) => {
                 "the runner is stopping; the attempt goes back to the queue".to_owned()
             }
+            (Some(StopReason::LeaseLost { .. }), _) => {
+                "the runner lost its lease with the scheduler, which runs the attempt elsewhere"
+                    .to_owned()
+            }
             (None, d) => format!(
                 "the attempt ran past its deadline of {}s",
                 d.unwrap_or_default().as_secs_f64()
             ),
+        };
+        // Dead before the scheduler gives the attempt to another runner.
+        let grace = match reason {
+            Some(StopReason::LeaseLost { kill_by }) => {
+                grace.min(kill_by.saturating_duration_since(Instant::now()))
+            }
+            _ => grace,
         };
         tracing::info!(reason = %why, grace_s = grace.as_secs_f64(), "stopping the workload");
         self.notice(&format!(

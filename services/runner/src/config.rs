@@ -247,6 +247,18 @@ pub struct Args {
     )]
     pub attempt_dir_keep_secs: u64,
 
+    /// Serve the standard gRPC health service (grpc.health.v1), and
+    /// nothing else, on this address (conventionally port 50055), for
+    /// Kubernetes probes and compose health checks. Health is reported for
+    /// the service name "" only (other names answer NOT_FOUND): SERVING
+    /// while the runner is registered, its latest registration or
+    /// heartbeat succeeded and its backend answers (docker: the engine's
+    /// ping; kubernetes: the API's /version; process: always), checked
+    /// every 5 s; NOT_SERVING otherwise, before registration and from the
+    /// moment it starts to stop. Default: no health server.
+    #[arg(long, env = "TRAINMESH_RUNNER_HEALTH_LISTEN")]
+    pub health_listen: Option<String>,
+
     #[command(flatten)]
     pub kubernetes: KubernetesArgs,
 }
@@ -301,6 +313,9 @@ pub struct Config {
     /// executable, which is right for the `runner` binary; a program that
     /// embeds the runner names the `runner` binary here.
     pub shim: Option<PathBuf>,
+    /// Where to serve grpc.health.v1 (see [`crate::health`]); `None`: not
+    /// at all.
+    pub health_listen: Option<String>,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -359,6 +374,7 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             attempt_dir_keep: Duration::from_secs(24 * 3600),
             shim: None,
+            health_listen: None,
         }
     }
 
@@ -453,6 +469,7 @@ impl Args {
         c.on_stop = self.on_stop;
         c.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
         c.attempt_dir_keep = Duration::from_secs(self.attempt_dir_keep_secs);
+        c.health_listen = self.health_listen.filter(|a| !a.trim().is_empty());
         c.validate()?;
         Ok(c)
     }

@@ -105,6 +105,29 @@ fn flags_become_config() {
     assert_eq!(c.log_ship_interval, Duration::from_millis(50));
     assert_eq!(c.metrics_flush_interval, Duration::from_millis(500));
     assert!(!c.name.is_empty());
+    // No health server unless asked for.
+    assert_eq!(c.health_listen, None);
+}
+
+#[test]
+fn health_listen_flag_sets_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("service.token");
+    std::fs::write(&token, "tok\n").unwrap();
+    let args = Args::try_parse_from([
+        "runner",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--service-token-file",
+        token.to_str().unwrap(),
+        "--gpus",
+        "none",
+        "--health-listen",
+        "0.0.0.0:50055",
+    ])
+    .unwrap();
+    let c = args.into_config().unwrap();
+    assert_eq!(c.health_listen.as_deref(), Some("0.0.0.0:50055"));
 }
 
 #[test]

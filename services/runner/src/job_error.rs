@@ -20,6 +20,8 @@ pub const CATEGORY_SIGNAL: &str = "signal";
 pub const CATEGORY_SETUP: &str = "setup";
 pub const CATEGORY_DEADLINE: &str = "deadline";
 pub const CATEGORY_RUNNER_SHUTDOWN: &str = "runner-shutdown";
+/// The scheduler's category for an attempt whose runner lost its lease.
+pub const CATEGORY_RUNNER_LOST: &str = "runner-lost";
 pub const CATEGORY_PLATFORM: &str = "platform";
 pub const CATEGORY_IMAGE_PULL: &str = "image-pull";
 pub const CATEGORY_PREEMPTED: &str = "preempted";
@@ -459,6 +461,28 @@ pub fn handed_back_error(term: Option<Termination>) -> JobError {
         retryable: true,
         hint: "the attempt runs again at once and does not use one of the job's attempts; \
                nothing is wrong with the job"
+            .into(),
+        ..JobError::default()
+    }
+}
+
+/// The error of an attempt its runner stopped because the runner lost its
+/// lease (`term`: how it was stopped; `None` when it never started). The
+/// category is the one the scheduler gives an attempt whose runner's lease
+/// expired, so the attempt is treated the same whichever side noticed
+/// first; by the time this arrives the scheduler has mostly refused it.
+pub fn lease_lost_error(term: Option<Termination>) -> JobError {
+    JobError {
+        r#type: "RunnerLeaseLost".into(),
+        message: "the runner could not renew its lease with the scheduler and stopped the \
+                  attempt, which the scheduler runs again elsewhere"
+            .into(),
+        exit_code: term.map_or(-1, Termination::exit_code),
+        signal: term.and_then(Termination::signal).unwrap_or(0),
+        category: CATEGORY_RUNNER_LOST.into(),
+        retryable: true,
+        hint: "the runner was cut off from the scheduler; nothing is wrong with the job, and \
+               checkpoints let the retry resume"
             .into(),
         ..JobError::default()
     }

@@ -4,11 +4,12 @@
 //! [`backend::Backend`], shipping its log and metrics and reporting how it
 //! ended — with a structured error ([`job_error`]) when it failed.
 //!
-//! It serves nothing; `run` is the whole agent, and the binary is a thin
-//! wrapper around it.
+//! It serves nothing but, when asked, its own health ([`health`]); `run`
+//! is the whole agent, and the binary is a thin wrapper around it.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub mod agent;
 pub mod attempt;
@@ -16,6 +17,7 @@ pub mod backend;
 pub mod config;
 pub mod domain;
 pub mod error;
+pub mod health;
 pub mod inventory;
 pub mod job_error;
 pub mod logs;
@@ -29,11 +31,34 @@ pub mod watchdog;
 
 pub use config::{BackendKind, Config, GpuSetting, OnStop};
 
+/// How long the health server may take to close once the runner is done.
+const HEALTH_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Runs the runner until `shutdown` resolves; then drains: it takes no
 /// more work, tells the scheduler, lets its attempts end or hands them back
-/// (`config.on_stop`), deregisters, and returns.
+/// (`config.on_stop`), deregisters, and returns. Serves its health on
+/// `config.health_listen` if set.
 pub async fn run(
     config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    let health = match &config.health_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen for health on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    run_with_health_listener(config, health, shutdown).await
+}
+
+/// [`run`], serving health on `health` (already bound, so a caller can
+/// pick port 0 and know the port) instead of `config.health_listen`.
+pub async fn run_with_health_listener(
+    config: Config,
+    health: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
@@ -132,7 +157,32 @@ pub async fn run(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    agent::Agent::new(config, capacity, ctx, backend.kind())
+    let status = health::Health::new();
+    // Ends with the runner, not with the shutdown signal: a draining
+    // runner still answers probes, with NOT_SERVING.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = health.map(|listener| {
+        tokio::spawn(health::serve(
+            listener,
+            status.clone(),
+            backend.clone(),
+            health::Probe::default(),
+            async move {
+                let _ = done_rx.await;
+            },
+        ))
+    });
+    let result = agent::Agent::new(config, capacity, ctx, backend.kind(), status)
         .run(stop_rx)
-        .await
+        .await;
+    drop(done_tx);
+    if let Some(mut server) = server {
+        match tokio::time::timeout(HEALTH_CLOSE_TIMEOUT, &mut server).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the health server failed"),
+            Ok(_) => {}
+            // A prober holding a call open; it gets its connection reset.
+            Err(_) => server.abort(),
+        }
+    }
+    result
 }

@@ -458,3 +458,12 @@ async fn a_restarted_runner_stops_the_containers_it_left_running() {
     );
     assert_eq!(again.stop_orphans().await.unwrap(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_answers_the_health_ping() {
+    let Some(_docker) = engine().await else {
+        return;
+    };
+    let backend = backend(DockerSettings::default()).await;
+    backend.ping().await.expect("the engine answers /_ping");
+}

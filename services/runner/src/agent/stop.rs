@@ -25,6 +25,9 @@ impl Agent {
     /// attempts end or hands them back, by `on_stop`. Nothing is cancelled:
     /// a handed-back attempt runs again without using its job's budget.
     pub(super) async fn drain(&self, attempts: &mut JoinSet<()>) {
+        // Probes see it first: a draining runner takes no work, however
+        // long its attempts take to end.
+        self.health.set_stopping();
         let running: Vec<AttemptKey> = lock(&self.active).keys().copied().collect();
         tracing::info!(
             attempts = running.len(),

@@ -82,6 +82,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Starts the workload. `Ok` means it is running.
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Box<dyn Workload>, Error>>;
+
+    /// Whether what the backend launches through answers now (the Docker
+    /// engine, the Kubernetes API), for the runner's health. One cheap
+    /// call; the caller bounds it with a timeout. Local processes need
+    /// nothing that could be unreachable.
+    fn ping(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// A started workload.

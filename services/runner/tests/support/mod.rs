@@ -60,6 +60,15 @@ pub struct State {
     pub fail_shipping: u32,
     /// When set, RegisterRunner answers only once a permit is added.
     pub hold_registration: Option<Arc<tokio::sync::Semaphore>>,
+    /// Cut off from the runner: every RunnerService call fails with
+    /// UNAVAILABLE and is not recorded (shipping logs and metrics works).
+    pub partitioned: bool,
+    /// Runner ids whose lease the scheduler let go, as after a partition:
+    /// their heartbeats and long polls answer NOT_FOUND, their reports
+    /// FAILED_PRECONDITION (recorded all the same).
+    pub lost_runners: Vec<String>,
+    /// The lease TTL registrations get; `None`: 15 s.
+    pub lease_ttl: Option<Duration>,
 }
 
 #[derive(Clone, Default)]
@@ -124,6 +133,18 @@ impl Fake {
         .await
     }
 
+    /// UNAVAILABLE while partitioned.
+    fn reachable(&self) -> Result<(), Status> {
+        if self.with(|s| s.partitioned) {
+            return Err(Status::unavailable("the scheduler cannot be reached"));
+        }
+        Ok(())
+    }
+
+    fn is_lost(&self, runner_id: &str) -> bool {
+        self.with(|s| s.lost_runners.iter().any(|r| r == runner_id))
+    }
+
     pub fn fail_shipping_once(&self) -> bool {
         self.with(|s| {
             if s.fail_shipping > 0 {
@@ -151,20 +172,22 @@ impl RunnerService for Fake {
         req: Request<RegisterRunnerRequest>,
     ) -> Result<Response<RegisterRunnerResponse>, Status> {
         service(&req)?;
-        let (n, hold) = self.with(|s| {
+        self.reachable()?;
+        let (n, hold, ttl) = self.with(|s| {
             s.calls.push(Call::Register(req.get_ref().clone()));
             s.registrations += 1;
-            (s.registrations, s.hold_registration.clone())
+            (
+                s.registrations,
+                s.hold_registration.clone(),
+                s.lease_ttl.unwrap_or(Duration::from_secs(15)),
+            )
         });
         if let Some(hold) = hold {
             let _ = hold.acquire().await;
         }
         Ok(Response::new(RegisterRunnerResponse {
             runner_id: format!("runner-{n}"),
-            lease_ttl: Some(prost_types::Duration {
-                seconds: 15,
-                nanos: 0,
-            }),
+            lease_ttl: Some(trainmesh_common::time::to_duration(ttl)),
             heartbeat_interval: Some(prost_types::Duration {
                 seconds: 0,
                 nanos: 50_000_000,
@@ -177,9 +200,11 @@ impl RunnerService for Fake {
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         service(&req)?;
+        self.reachable()?;
+        let lost = self.is_lost(&req.get_ref().runner_id);
         self.with(|s| {
             s.calls.push(Call::Heartbeat(req.get_ref().clone()));
-            if std::mem::take(&mut s.forget_runner) {
+            if std::mem::take(&mut s.forget_runner) || lost {
                 return Err(Status::not_found("runner `x` is not registered"));
             }
             Ok(Response::new(HeartbeatResponse {
@@ -194,10 +219,16 @@ impl RunnerService for Fake {
         req: Request<AcquireAssignmentsRequest>,
     ) -> Result<Response<AcquireAssignmentsResponse>, Status> {
         service(&req)?;
+        self.reachable()?;
         let max = req.get_ref().max_assignments.max(0) as usize;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {
             let notified = self.assigned.notified();
+            // Nothing is placed on a runner whose lease is gone, even one
+            // already waiting.
+            if self.is_lost(&req.get_ref().runner_id) {
+                return Err(Status::not_found("runner `x` is not registered"));
+            }
             let taken: Vec<Assignment> = self.with(|s| {
                 let n = max.min(s.assignments.len());
                 s.assignments.drain(..n).collect()
@@ -218,7 +249,13 @@ impl RunnerService for Fake {
         req: Request<ReportAttemptStatusRequest>,
     ) -> Result<Response<ReportAttemptStatusResponse>, Status> {
         service(&req)?;
+        self.reachable()?;
         self.with(|s| s.calls.push(Call::Report(req.get_ref().clone(), cid())));
+        if self.is_lost(&req.get_ref().runner_id) {
+            return Err(Status::failed_precondition(
+                "runner `x` does not hold the attempt: it was lost",
+            ));
+        }
         Ok(Response::new(ReportAttemptStatusResponse { changed: true }))
     }
 
@@ -227,6 +264,7 @@ impl RunnerService for Fake {
         req: Request<DrainRunnerRequest>,
     ) -> Result<Response<DrainRunnerResponse>, Status> {
         service(&req)?;
+        self.reachable()?;
         self.with(|s| s.calls.push(Call::Drain(req.get_ref().clone())));
         Ok(Response::new(DrainRunnerResponse::default()))
     }
@@ -236,6 +274,7 @@ impl RunnerService for Fake {
         req: Request<DeregisterRunnerRequest>,
     ) -> Result<Response<DeregisterRunnerResponse>, Status> {
         service(&req)?;
+        self.reachable()?;
         self.with(|s| s.calls.push(Call::Deregister(req.get_ref().clone())));
         Ok(Response::new(DeregisterRunnerResponse::default()))
     }
@@ -431,6 +470,30 @@ impl Runner {
         }
     }
 
+    /// A runner serving its health on a port of its own; returns the
+    /// port's address too.
+    pub async fn start_with_health(
+        config_for: impl FnOnce(&std::path::Path) -> Config,
+    ) -> (Runner, SocketAddr) {
+        let (listener, addr) = trainmesh_common::testing::listener().await;
+        let work = tempfile::tempdir().unwrap();
+        let config = config_for(work.path());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(runner::run_with_health_listener(
+            config,
+            Some(listener),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let runner = Runner {
+            handle,
+            stop: Some(tx),
+            work,
+        };
+        (runner, addr)
+    }
+
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.begin_stop();
         self.stopped().await
@@ -475,4 +538,46 @@ pub fn states(reports: &[ReportAttemptStatusRequest]) -> Vec<AttemptState> {
 
 pub fn index_of(calls: &[Call], pred: impl Fn(&Call) -> bool) -> usize {
     calls.iter().position(pred).expect("call present")
+}
+
+/// The runner's health as its health port answers for service "", or
+/// `None` while it does not answer.
+pub async fn health(addr: SocketAddr) -> Option<tonic_health::ServingStatus> {
+    use tonic_health::pb::health_check_response::ServingStatus as S;
+    let channel = trainmesh_common::client::channel(&addr.to_string(), None).ok()?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let resp = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    match resp.into_inner().status() {
+        S::Serving => Some(tonic_health::ServingStatus::Serving),
+        S::NotServing => Some(tonic_health::ServingStatus::NotServing),
+        S::Unknown | S::ServiceUnknown => Some(tonic_health::ServingStatus::Unknown),
+    }
+}
+
+/// Waits up to `within` for the health port to answer `want`.
+pub async fn wait_health(addr: SocketAddr, want: tonic_health::ServingStatus, within: Duration) {
+    wait_for(&format!("health {want:?}"), within, || async {
+        (health(addr).await == Some(want)).then_some(())
+    })
+    .await;
+}
+
+/// Whether process `pid` exists (a reaped one does not).
+pub fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// The pid the job printed as `pid N`, once it has been shipped.
+pub async fn printed_pid(fake: &Fake, job_id: &str) -> i32 {
+    wait_for("the job's pid", WAIT, || async {
+        fake.log_lines(job_id)
+            .iter()
+            .find_map(|l| l.text.strip_prefix("pid ")?.trim().parse().ok())
+    })
+    .await
 }

@@ -356,4 +356,15 @@ impl Backend for DockerBackend {
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Box<dyn Workload>, Error>> {
         Box::pin(self.run(req))
     }
+
+    /// `GET /_ping`: the engine's own liveness endpoint, which does no work.
+    fn ping(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.docker
+                .ping()
+                .await
+                .map(|_| ())
+                .map_err(|e| Error::docker("the engine does not answer a ping", e))
+        })
+    }
 }

@@ -182,6 +182,19 @@ impl Backend for KubernetesBackend {
             Ok(Box::new(w) as Box<dyn Workload>)
         })
     }
+
+    /// `GET /version`: readable by every authenticated client (the
+    /// `system:discovery` role), so it needs no permission beyond what the
+    /// runner already has, and touches no object.
+    fn ping(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            self.client
+                .apiserver_version()
+                .await
+                .map(|_| ())
+                .map_err(|e| api_error("the Kubernetes API does not answer", e))
+        })
+    }
 }
 
 #[cfg(test)]
@@ -209,3 +222,7 @@ mod status_tests;
 #[cfg(test)]
 #[path = "preemption_tests.rs"]
 mod preemption_tests;
+
+#[cfg(test)]
+#[path = "ping_tests.rs"]
+mod ping_tests;
