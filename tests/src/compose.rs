@@ -86,7 +86,12 @@ impl Compose {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
         }
         let over = dir.path().join("override.yml");
-        std::fs::write(&over, format!("version: \"2.4\"\nservices:\n{overrides}\n")).unwrap();
+        let services = if overrides.trim().is_empty() {
+            "services: {}\n".to_owned()
+        } else {
+            format!("services:\n{overrides}\n")
+        };
+        std::fs::write(&over, format!("version: \"2.4\"\n{services}")).unwrap();
         let project = format!("tm{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let compose = Compose {
             project,

@@ -16,8 +16,16 @@ fn json(out: &std::process::Output) -> serde_json::Value {
     })
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_from_the_host_run_as_sibling_containers_and_failures_are_diagnosed() {
+    let since = unix_now();
     let Some(mesh) = Compose::up("").await else {
         return;
     };
@@ -43,19 +51,26 @@ resources: {{cpu: 0.5, memory_mib: 64}}
         .unwrap();
     let job = json(&out);
     assert!(out.status.success(), "{job}");
-    assert_eq!(job["state"], "SUCCEEDED", "{job}");
+    assert_eq!(job["state"], "JOB_STATE_SUCCEEDED", "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
-    // It ran in its own container, next to the runners, not inside one.
-    let labels = docker_out(&[
-        "inspect",
+    // It ran in a container of its own, started by a runner through the
+    // engine (the runner removes it once it succeeded; its events stay).
+    let started = docker_out(&[
+        "events",
+        "--since",
+        &since.to_string(),
+        "--until",
+        &(unix_now() + 1).to_string(),
+        "--filter",
+        &format!("label=trainmesh.job={id}"),
+        "--filter",
+        "event=start",
         "--format",
-        "{{index .Config.Labels \"trainmesh.job\"}} {{index .Config.Labels \"trainmesh.runner\"}} {{.State.ExitCode}}",
-        &format!("trainmesh-{id}-1"),
+        "{{index .Actor.Attributes \"trainmesh.runner\"}} {{index .Actor.Attributes \"image\"}}",
     ]);
-    let parts: Vec<&str> = labels.split(' ').collect();
-    assert_eq!(parts[0], id);
-    assert!(parts[1].starts_with("runner-"), "{labels}");
-    assert_eq!(parts[2], "0");
+    assert_eq!(started.lines().count(), 1, "{started}");
+    assert!(started.starts_with("runner-"), "{started}");
+    assert!(started.ends_with(TEST_IMAGE), "{started}");
     let logs = mesh.trainctl().args(["logs", &id]).output().unwrap();
     assert!(
         String::from_utf8_lossy(&logs.stdout).contains("hello from a sibling"),
@@ -86,7 +101,7 @@ retry_policy: {{max_attempts: 1}}
         !out.status.success(),
         "a failed job is a failed submit --wait"
     );
-    assert_eq!(job["state"], "FAILED", "{job}");
+    assert_eq!(job["state"], "JOB_STATE_FAILED", "{job}");
     let text = job.to_string();
     assert!(
         text.contains("CUDA out of memory"),
