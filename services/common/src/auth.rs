@@ -185,12 +185,15 @@ impl TokenStore {
     pub async fn load_db(url: &str) -> anyhow::Result<Self> {
         use sqlx::Row;
         let db = crate::db::connect(url, crate::db::Durability::Full).await?;
+        // Replicas of every service may load from one database at once.
+        let mut lock = crate::db::StartupLock::acquire(&db).await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS auth_tokens (token_sha256 TEXT PRIMARY KEY, \
              user_name TEXT NOT NULL, org TEXT NOT NULL, roles TEXT NOT NULL)",
         )
-        .execute(&db.write)
+        .execute(lock.conn())
         .await?;
+        lock.release().await?;
         let rows = sqlx::query("SELECT token_sha256, user_name, org, roles FROM auth_tokens")
             .fetch_all(&db.read)
             .await?;
@@ -377,6 +380,35 @@ mod db_tests {
                 .unwrap();
             let err = TokenStore::load(&db.url).await.expect_err("unknown role");
             assert!(err.to_string().contains("superuser"), "{err}");
+        }
+    }
+
+    /// Every replica of every service loads its tokens at start, possibly
+    /// from one shared database that none of them has created the table in.
+    /// A lost race is not certain in one round, so the table is dropped
+    /// and the replicas race again, many times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn replicas_loading_tokens_together_from_a_fresh_database_all_load() {
+        for db in crate::testing::all_dbs().await {
+            let admin = crate::db::connect(&db.url, crate::db::Durability::Full)
+                .await
+                .unwrap();
+            for round in 0..20 {
+                sqlx::query("DROP TABLE IF EXISTS auth_tokens")
+                    .execute(&admin.write)
+                    .await
+                    .unwrap();
+                let loads = (0..8).map(|_| {
+                    let url = db.url.clone();
+                    tokio::spawn(async move { TokenStore::load(&url).await })
+                });
+                let failed: Vec<String> = futures::future::join_all(loads)
+                    .await
+                    .into_iter()
+                    .filter_map(|r| r.expect("load task").err().map(|e| format!("{e:#}")))
+                    .collect();
+                assert!(failed.is_empty(), "{} round {round}: {failed:#?}", db.label);
+            }
         }
     }
 }

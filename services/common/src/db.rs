@@ -6,14 +6,22 @@
 //! (so writers queue in-process instead of failing with SQLITE_BUSY) and a
 //! pool of readers over WAL. Write transactions begin with
 //! [`Db::begin_write`].
+//!
+//! Several replicas of a service may start at the same moment against one
+//! database (and, during an upgrade, a new version next to old ones). All
+//! start-up DDL (migrations, the storage probe's table, the tokens table)
+//! therefore runs under one exclusive lock, [`StartupLock`]: the first
+//! replica builds the schema, the others wait and then find nothing left to
+//! do.
 
 use std::str::FromStr;
 use std::sync::Once;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyTransactionManager};
 use sqlx::migrate::Migrator;
-use sqlx::{AnyPool, Executor};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, TransactionManager};
 
 use crate::storage::{StorageHealth, WriteTx};
 
@@ -112,7 +120,7 @@ pub async fn connect(url: &str, durability: Durability) -> anyhow::Result<Db> {
             let opts = AnyConnectOptions::from_str(&url)?;
             let pragmas = format!(
                 "PRAGMA journal_mode=WAL; PRAGMA synchronous={sync}; \
-                 PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;"
+                 PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}; PRAGMA foreign_keys=ON;"
             );
             let make = |max: u32| {
                 let pragmas = pragmas.clone();
@@ -157,15 +165,146 @@ pub async fn snapshot(db: &Db) -> sqlx::Result<sqlx::Transaction<'static, sqlx::
     Ok(tx)
 }
 
-/// Runs the migrations for the pool's backend.
+/// How long start-up waits for a database that is not reachable yet, or
+/// for a SQLite file whose write lock another process holds.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a SQLite statement waits for a lock another connection holds
+/// before it fails with SQLITE_BUSY, outside start-up.
+const SQLITE_BUSY_TIMEOUT_MS: u64 = 10_000;
+
+/// The PostgreSQL advisory lock held around start-up DDL. Any fixed number
+/// does: advisory locks are per database, and every trainmesh process that
+/// runs DDL on a database takes this one. It is not the lock sqlx's
+/// migrator takes (that one covers the migrations only, not the DDL after
+/// them); sqlx takes its own inside this one, on the same session.
+const STARTUP_LOCK_KEY: i64 = 0x7472_6169_6e6d_6573; // "trainmes"
+
+/// Held while a process runs start-up DDL on a database (migrations, the
+/// storage probe's table, the tokens table), so that no other process runs
+/// any at the same time: a session advisory lock on PostgreSQL, an open
+/// `BEGIN IMMEDIATE` transaction (the file's write lock) on SQLite. Without
+/// it, replicas starting together race: two SQLite processes both apply a
+/// migration and one fails ("table already exists"), and two PostgreSQL
+/// sessions running `CREATE TABLE IF NOT EXISTS` can both miss the other's
+/// table, and one fails on a duplicate key in `pg_type`.
+///
+/// Statements run on [`conn`](Self::conn). On SQLite they are inside the
+/// transaction (sqlx turns the migrator's own transactions into savepoints)
+/// and take effect at [`release`](Self::release). Dropped without
+/// `release` (start-up failed), the connection is closed instead of going
+/// back to the pool, so neither the lock nor the transaction outlives it.
+///
+/// On PostgreSQL the wait has no deadline: the holder is running a
+/// migration, which may legitimately take long, and a holder that dies
+/// releases the lock with its session. On SQLite it ends with SQLITE_BUSY
+/// after [`STARTUP_DEADLINE`].
+pub struct StartupLock {
+    conn: Option<PoolConnection<Any>>,
+    backend: Backend,
+}
+
+impl StartupLock {
+    pub async fn acquire(db: &Db) -> anyhow::Result<Self> {
+        let conn =
+            db.write.acquire().await.map_err(|e| {
+                anyhow::anyhow!("cannot get a database connection for start-up: {e}")
+            })?;
+        // From here on, a failure drops the guard and closes the connection.
+        let mut lock = Self {
+            conn: Some(conn),
+            backend: db.backend,
+        };
+        let conn = lock.conn();
+        match db.backend {
+            Backend::Postgres => {
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(STARTUP_LOCK_KEY)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if !locked {
+                    tracing::info!(
+                        "another process is running start-up migrations; waiting for it"
+                    );
+                    sqlx::query("SELECT pg_advisory_lock($1)")
+                        .bind(STARTUP_LOCK_KEY)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+            }
+            Backend::Sqlite => {
+                // BEGIN IMMEDIATE waits for the write lock as long as the
+                // busy timeout says: up to the start-up deadline here, the
+                // usual timeout again at release.
+                conn.execute(
+                    format!("PRAGMA busy_timeout = {}", STARTUP_DEADLINE.as_millis()).as_str(),
+                )
+                .await?;
+                // Through sqlx's transaction manager rather than a plain
+                // statement, so that sqlx knows the connection is in a
+                // transaction and the migrator nests savepoints in it.
+                AnyTransactionManager::begin(conn, Some("BEGIN IMMEDIATE".into()))
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("cannot lock the database file for start-up: {e}")
+                    })?;
+            }
+        }
+        Ok(lock)
+    }
+
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        self.conn.as_mut().expect("held until released")
+    }
+
+    /// Commits what ran under the lock (SQLite) and lets the next process in.
+    pub async fn release(mut self) -> anyhow::Result<()> {
+        let backend = self.backend;
+        let conn = self.conn();
+        match backend {
+            Backend::Postgres => {
+                sqlx::query("SELECT pg_advisory_unlock($1)")
+                    .bind(STARTUP_LOCK_KEY)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Backend::Sqlite => {
+                AnyTransactionManager::commit(conn).await?;
+                conn.execute(format!("PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}").as_str())
+                    .await?;
+            }
+        }
+        // Released: the connection goes back to the pool.
+        drop(self.conn.take());
+        Ok(())
+    }
+}
+
+impl Drop for StartupLock {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// Runs the migrations for the pool's backend, then the storage probe's
+/// DDL, all under the [`StartupLock`].
 pub async fn migrate(db: &Db, sqlite: &Migrator, postgres: &Migrator) -> anyhow::Result<()> {
     let m = match db.backend {
         Backend::Sqlite => sqlite,
         Backend::Postgres => postgres,
     };
-    m.run(&db.write)
+    let mut lock = StartupLock::acquire(db).await?;
+    // `run_direct` is what `run` does after acquiring; `run` on a borrowed
+    // connection makes every task that awaits start-up fail to compile
+    // ("Acquire is not general enough"), which sqlx keeps `run_direct`
+    // public for.
+    m.run_direct(lock.conn())
         .await
-        .map_err(|e| anyhow::anyhow!("migrations failed: {e}"))
+        .map_err(|e| anyhow::anyhow!("migrations failed: {e}"))?;
+    crate::storage::prepare_probe(lock.conn()).await?;
+    lock.release().await
 }
 
 /// Connects and migrates, retrying while the database is unreachable, so a
@@ -176,13 +315,12 @@ pub async fn open(
     sqlite: &Migrator,
     postgres: &Migrator,
 ) -> anyhow::Result<Db> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + STARTUP_DEADLINE;
     let mut delay = Duration::from_millis(100);
     loop {
         match connect(url, durability).await {
             Ok(db) => {
                 migrate(&db, sqlite, postgres).await?;
-                crate::storage::prepare_probe(&db).await?;
                 return Ok(db);
             }
             Err(e)

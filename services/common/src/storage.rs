@@ -249,26 +249,20 @@ impl Drop for WriteTx {
 /// The table the probe writes: created by [`prepare_probe`], one row.
 const PROBE_TABLE: &str = "storage_probe";
 
-/// Creates the probe's table and row if missing. Replicas that start at
-/// once on one PostgreSQL database may race to create it; the loser's
-/// error is fine as long as the table exists afterwards.
-pub(crate) async fn prepare_probe(db: &Db) -> anyhow::Result<()> {
-    let create = format!(
+/// Creates the probe's table and row if missing. Runs on `conn` under the
+/// start-up lock ([`crate::db::StartupLock`]): replicas that start
+/// together would otherwise race on the `CREATE TABLE`.
+pub(crate) async fn prepare_probe(conn: &mut AnyConnection) -> anyhow::Result<()> {
+    sqlx::query(&format!(
         "CREATE TABLE IF NOT EXISTS {PROBE_TABLE} (id BIGINT PRIMARY KEY, written_at BIGINT NOT NULL)"
-    );
-    if let Err(e) = sqlx::query(&create).execute(&db.write).await {
-        let exists = sqlx::query(&format!("SELECT id FROM {PROBE_TABLE} LIMIT 1"))
-            .fetch_optional(&db.read)
-            .await
-            .is_ok();
-        if !exists {
-            anyhow::bail!("cannot create the `{PROBE_TABLE}` table: {e}");
-        }
-    }
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot create the `{PROBE_TABLE}` table: {e}"))?;
     sqlx::query(&format!(
         "INSERT INTO {PROBE_TABLE} (id, written_at) VALUES (1, 0) ON CONFLICT (id) DO NOTHING"
     ))
-    .execute(&db.write)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }
@@ -368,7 +362,9 @@ mod tests {
             return;
         };
         let db = connect(&tdb.url, Durability::Full).await.unwrap();
-        prepare_probe(&db).await.unwrap();
+        prepare_probe(&mut db.write.acquire().await.unwrap())
+            .await
+            .unwrap();
         sqlx::query("CREATE TABLE t (k BIGINT PRIMARY KEY)")
             .execute(&db.write)
             .await
