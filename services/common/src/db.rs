@@ -12,14 +12,15 @@
 //! start-up DDL (migrations, the storage probe's table, the tokens table)
 //! therefore runs under one exclusive lock, [`StartupLock`]: the first
 //! replica builds the schema, the others wait and then find nothing left to
-//! do.
+//! do. How a replica of an older version treats a schema that a newer one
+//! migrated further: see [`migrate`].
 
 use std::str::FromStr;
 use std::sync::Once;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions, AnyTransactionManager};
-use sqlx::migrate::Migrator;
+use sqlx::migrate::{Migrate, MigrateError, Migrator};
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, AnyPool, Executor, TransactionManager};
 
@@ -290,21 +291,108 @@ impl Drop for StartupLock {
 
 /// Runs the migrations for the pool's backend, then the storage probe's
 /// DDL, all under the [`StartupLock`].
+///
+/// A database that a newer version migrated further than this build knows
+/// (it has migrations newer than this build's newest, and all of this
+/// build's with their recorded checksums) is left as it is, with a warning,
+/// and start-up goes on: during a rolling upgrade, or a rollback, the
+/// previous version runs against the new schema anyway, so a migration has
+/// to keep it working whether it restarts or not. Any other difference (a
+/// migration this build lacks that is older than its newest, one of its own
+/// missing next to newer ones, one of its own edited) means the histories
+/// diverged, and start-up fails naming the versions.
 pub async fn migrate(db: &Db, sqlite: &Migrator, postgres: &Migrator) -> anyhow::Result<()> {
     let m = match db.backend {
         Backend::Sqlite => sqlite,
         Backend::Postgres => postgres,
     };
     let mut lock = StartupLock::acquire(db).await?;
+    run_migrations(lock.conn(), m).await?;
+    crate::storage::prepare_probe(lock.conn()).await?;
+    lock.release().await
+}
+
+async fn run_migrations(conn: &mut AnyConnection, m: &Migrator) -> anyhow::Result<()> {
+    let failed = |e: MigrateError| anyhow::anyhow!("migrations failed: {e}");
+    conn.ensure_migrations_table().await.map_err(failed)?;
+    // A migration left half-applied is sqlx's to report.
+    if conn.dirty_version().await.map_err(failed)?.is_none() {
+        let applied = conn.list_applied_migrations().await.map_err(failed)?;
+        if check_history(m, &applied)? {
+            return Ok(());
+        }
+    }
     // `run_direct` is what `run` does after acquiring; `run` on a borrowed
     // connection makes every task that awaits start-up fail to compile
     // ("Acquire is not general enough"), which sqlx keeps `run_direct`
     // public for.
-    m.run_direct(lock.conn())
-        .await
-        .map_err(|e| anyhow::anyhow!("migrations failed: {e}"))?;
-    crate::storage::prepare_probe(lock.conn()).await?;
-    lock.release().await
+    m.run_direct(conn).await.map_err(|e| match e {
+        MigrateError::VersionMismatch(v) => changed(v),
+        e => failed(e),
+    })
+}
+
+fn changed(version: i64) -> anyhow::Error {
+    anyhow::anyhow!(
+        "migrations failed: migration {version} was applied with a different text than \
+         this build's migration {version} (a migration file was changed after release)"
+    )
+}
+
+/// Compares what the database has applied with this build's migrations.
+/// Ok(true): the database is ahead of this build (a newer version migrated
+/// it) and has everything this build has: nothing to run. Ok(false): sqlx
+/// runs what is missing. Err: the histories diverged.
+fn check_history(
+    m: &Migrator,
+    applied: &[sqlx::migrate::AppliedMigration],
+) -> anyhow::Result<bool> {
+    let ours: Vec<_> = m
+        .iter()
+        .filter(|x| !x.migration_type.is_down_migration())
+        .collect();
+    let newest = ours.iter().map(|x| x.version).max().unwrap_or(0);
+    let unknown: Vec<i64> = applied
+        .iter()
+        .map(|a| a.version)
+        .filter(|v| !m.version_exists(*v))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(false);
+    }
+    let unapplied: Vec<i64> = ours
+        .iter()
+        .map(|x| x.version)
+        .filter(|v| !applied.iter().any(|a| a.version == *v))
+        .collect();
+    if unknown.iter().any(|v| *v < newest) || !unapplied.is_empty() {
+        anyhow::bail!(
+            "migrations failed: the database's migration history differs from this build's: \
+             it has migration(s) {unknown:?}, which this build does not have{}; this build's \
+             newest is {newest}. It was migrated by a build with different migrations; \
+             start that build or one that has all of them",
+            if unapplied.is_empty() {
+                String::new()
+            } else {
+                format!(", and lacks this build's {unapplied:?}")
+            }
+        );
+    }
+    if let Some(edited) = ours.iter().find(|x| {
+        applied
+            .iter()
+            .any(|a| a.version == x.version && a.checksum != x.checksum)
+    }) {
+        return Err(changed(edited.version));
+    }
+    let latest = unknown.iter().max().copied().unwrap_or(newest);
+    tracing::warn!(
+        database = latest,
+        build = newest,
+        "the database was migrated by a newer version (up to migration {latest}; this \
+         build's newest is {newest}); starting on the newer schema without migrating"
+    );
+    Ok(true)
 }
 
 /// Connects and migrates, retrying while the database is unreachable, so a
@@ -332,6 +420,120 @@ pub async fn open(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::all_dbs;
+    use sqlx::Row;
+
+    /// Migrations that read the same on both backends, by version.
+    fn sql(version: i64) -> &'static str {
+        match version {
+            1 => "CREATE TABLE a (k BIGINT PRIMARY KEY)",
+            2 => "ALTER TABLE a ADD COLUMN v BIGINT NOT NULL DEFAULT 0",
+            3 => "CREATE TABLE b (k BIGINT PRIMARY KEY)",
+            4 => "CREATE TABLE c (k BIGINT PRIMARY KEY)",
+            _ => unreachable!(),
+        }
+    }
+
+    /// A build's migrations: `versions`, with the text of `changed` (if
+    /// any) edited after release.
+    async fn build(versions: &[i64], changed: Option<i64>) -> (Migrator, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        for &v in versions {
+            let mut text = sql(v).to_owned();
+            if changed == Some(v) {
+                text.push_str("; -- edited");
+            }
+            std::fs::write(dir.path().join(format!("{v}_m{v}.sql")), text).unwrap();
+        }
+        let m = Migrator::new(dir.path().to_path_buf()).await.unwrap();
+        (m, dir)
+    }
+
+    async fn open_with(url: &str, m: &Migrator) -> anyhow::Result<Db> {
+        // Bounded: a start-up lock left held by a failed start would make
+        // the next start wait for ever.
+        tokio::time::timeout(Duration::from_secs(30), open(url, Durability::Full, m, m))
+            .await
+            .expect("start-up waited 30 s for the start-up lock")
+    }
+
+    async fn applied(db: &Db) -> Vec<i64> {
+        sqlx::query("SELECT version FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&db.read)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_older_build_starts_on_a_schema_a_newer_one_migrated_further() {
+        for tdb in all_dbs().await {
+            let (newer, _d1) = build(&[1, 2, 3], None).await;
+            let (older, _d2) = build(&[1, 2], None).await;
+            open_with(&tdb.url, &newer).await.unwrap();
+            let db = open_with(&tdb.url, &older)
+                .await
+                .unwrap_or_else(|e| panic!("{}: the older build refused: {e:#}", tdb.label));
+            assert_eq!(applied(&db).await, [1, 2, 3], "{}", tdb.label);
+            // It works on the newer schema: its own tables and the probe's.
+            sqlx::query("INSERT INTO a (k) VALUES (1)")
+                .execute(&db.write)
+                .await
+                .unwrap();
+            db.begin_write().await.unwrap().commit().await.unwrap();
+            // And the newer build still starts after it.
+            open_with(&tdb.url, &newer).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_build_whose_migrations_diverge_from_the_database_refuses_to_start() {
+        for tdb in all_dbs().await {
+            let (current, _d) = build(&[1, 2, 3], None).await;
+            open_with(&tdb.url, &current).await.unwrap();
+            let refused = |versions: &'static [i64], changed: Option<i64>| {
+                let url = tdb.url.clone();
+                async move {
+                    let (m, _d) = build(versions, changed).await;
+                    match open_with(&url, &m).await {
+                        Ok(_) => panic!("a build with {versions:?} (changed {changed:?}) started"),
+                        Err(e) => format!("{e:#}"),
+                    }
+                }
+            };
+            // Lacks 2, which is older than its newest: not an older build.
+            let e = refused(&[1, 3], None).await;
+            assert!(e.contains("history differs") && e.contains("[2]"), "{e}");
+            // Has a 4 where the database has a 3.
+            let e = refused(&[1, 2, 4], None).await;
+            assert!(
+                e.contains("[3]") && e.contains("lacks this build's [4]"),
+                "{e}"
+            );
+            // An older build whose migration 2 was edited after release.
+            let e = refused(&[1, 2], Some(2)).await;
+            assert!(
+                e.contains("migration 2 was applied with a different text"),
+                "{e}"
+            );
+            // The same build, edited.
+            let e = refused(&[1, 2, 3], Some(3)).await;
+            assert!(
+                e.contains("migration 3 was applied with a different text"),
+                "{e}"
+            );
+            // None of them changed anything, or kept the start-up lock.
+            let db = open_with(&tdb.url, &current).await.unwrap();
+            assert_eq!(applied(&db).await, [1, 2, 3], "{}", tdb.label);
         }
     }
 }
