@@ -2,18 +2,24 @@
 //! database: every replica's `db::open` succeeds, and the schema is built
 //! exactly once (each migration recorded once, the storage probe's row
 //! once, the same tables, columns and indexes as a database opened by one
-//! replica alone).
+//! replica alone). Then the same with two real scheduler-service processes.
 //!
 //! The PostgreSQL cases need TRAINMESH_TEST_POSTGRES_URL; without it they
 //! say so and pass, except under CI, where they fail.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::Row;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use trainmesh_common::client::channel;
 use trainmesh_common::db::{self, Backend, Db, Durability};
-use trainmesh_common::testing::{postgres_db, sqlite_db, TestDb, POSTGRES_ENV};
+use trainmesh_common::testing::{postgres_db, sqlite_db, wait_for, TestDb, POSTGRES_ENV};
+use trainmesh_tests::{Mesh, MeshOptions, SCHEDULER_2};
 
 /// Replicas started at once in the in-process tests.
 const REPLICAS: usize = 8;
@@ -207,5 +213,79 @@ async fn replicas_opening_one_fresh_postgres_database_together_all_start_and_mig
         for _ in 0..ROUNDS {
             open_together(&service, &fresh().await.url, &want).await;
         }
+    }
+}
+
+async fn health(mesh: &Mesh, instance: &str) -> Option<ServingStatus> {
+    let ch = channel(&mesh.endpoint(instance), None).ok()?;
+    let resp = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .ok()?;
+    ServingStatus::try_from(resp.into_inner().status).ok()
+}
+
+/// Two scheduler-service processes started at once against one fresh
+/// PostgreSQL database, as Kubernetes starts two replicas, both reading
+/// their tokens from one more fresh database (the `auth_tokens` table is
+/// created at start too): both become SERVING, and the schema is built
+/// once.
+#[tokio::test]
+async fn two_scheduler_processes_started_together_on_a_fresh_postgres_database_both_serve() {
+    if !postgres_configured("two_scheduler_processes_started_together") {
+        return;
+    }
+    let tokens = postgres_db().await.expect("a fresh tokens database");
+    // The harness spawns both schedulers before it waits for either, and
+    // fails if one exits.
+    let mesh = Mesh::start_with(
+        MeshOptions {
+            no_runner: true,
+            postgres: true,
+            scheduler_replicas: 2,
+            ..Default::default()
+        }
+        .arg("scheduler-service", &["--tokens", &tokens.url]),
+    )
+    .await;
+    for instance in ["scheduler-service", SCHEDULER_2] {
+        wait_for(
+            &format!("{instance} to report SERVING"),
+            Duration::from_secs(30),
+            || async {
+                (health(&mesh, instance).await == Some(ServingStatus::Serving)).then_some(())
+            },
+        )
+        .await;
+    }
+
+    let scheduler = services()
+        .into_iter()
+        .find(|s| s.name == "scheduler-service")
+        .expect("the scheduler's migrations");
+    let db = db::connect(&mesh.postgres_urls()[1], Durability::Full)
+        .await
+        .expect("connect to the scheduler's database");
+    let want: Vec<(i64, bool)> = scheduler
+        .postgres
+        .iter()
+        .map(|m| (m.version, true))
+        .collect();
+    assert_eq!(applied(&db).await, want, "each migration once");
+    assert_eq!(probe_rows(&db).await, 1, "one probe row");
+    let tokens_db = db::connect(&tokens.url, Durability::Full)
+        .await
+        .expect("connect to the tokens database");
+    let rows: i64 = sqlx::query("SELECT COUNT(*) FROM auth_tokens")
+        .fetch_one(&tokens_db.read)
+        .await
+        .expect("the auth_tokens table exists")
+        .get(0);
+    assert_eq!(rows, 0);
+
+    for (instance, status) in mesh.stop().await {
+        assert!(status.success(), "{instance} exited with {status}");
     }
 }
