@@ -263,8 +263,9 @@ impl Compose {
         docker_out(&["start", &self.container(service)]);
     }
 
-    pub fn restart(&self, service: &str) {
-        docker_out(&["restart", "--time", "10", &self.container(service)]);
+    /// `docker stop`: the service's stop signal, then a kill after 10 s.
+    pub fn stop(&self, service: &str) {
+        docker_out(&["stop", "--time", "10", &self.container(service)]);
     }
 
     /// Cuts `service` off the project's network (it keeps running).
