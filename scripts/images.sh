@@ -4,6 +4,7 @@
 #   trainmesh/{job-service,scheduler-service,metrics-service,
 #              diagnosis-service,runner,trainctl}:VERSION (and :latest)
 #   trainmesh/postgres:15   (for the compose mesh)
+#   trainmesh/busybox:1     (a job image to try the compose mesh with)
 #
 # Usage: scripts/images.sh [--profile release|dev]
 #
@@ -158,6 +159,29 @@ EOF
     - "$PG_IMAGE" >/dev/null
 }
 
+# A job image for trying the mesh on a machine that can pull none:
+# busybox-static with a link per applet.
+build_busybox() {
+  local image=trainmesh/busybox:1
+  if [[ "${TRAINMESH_IMAGE_REBUILD_BASE:-}" != 1 ]] && docker image inspect "$image" >/dev/null 2>&1; then
+    log "$image present"
+    return
+  fi
+  if [[ ! -x /bin/busybox ]]; then
+    echo "$image needs Debian's busybox-static on this machine" >&2
+    return 1
+  fi
+  log "making $image from this machine's busybox-static"
+  local root="$WORK/busybox-rootfs"
+  new_rootfs "$root"
+  cp /bin/busybox "$root/usr/bin/busybox"
+  local applet
+  for applet in $(/bin/busybox --list); do
+    [[ "$applet" == busybox ]] || ln -sf busybox "$root/usr/bin/$applet"
+  done
+  tar -C "$root" -cf - . | docker import --change 'CMD ["/bin/sh"]' - "$image" >/dev/null
+}
+
 build_binaries() {
   local stage="$WORK/binaries"
   if [[ "$PROFILE" == release ]]; then
@@ -201,7 +225,8 @@ build_service_images() {
 mkdir -p "$WORK"
 build_base
 build_postgres
+build_busybox
 build_binaries
 build_service_images
 docker image rm trainmesh/binaries:build >/dev/null 2>&1 || true
-docker images --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^(trainmesh/|debian:bookworm-slim)' | sort
+docker images --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E '^(trainmesh/|debian:bookworm-slim)' | grep -v ':latest' | sort

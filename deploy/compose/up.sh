@@ -85,6 +85,6 @@ cat <<EOF
 
 The mesh is up. From this machine:
   export TRAINMESH_DATA_DIR=$STATE     # trainctl finds admin.token there
-  trainctl submit examples/jobs/hello.yaml --wait
+  trainctl submit examples/jobs/compose-hello.yaml --wait
   grpcurl -plaintext -H "authorization: Bearer \$(cat $STATE/admin.token)" 127.0.0.1:50051 list
 EOF

@@ -16,6 +16,30 @@ fn json(out: &std::process::Output) -> serde_json::Value {
     })
 }
 
+/// `trainctl -o json submit --wait` of a job named `name` in the test
+/// image with the spec lines `rest`: its output and the job it printed.
+fn submit_wait(
+    mesh: &Compose,
+    name: &str,
+    rest: &str,
+) -> (std::process::Output, serde_json::Value) {
+    let path = mesh.path(&format!("{name}.yaml"));
+    write(
+        &path,
+        &format!(
+            "name: {name}\nimage: {TEST_IMAGE}\nresources: {{cpu: 0.5, memory_mib: 64}}\n{rest}\n"
+        ),
+    );
+    let out = mesh
+        .trainctl()
+        .args(["-o", "json", "submit", "--wait"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let job = json(&out);
+    (out, job)
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -32,24 +56,11 @@ async fn jobs_from_the_host_run_as_sibling_containers_and_failures_are_diagnosed
     let docker = engine().await.expect("engine");
     ensure_test_image(&docker).await;
 
-    let ok = mesh.path("ok.yaml");
-    write(
-        &ok,
-        &format!(
-            r#"name: compose-ok
-image: {TEST_IMAGE}
-command: ["/bin/sh", "-c", "echo hello from a sibling; echo '{{\"step\": 1, \"loss\": 0.5}}' >> \"$TRAINMESH_METRICS_FILE\""]
-resources: {{cpu: 0.5, memory_mib: 64}}
-"#
-        ),
+    let (out, job) = submit_wait(
+        &mesh,
+        "compose-ok",
+        r#"command: ["/bin/sh", "-c", "echo hello from a sibling; echo '{\"step\": 1, \"loss\": 0.5}' >> \"$TRAINMESH_METRICS_FILE\""]"#,
     );
-    let out = mesh
-        .trainctl()
-        .args(["-o", "json", "submit", "--wait"])
-        .arg(&ok)
-        .output()
-        .unwrap();
-    let job = json(&out);
     assert!(out.status.success(), "{job}");
     assert_eq!(job["state"], "JOB_STATE_SUCCEEDED", "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
@@ -78,25 +89,12 @@ resources: {{cpu: 0.5, memory_mib: 64}}
         String::from_utf8_lossy(&logs.stdout)
     );
 
-    let fail = mesh.path("fail.yaml");
-    write(
-        &fail,
-        &format!(
-            r#"name: compose-fail
-image: {TEST_IMAGE}
-command: ["/bin/sh", "-c", "echo 'Traceback (most recent call last):' >&2; echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB' >&2; exit 1"]
-resources: {{cpu: 0.5, memory_mib: 64}}
-retry_policy: {{max_attempts: 1}}
-"#
-        ),
+    let (out, job) = submit_wait(
+        &mesh,
+        "compose-fail",
+        r#"command: ["/bin/sh", "-c", "echo 'Traceback (most recent call last):' >&2; echo 'torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB' >&2; exit 1"]
+retry_policy: {max_attempts: 1}"#,
     );
-    let out = mesh
-        .trainctl()
-        .args(["-o", "json", "submit", "--wait"])
-        .arg(&fail)
-        .output()
-        .unwrap();
-    let job = json(&out);
     assert!(
         !out.status.success(),
         "a failed job is a failed submit --wait"

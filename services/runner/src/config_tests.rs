@@ -109,24 +109,30 @@ fn flags_become_config() {
     assert_eq!(c.health_listen, None);
 }
 
-#[test]
-fn health_listen_flag_sets_the_address() {
+/// The config from the runner's flags: a service token in a fresh data
+/// dir, no GPUs, and `extra`.
+fn config_with(extra: &[&str]) -> Config {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("service.token");
     std::fs::write(&token, "tok\n").unwrap();
-    let args = Args::try_parse_from([
+    let data_dir = dir.path().display().to_string();
+    let token = token.display().to_string();
+    let mut argv = vec![
         "runner",
         "--data-dir",
-        dir.path().to_str().unwrap(),
+        &data_dir,
         "--service-token-file",
-        token.to_str().unwrap(),
+        &token,
         "--gpus",
         "none",
-        "--health-listen",
-        "0.0.0.0:50055",
-    ])
-    .unwrap();
-    let c = args.into_config().unwrap();
+    ];
+    argv.extend_from_slice(extra);
+    Args::try_parse_from(argv).unwrap().into_config().unwrap()
+}
+
+#[test]
+fn health_listen_flag_sets_the_address() {
+    let c = config_with(&["--health-listen", "0.0.0.0:50055"]);
     assert_eq!(c.health_listen.as_deref(), Some("0.0.0.0:50055"));
 }
 

@@ -88,17 +88,7 @@ async fn a_partitioned_runner_kills_its_attempts_before_the_lease_expires_then_t
         assert_eq!(err.r#type, "RunnerLeaseLost");
         assert!(err.retryable);
     }
-    wait_for("a new registration", WAIT, || async {
-        (registrations(&m) >= 2).then_some(())
-    })
-    .await;
-
-    let again = assignment(&["/bin/sh", "-c", "echo again"]);
-    let again_id = again.job_id.clone();
-    m.fake.assign(again);
-    let last = m.fake.final_report(&again_id).await;
-    assert_eq!(last.state, AttemptState::Succeeded as i32);
-    assert_eq!(last.runner_id, "runner-2");
+    takes_work_again(&m).await;
     runner.shutdown().await.unwrap();
 
     // Each refused final report was sent once, never retried.
@@ -133,16 +123,20 @@ async fn a_scheduler_that_no_longer_knows_the_runner_fences_it_at_once() {
     let last = m.fake.final_report(&job_id).await;
     assert_eq!(last.state, AttemptState::Failed as i32);
     assert_eq!(last.error.unwrap().category, "runner-lost");
+    takes_work_again(&m).await;
+    runner.shutdown().await.unwrap();
+}
+
+/// The fenced runner registers again (as runner-2) and runs new work.
+async fn takes_work_again(m: &Mesh) {
     wait_for("a new registration", WAIT, || async {
-        (registrations(&m) >= 2).then_some(())
+        (registrations(m) >= 2).then_some(())
     })
     .await;
-
     let again = assignment(&["/bin/sh", "-c", "echo again"]);
     let again_id = again.job_id.clone();
     m.fake.assign(again);
     let last = m.fake.final_report(&again_id).await;
     assert_eq!(last.state, AttemptState::Succeeded as i32);
     assert_eq!(last.runner_id, "runner-2");
-    runner.shutdown().await.unwrap();
 }
