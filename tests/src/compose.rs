@@ -59,7 +59,36 @@ fn missing_prerequisite() -> Option<String> {
             "{PROBE_IMAGE} is missing: run scripts/images.sh --profile dev"
         ));
     }
+    warn_if_stale();
     None
+}
+
+/// The images carry the revision they were built from; tests of other
+/// code than the images hold would mislead, so say so.
+fn warn_if_stale() {
+    let label = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"org.opencontainers.image.revision\"}}",
+            PROBE_IMAGE,
+        ])
+        .output();
+    let head = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(workspace_root())
+        .output();
+    if let (Ok(label), Ok(head)) = (label, head) {
+        let label = String::from_utf8_lossy(&label.stdout).trim().to_owned();
+        let head = String::from_utf8_lossy(&head.stdout).trim().to_owned();
+        if label != head {
+            eprintln!(
+                "WARNING: the images were built from {label}, not {head}: \
+                 run scripts/images.sh --profile dev to test this code"
+            );
+        }
+    }
 }
 
 impl Compose {
