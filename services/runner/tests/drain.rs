@@ -33,6 +33,34 @@ fn is_final_report(c: &Call, job_id: &str) -> bool {
     matches!(c, Call::Report(r, _) if r.job_id == job_id && r.state != AttemptState::Running as i32)
 }
 
+/// A runner stopping with `on_stop` after `drain_timeout`, running one
+/// attempt that ends only when told to.
+async fn running_attempt(on_stop: OnStop, drain_timeout: Duration) -> (Mesh, Runner, String) {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| {
+        let mut c = config(&endpoint, w);
+        c.on_stop = on_stop;
+        c.drain_timeout = drain_timeout;
+        c
+    });
+    let a = assignment(&["/bin/sh", "-c", WAITS_FOR_GO]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    wait_running(&m, &job_id).await;
+    (m, runner, job_id)
+}
+
+/// The scheduler heard the drain, then the job's final report, then the
+/// deregistration; returns the deregistration's index in `calls`.
+fn assert_drain_report_deregister(calls: &[Call], job_id: &str) -> usize {
+    let drained = position(calls, is_drain);
+    let reported = position(calls, |c| is_final_report(c, job_id));
+    let deregistered = position(calls, is_deregister);
+    assert!(drained < reported && reported < deregistered, "{calls:#?}");
+    deregistered
+}
+
 async fn wait_running(m: &Mesh, job_id: &str) {
     wait_for("the attempt to run", WAIT, || async {
         m.fake
@@ -46,19 +74,8 @@ async fn wait_running(m: &Mesh, job_id: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_stop_wait_lets_a_running_attempt_finish() {
-    let m = mesh().await;
-    let endpoint = m.addr.to_string();
-    let mut runner = Runner::start(|w| {
-        let mut c = config(&endpoint, w);
-        c.on_stop = OnStop::Wait;
-        c.drain_timeout = Duration::from_secs(60);
-        c
-    });
-    let a = assignment(&["/bin/sh", "-c", WAITS_FOR_GO]);
-    let job_id = a.job_id.clone();
+    let (m, mut runner, job_id) = running_attempt(OnStop::Wait, Duration::from_secs(60)).await;
     let dir = runner.work.path().join(&job_id).join("1");
-    m.fake.assign(a);
-    wait_running(&m, &job_id).await;
 
     runner.begin_stop();
     // The scheduler hears first, with the attempt listed as still running.
@@ -83,26 +100,12 @@ async fn on_stop_wait_lets_a_running_attempt_finish() {
         [AttemptState::Running, AttemptState::Succeeded]
     );
     let calls = m.fake.calls();
-    let drained = position(&calls, is_drain);
-    let reported = position(&calls, |c| is_final_report(c, &job_id));
-    let deregistered = position(&calls, is_deregister);
-    assert!(drained < reported && reported < deregistered, "{calls:#?}");
+    assert_drain_report_deregister(&calls, &job_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempts_still_running_when_the_drain_timeout_ends_are_handed_back() {
-    let m = mesh().await;
-    let endpoint = m.addr.to_string();
-    let mut runner = Runner::start(|w| {
-        let mut c = config(&endpoint, w);
-        c.on_stop = OnStop::Wait;
-        c.drain_timeout = Duration::from_millis(300);
-        c
-    });
-    let a = assignment(&["/bin/sh", "-c", WAITS_FOR_GO]);
-    let job_id = a.job_id.clone();
-    m.fake.assign(a);
-    wait_running(&m, &job_id).await;
+    let (m, mut runner, job_id) = running_attempt(OnStop::Wait, Duration::from_millis(300)).await;
     runner.begin_stop();
     runner.stopped().await.unwrap();
 
@@ -126,19 +129,9 @@ async fn attempts_still_running_when_the_drain_timeout_ends_are_handed_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_stop_handback_hands_attempts_back_at_once_and_deregisters() {
-    let m = mesh().await;
-    let endpoint = m.addr.to_string();
-    let mut runner = Runner::start(|w| {
-        let mut c = config(&endpoint, w);
-        c.on_stop = OnStop::Handback;
-        // Were it waited for, the test would time out.
-        c.drain_timeout = Duration::from_secs(3600);
-        c
-    });
-    let a = assignment(&["/bin/sh", "-c", WAITS_FOR_GO]);
-    let job_id = a.job_id.clone();
-    m.fake.assign(a);
-    wait_running(&m, &job_id).await;
+    // Were the drain timeout waited for, the test would time out.
+    let (m, mut runner, job_id) =
+        running_attempt(OnStop::Handback, Duration::from_secs(3600)).await;
     runner.begin_stop();
     runner.stopped().await.unwrap();
 
@@ -152,10 +145,7 @@ async fn on_stop_handback_hands_attempts_back_at_once_and_deregisters() {
         "runner-shutdown"
     );
     let calls = m.fake.calls();
-    let drained = position(&calls, is_drain);
-    let reported = position(&calls, |c| is_final_report(c, &job_id));
-    let deregistered = position(&calls, is_deregister);
-    assert!(drained < reported && reported < deregistered, "{calls:#?}");
+    let deregistered = assert_drain_report_deregister(&calls, &job_id);
     let Call::Deregister(d) = &calls[deregistered] else {
         unreachable!()
     };
