@@ -2,13 +2,29 @@
 
 use std::time::Duration;
 
+use trainmesh_common::client::Channel;
 use trainmesh_common::testing::wait_for;
+use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::job::v1::{
     watch_jobs_response, CreateJobRequest, GetJobRequest, Job, JobEvent, JobSpec, JobState,
     WatchJobsRequest,
 };
 
 use crate::{Mesh, ADMIN_TOKEN};
+
+/// The start of the Python jobs that leave marks for the test: `attempt`
+/// (this attempt's number), `marks` (`$MARK_DIR`) and `alive(pid)`, which
+/// does not count a zombie as alive.
+pub const ATTEMPT_PRELUDE: &str = r#"import os, sys
+attempt = os.environ["TRAINMESH_ATTEMPT"]
+marks = os.environ["MARK_DIR"]
+def alive(pid):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+"#;
 
 /// `python3 -c CODE`, unbuffered, with extra environment.
 pub fn python_job(name: &str, code: &str, env: &[(&str, &str)]) -> JobSpec {
@@ -73,11 +89,23 @@ pub async fn wait_job(
     timeout: Duration,
     done: impl Fn(&Job) -> bool,
 ) -> Job {
+    wait_job_at(|| mesh.jobs(ADMIN_TOKEN), job_id, what, timeout, done).await
+}
+
+/// [`wait_job`] for any mesh: `client` makes a client allowed to read the
+/// job, once per try.
+pub async fn wait_job_at(
+    client: impl Fn() -> JobServiceClient<Channel>,
+    job_id: &str,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
     let last = std::sync::Mutex::new(None::<Job>);
     let found = tokio::time::timeout(
         timeout,
         wait_for(what, timeout + Duration::from_secs(1), || {
-            let mut jobs = mesh.jobs(ADMIN_TOKEN);
+            let mut jobs = client();
             let id = job_id.to_string();
             let done = &done;
             let last = &last;

@@ -10,24 +10,15 @@ use std::time::Duration;
 use trainmesh_common::testing::wait_for;
 use trainmesh_proto::job::v1::{AttemptState, Job, JobSpec, JobState, RetryPolicy};
 use trainmesh_proto::scheduler::v1::{GetQueueRequest, PendingReason};
-use trainmesh_tests::jobs::{events_to_end, python_job, submit, wait_state};
+use trainmesh_tests::jobs::{events_to_end, python_job, submit, wait_state, ATTEMPT_PRELUDE};
 use trainmesh_tests::{process_alive, Gate, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Writes `<pid>` to `$MARK_DIR/attempt-<n>`. Attempt 1 then runs until it
+/// After [`ATTEMPT_PRELUDE`]: writes `<pid>` to `$MARK_DIR/attempt-<n>`. Attempt 1 then runs until it
 /// is stopped, or until `$MARK_DIR/go` exists; a later attempt checks
 /// attempt 1's process is gone (else exits 3) and succeeds.
 const SCRIPT: &str = r#"
-import os, sys
-attempt = os.environ["TRAINMESH_ATTEMPT"]
-marks = os.environ["MARK_DIR"]
-def alive(pid):
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 tmp = os.path.join(marks, f".attempt-{attempt}")
 with open(tmp, "w") as f:
     f.write(str(os.getpid()))
@@ -47,7 +38,11 @@ print(f"attempt {attempt} done", flush=True)
 
 /// One attempt only: were a hand-back counted, the job would fail.
 fn one_attempt(name: &str, marks: &Path) -> JobSpec {
-    let mut spec = python_job(name, SCRIPT, &[("MARK_DIR", &marks.display().to_string())]);
+    let mut spec = python_job(
+        name,
+        &format!("{ATTEMPT_PRELUDE}{SCRIPT}"),
+        &[("MARK_DIR", &marks.display().to_string())],
+    );
     spec.retry_policy = Some(RetryPolicy {
         max_attempts: 1,
         ..Default::default()

@@ -13,25 +13,18 @@ use trainmesh_common::time::from_timestamp;
 use trainmesh_proto::job::v1::{AttemptState, JobState};
 use trainmesh_proto::scheduler::v1::GetQueueRequest;
 use trainmesh_tests::fake_runner::{cpu_capacity, FakeRunner};
-use trainmesh_tests::jobs::{get_job, python_job, submit, wait_job, wait_state};
+use trainmesh_tests::jobs::{get_job, python_job, submit, wait_job, wait_state, ATTEMPT_PRELUDE};
 use trainmesh_tests::{process_alive, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Attempt 1 starts two `sleep`s — one its child, one in a session of its
-/// own — and waits "forever"; attempt 2 checks that attempt 1 and both of
-/// its children are gone (else exits 3) and succeeds. Each writes
-/// `<output dir> <pid>…` to `$MARK_DIR/attempt-<n>`.
+/// After [`ATTEMPT_PRELUDE`]: attempt 1 starts two `sleep`s — one its
+/// child, one in a session of its own — and waits "forever"; attempt 2
+/// checks that attempt 1 and both of its children are gone (else exits 3)
+/// and succeeds. Each writes `<output dir> <pid>…` to
+/// `$MARK_DIR/attempt-<n>`.
 const SCRIPT: &str = r#"
-import os, signal, subprocess, sys
-attempt = os.environ["TRAINMESH_ATTEMPT"]
-marks = os.environ["MARK_DIR"]
-def alive(pid):
-    try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+import signal, subprocess
 pids = [os.getpid()]
 if attempt == "1":
     pids.append(subprocess.Popen(["sleep", "1000"]).pid)
@@ -100,7 +93,7 @@ async fn killed_runner_attempt_is_lost_and_runs_once_elsewhere() {
         ALICE_TOKEN,
         python_job(
             "outlives-its-runner",
-            SCRIPT,
+            &format!("{ATTEMPT_PRELUDE}{SCRIPT}"),
             &[("MARK_DIR", &marks.display().to_string())],
         ),
     )

@@ -11,9 +11,10 @@ use trainmesh_common::client::channel;
 use trainmesh_common::testing::wait_for;
 use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::job::v1::{
-    AttemptState, CreateJobRequest, GetJobRequest, Job, JobSpec, JobState, RetryPolicy,
+    AttemptState, CreateJobRequest, Job, JobSpec, JobState, RetryPolicy,
 };
 use trainmesh_tests::bin_dir;
+use trainmesh_tests::jobs::wait_job_at;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -57,21 +58,7 @@ fn jobs(data: &Path) -> JobServiceClient<trainmesh_common::client::Channel> {
 }
 
 async fn wait_job(data: &Path, id: &str, what: &str, done: impl Fn(&Job) -> bool) -> Job {
-    wait_for(what, WAIT, || {
-        let mut c = jobs(data);
-        let id = id.to_string();
-        let done = &done;
-        async move {
-            let job = c
-                .get_job(GetJobRequest { job_id: id })
-                .await
-                .ok()?
-                .into_inner()
-                .job?;
-            done(&job).then_some(job)
-        }
-    })
-    .await
+    wait_job_at(|| jobs(data), id, what, WAIT, done).await
 }
 
 async fn ctrl_c(mut up: Child) {
