@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::path::Path;
-
 use runner::backend::process::leftovers::{Record, RECORD};
 use runner::domain::JobId;
 use runner::procfs;
@@ -15,19 +13,6 @@ use trainmesh_common::testing::wait_for;
 
 fn alive(pid: i32) -> bool {
     procfs::stat(pid).is_some_and(|s| s.is_live())
-}
-
-async fn pid_in(dir: &Path, name: &str) -> i32 {
-    let path = dir.join(name);
-    wait_for(name, WAIT, || {
-        let path = path.clone();
-        async move {
-            std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,8 +35,8 @@ async fn a_restarted_runner_kills_what_its_earlier_run_left() {
         .unwrap();
     let job_pid = job.id().unwrap() as i32;
     job.wait().await.unwrap();
-    let grouped = pid_in(&dir, "grouped.pid").await;
-    let escaped = pid_in(&dir, "escaped.pid").await;
+    let grouped = read_pid_at(&dir, "grouped.pid").await;
+    let escaped = read_pid_at(&dir, "escaped.pid").await;
     // Not the attempt's, though it was started the same way.
     let mut bystander = tokio::process::Command::new("sleep")
         .arg("1000")

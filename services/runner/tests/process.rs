@@ -2,6 +2,8 @@
 //! `sh` is used here to build test workloads; the product itself never
 //! builds shell strings.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,6 +17,7 @@ use runner::error::Error;
 use runner::inventory::fake_gpus;
 use runner::logs::{LogLimits, LogWriter};
 use runner::procfs;
+use support::read_pid_at;
 use trainmesh_common::testing::wait_for;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -110,19 +113,6 @@ fn alive(pid: i32) -> bool {
 
 async fn read_pid(run: &Run, name: &str) -> i32 {
     read_pid_at(run.dir.path(), name).await
-}
-
-async fn read_pid_at(dir: &std::path::Path, name: &str) -> i32 {
-    let path = dir.join(name);
-    wait_for(&format!("{name} to be written"), WAIT, || {
-        let path = path.clone();
-        async move {
-            std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-        }
-    })
-    .await
 }
 
 #[tokio::test]

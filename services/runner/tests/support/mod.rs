@@ -581,3 +581,17 @@ pub async fn printed_pid(fake: &Fake, job_id: &str) -> i32 {
     })
     .await
 }
+
+/// The pid a job wrote to `dir/name`, once it is there.
+pub async fn read_pid_at(dir: &std::path::Path, name: &str) -> i32 {
+    let path = dir.join(name);
+    trainmesh_common::testing::wait_for(&format!("{name} to be written"), WAIT, || {
+        let path = path.clone();
+        async move {
+            std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok())
+        }
+    })
+    .await
+}
