@@ -33,6 +33,7 @@ const PROBE_IMAGE: &str = "trainmesh/job-service:latest";
 
 pub struct Compose {
     project: String,
+    containers: std::sync::Mutex<std::collections::HashMap<String, String>>,
     dir: tempfile::TempDir,
     password: String,
     pub admin_token: String,
@@ -124,6 +125,7 @@ impl Compose {
         let project = format!("tm{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let compose = Compose {
             project,
+            containers: Default::default(),
             dir,
             password: uuid::Uuid::new_v4().simple().to_string(),
             admin_token: String::new(),
@@ -181,20 +183,24 @@ impl Compose {
         out
     }
 
-    /// The container id of `service`.
+    /// The container id of `service`. A service keeps its container
+    /// through kills and restarts, so it is asked for once.
     pub fn container(&self, service: &str) -> String {
+        let mut ids = self.containers.lock().unwrap();
+        if let Some(id) = ids.get(service) {
+            return id.clone();
+        }
         let out = self.run(&["ps", "-q", service]);
         let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert!(!id.is_empty(), "{service} has no container");
+        ids.insert(service.to_owned(), id.clone());
         id
     }
 
     /// `127.0.0.1:PORT` where `service`'s container `port` is published.
     pub fn addr(&self, service: &str, port: u16) -> String {
-        let out = self.run(&["port", service, &port.to_string()]);
-        let addr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(!addr.is_empty(), "{service}:{port} is not published");
-        addr
+        published(&self.container(service), port)
+            .unwrap_or_else(|| panic!("{service}:{port} is not published"))
     }
 
     pub fn job_addr(&self) -> String {
@@ -349,6 +355,18 @@ impl Drop for Compose {
             .output();
         remove_job_containers(self.started);
     }
+}
+
+/// Where `container`'s `port` is published now (a restarted container gets
+/// a new port), or `None` while it is not running.
+pub fn published(container: &str, port: u16) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["port", container, &format!("{port}/tcp")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addr = text.lines().next()?.trim();
+    (out.status.success() && !addr.is_empty()).then(|| addr.to_owned())
 }
 
 /// The group owning the engine's socket, which the runners join.

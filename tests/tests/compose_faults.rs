@@ -20,7 +20,7 @@ use trainmesh_proto::job::v1::{
 };
 use trainmesh_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use trainmesh_proto::scheduler::v1::{LimitScope, Limits, SetLimitsRequest};
-use trainmesh_tests::compose::{docker_out, Compose};
+use trainmesh_tests::compose::{docker_out, published, Compose};
 use trainmesh_tests::docker::{engine, ensure_test_image, TEST_IMAGE};
 
 /// Jobs the admin may run at once.
@@ -103,22 +103,8 @@ fn start_stream(mesh: &Compose, prefix: &str, secs: u64, max: usize) -> Stream {
     let state = Arc::new(Mutex::new(Submitted::default()));
     let (stop, mut stopped) = watch::channel(false);
     let token = mesh.admin_token.clone();
-    let addr_of = {
-        let cmd = mesh.command();
-        move || {
-            let mut c = std::process::Command::new(cmd.get_program());
-            c.args(cmd.get_args())
-                .args(["port", "job-service", "50051"]);
-            for (k, v) in cmd.get_envs() {
-                if let Some(v) = v {
-                    c.env(k, v);
-                }
-            }
-            let out = c.output().ok()?;
-            let addr = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            (!addr.is_empty() && !addr.ends_with(":0")).then_some(addr)
-        }
-    };
+    let job_service = mesh.container("job-service");
+    let addr_of = move || published(&job_service, 50051);
     let prefix = prefix.to_owned();
     let st = state.clone();
     let task = tokio::spawn(async move {
