@@ -217,8 +217,7 @@ fn terminal(s: JobState) -> bool {
     )
 }
 
-/// The history checks every fault test ends with; returns how long the
-/// last job took to end after the stream stopped.
+/// The history checks every fault test ends with.
 async fn check_history(mesh: &Compose, submitted: &Submitted, since: SystemTime) {
     assert!(!submitted.acked.is_empty(), "nothing was acknowledged");
     // Every acknowledged job ends.
@@ -456,8 +455,9 @@ async fn the_leading_scheduler_killed_the_other_leads_within_the_lease() {
         .unwrap_or_default();
     eprintln!("figure: {other} led {took:?} after {old} was killed");
     // The lease runs out at most a TTL after the kill, and the other
-    // replica tries to take it every fifth of a TTL.
-    let bound = Duration::from_secs(LEADER_TTL_SECS) * 6 / 5 + Duration::from_secs(1);
+    // replica tries to take it as it runs out; the second is for the
+    // kill itself and the log line.
+    let bound = Duration::from_secs(LEADER_TTL_SECS + 1);
     assert!(
         took <= bound,
         "took {took:?}; the leader lease is {LEADER_TTL_SECS} s"
