@@ -15,6 +15,8 @@
 //!   the storage health that `grpc.health.v1` reports.
 //! - [`outbox`]: a transactional outbox relay for calls to other services.
 //! - [`group_commit`]: many small write transactions sharing one commit.
+//! - [`spec`]: the one validation of a job spec, with every limit;
+//!   [`text`]: checks on caller-supplied strings.
 //! - [`healthcheck`]: `<binary> healthcheck ADDR`, for container health
 //!   checks.
 //! - [`testing`]: helpers for tests that start real servers.
@@ -31,10 +33,12 @@ pub mod id;
 pub mod log_file;
 pub mod outbox;
 pub mod server;
+pub mod spec;
 pub mod storage;
 pub mod stream;
 pub mod telemetry;
 pub mod testing;
+pub mod text;
 pub mod time;
 
 pub use trainmesh_proto as proto;

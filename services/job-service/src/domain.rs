@@ -9,8 +9,7 @@ trainmesh_common::typed_id!(
     JobId
 );
 
-/// Label key prefix reserved for labels the platform sets itself.
-pub const RESERVED_LABEL_PREFIX: &str = "trainmesh.io/";
+pub use trainmesh_common::spec::PLATFORM_LABEL_PREFIX as RESERVED_LABEL_PREFIX;
 /// Label put on a job created by RetryJob, naming the job it retries.
 pub const RETRY_OF_LABEL: &str = "trainmesh.io/retry-of";
 
@@ -272,6 +271,9 @@ impl LabelSelector {
                 "the selector's key must not be empty",
             ));
         }
+        // A key no job can have is a mistake, not an empty result.
+        trainmesh_common::spec::check_label_key(field, key)?;
+        trainmesh_common::spec::check_label_value(field, v.trim())?;
         Ok(Self {
             key: key.to_owned(),
             value: v.trim().to_owned(),

@@ -168,9 +168,38 @@ impl JobService {
             .map_err(Error::from)
     }
 
+    /// A request that reuses `key` must be the submission that first used
+    /// it: the same spec, before or after validation (which resolves paths).
+    /// Otherwise the caller would be told their new job exists when it is
+    /// someone else's, or an older one.
+    async fn same_submission(
+        &self,
+        key: &str,
+        job: &JobRecord,
+        spec: Option<&pb::JobSpec>,
+    ) -> Result<()> {
+        if spec == Some(&job.spec) {
+            return Ok(());
+        }
+        if let Ok(valid) = self.validate(spec.cloned()).await {
+            if valid.get() == &job.spec {
+                return Ok(());
+            }
+        }
+        Err(FieldError::new(
+            "idempotency_key",
+            format!(
+                "`{key}` was already used for job `{}` with a different spec; \
+                 use a new key for a new job",
+                job.id
+            ),
+        )
+        .into())
+    }
+
     /// CreateJob. Returns the job and whether the idempotency key matched an
-    /// existing one (then the stored job is returned as it is, even if this
-    /// request's spec differs: the key identifies the submission).
+    /// existing one (then the stored job is returned as it is; a different
+    /// spec under the same key is refused).
     pub async fn create(
         &self,
         caller: &Caller,
@@ -184,13 +213,27 @@ impl JobService {
             let mut conn = self.db.read.acquire().await?;
             if let Some(id) = repo::find_idempotent(&mut conn, &caller.user, k).await? {
                 if let Some(job) = repo::get_job(&mut conn, id).await? {
+                    self.same_submission(k, &job, spec.as_ref()).await?;
                     return Ok((self.load_view(&mut conn, job).await?, true));
                 }
             }
         }
-        let spec = self.validate(spec).await?;
-        self.insert_new(&caller.user, &caller.org, spec.into_inner(), key.as_deref())
-            .await
+        // Kept only to compare with a concurrent submission under the key.
+        let raw = if key.is_some() { spec.clone() } else { None };
+        let valid = self.validate(spec).await?;
+        let (view, replayed) = self
+            .insert_new(
+                &caller.user,
+                &caller.org,
+                valid.into_inner(),
+                key.as_deref(),
+            )
+            .await?;
+        if replayed {
+            let k = key.as_deref().unwrap_or_default();
+            self.same_submission(k, &view.job, raw.as_ref()).await?;
+        }
+        Ok((view, replayed))
     }
 
     async fn insert_new(
@@ -275,6 +318,16 @@ impl JobService {
             .enumerate()
             .map(|(i, s)| JobState::from_proto(&format!("states[{i}]"), *s))
             .collect::<Result<Vec<_>, FieldError>>()?;
+        if selectors.len() > trainmesh_common::spec::limits::MAX_LABELS {
+            return Err(FieldError::new(
+                "label_selector",
+                format!(
+                    "at most {} selectors are allowed",
+                    trainmesh_common::spec::limits::MAX_LABELS
+                ),
+            )
+            .into());
+        }
         let labels = selectors
             .iter()
             .enumerate()
@@ -469,10 +522,10 @@ impl JobService {
         let mut spec = old.spec.clone();
         spec.labels
             .retain(|k, _| !k.starts_with(RESERVED_LABEL_PREFIX));
-        let spec = self
-            .validate(Some(spec))
-            .await?
-            .with_platform_label(RETRY_OF_LABEL, &old.id.to_string());
+        let spec = self.validate(Some(spec)).await?.map_unchecked(|s| {
+            s.labels
+                .insert(RETRY_OF_LABEL.to_owned(), old.id.to_string());
+        });
         let (view, _) = self
             .insert_new(&old.owner, &old.org, spec.into_inner(), None)
             .await?;

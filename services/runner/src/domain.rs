@@ -107,30 +107,15 @@ pub struct ResourceLimits {
 }
 
 impl ResourceLimits {
-    fn parse(r: Option<&trainmesh_common::proto::job::v1::Resources>) -> Result<Self, FieldError> {
-        let Some(r) = r else {
-            return Ok(Self::default());
-        };
-        if !r.cpu.is_finite() || r.cpu < 0.0 {
-            return Err(FieldError::new(
-                "assignment.spec.resources.cpu",
-                "must be a non-negative number",
-            ));
-        }
-        for (field, v) in [("memory_mib", r.memory_mib), ("shm_mib", r.shm_mib)] {
-            // Bytes must fit an i64 for the engine.
-            if !(0..=i64::MAX / (1024 * 1024)).contains(&v) {
-                return Err(FieldError::new(
-                    format!("assignment.spec.resources.{field}"),
-                    "must be a non-negative size that fits in bytes",
-                ));
-            }
-        }
-        Ok(Self {
+    /// From a validated spec's resources (bounded, so sizes in bytes fit
+    /// an i64 for the engine).
+    fn of(r: Option<&trainmesh_common::proto::job::v1::Resources>) -> Self {
+        r.map(|r| Self {
             cpu: r.cpu,
             memory_mib: r.memory_mib,
             shm_mib: r.shm_mib,
         })
+        .unwrap_or_default()
     }
 }
 
@@ -165,37 +150,13 @@ impl TryFrom<Assignment> for Launch {
         let spec = a
             .spec
             .ok_or_else(|| FieldError::new("assignment.spec", "is required"))?;
-        if spec.command.is_empty() || spec.command[0].is_empty() {
-            return Err(FieldError::new(
-                "assignment.spec.command",
-                "must name a program to run",
-            ));
-        }
-        if let Some((k, _)) = spec
-            .env
-            .iter()
-            .find(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
-        {
-            return Err(FieldError::new(
-                format!("assignment.spec.env[{k}]"),
-                "names must be non-empty without `=`; values must not contain NUL",
-            ));
-        }
-        if spec.command.iter().any(|a| a.contains('\0')) {
-            return Err(FieldError::new(
-                "assignment.spec.command",
-                "must not contain NUL bytes",
-            ));
-        }
-        let duration = |field: &str, d: Option<prost_types::Duration>| match d {
-            None => Ok(None),
-            Some(d) => trainmesh_common::time::from_duration(&d)
-                .map(|d| (!d.is_zero()).then_some(d))
-                .ok_or_else(|| FieldError::new(field, "must not be negative")),
-        };
-        let deadline = duration("assignment.spec.deadline", spec.deadline)?;
-        let termination_grace =
-            duration("assignment.spec.termination_grace", spec.termination_grace)?;
+        // The checks job-service and the scheduler made, so what they
+        // accepted runs; durations are bounded there, so no timer overflows.
+        let valid = trainmesh_common::spec::validate(spec)
+            .map_err(|e| FieldError::new(format!("assignment.{}", e.field), e.description))?;
+        let (deadline, termination_grace) = (valid.timing.deadline, valid.timing.termination_grace);
+        let workers = valid.shape.workers;
+        let spec = valid.into_inner();
         let mut gpu_indexes = a.gpu_indexes;
         if gpu_indexes.iter().any(|i| *i < 0) {
             return Err(FieldError::new(
@@ -206,19 +167,7 @@ impl TryFrom<Assignment> for Launch {
         gpu_indexes.sort_unstable();
         gpu_indexes.dedup();
         let gpus_requested = spec.resources.as_ref().map_or(0, |r| r.gpus);
-        let resources = ResourceLimits::parse(spec.resources.as_ref())?;
-        let replicas = spec.replicas.unwrap_or_default();
-        // Every job has exactly one master ("0 means 1"); more would need a
-        // launcher the backends do not have.
-        if !(0..=1).contains(&replicas.masters) {
-            return Err(FieldError::new(
-                "assignment.spec.replicas.masters",
-                "must be 0 or 1",
-            ));
-        }
-        let workers = u32::try_from(replicas.workers).map_err(|_| {
-            FieldError::new("assignment.spec.replicas.workers", "must not be negative")
-        })?;
+        let resources = ResourceLimits::of(spec.resources.as_ref());
         Ok(Launch {
             key,
             correlation_id: trainmesh_common::correlation::accept(Some(&a.correlation_id)),
@@ -248,6 +197,7 @@ mod tests {
             job_id: JobId::new().to_string(),
             attempt: 1,
             spec: Some(JobSpec {
+                image: "python:3.12".into(),
                 command: vec!["python".into(), "train.py".into()],
                 ..JobSpec::default()
             }),

@@ -4,12 +4,11 @@
 use std::collections::{BTreeMap, HashSet};
 
 use trainmesh_common::error::FieldError;
-use trainmesh_common::proto::job::v1::{
-    AttemptState, FailureCause, JobError, JobSpec, JobState, Resources,
-};
+use trainmesh_common::proto::job::v1::{AttemptState, FailureCause, JobError, JobState};
 use trainmesh_common::proto::runner::v1 as runner_pb;
 use trainmesh_common::proto::scheduler::v1 as sched_pb;
-use trainmesh_common::time::{from_duration, from_timestamp};
+use trainmesh_common::spec::ValidSpec;
+use trainmesh_common::time::from_timestamp;
 use trainmesh_common::typed_id;
 
 typed_id!(
@@ -163,10 +162,6 @@ pub struct Demand {
     pub memory_mib: i64,
 }
 
-/// Largest single value accepted for GPUs, so sums cannot overflow.
-const MAX_GPUS: i32 = 4096;
-const MAX_REPLICAS: i32 = 4096;
-
 pub fn cpu_to_milli(field: &str, cpu: f64) -> Result<i64, FieldError> {
     if !cpu.is_finite() || cpu < 0.0 {
         return Err(FieldError::new(
@@ -181,67 +176,17 @@ pub fn cpu_to_milli(field: &str, cpu: f64) -> Result<i64, FieldError> {
 }
 
 impl Demand {
-    /// Validates `spec.resources` and `spec.replicas`; every replica runs on
-    /// the same runner in this release, so the demand is per replica times
-    /// the replica count.
-    pub fn from_spec(spec: &JobSpec) -> Result<Self, FieldError> {
-        let res = spec.resources.clone().unwrap_or_default();
-        let Resources {
-            gpus,
-            gpu_type,
-            cpu,
-            memory_mib,
-            shm_mib,
-        } = res;
-        if !(0..=MAX_GPUS).contains(&gpus) {
-            return Err(FieldError::new(
-                "spec.resources.gpus",
-                format!("must be between 0 and {MAX_GPUS}"),
-            ));
+    /// Every replica runs on the same runner in this release, so the
+    /// demand is per replica times the replica count.
+    pub fn of(spec: &ValidSpec) -> Self {
+        let shape = &spec.shape;
+        let n = shape.replicas();
+        Demand {
+            gpus: shape.gpus,
+            gpu_type: shape.gpu_type.clone(),
+            cpu_milli: shape.cpu_milli.saturating_mul(n),
+            memory_mib: shape.memory_mib.saturating_mul(n),
         }
-        let cpu_milli = cpu_to_milli("spec.resources.cpu", cpu)?;
-        if memory_mib < 0 {
-            return Err(FieldError::new(
-                "spec.resources.memory_mib",
-                "must not be negative",
-            ));
-        }
-        if shm_mib < 0 {
-            return Err(FieldError::new(
-                "spec.resources.shm_mib",
-                "must not be negative",
-            ));
-        }
-        let replicas = spec.replicas.unwrap_or_default();
-        if !(0..=MAX_REPLICAS).contains(&replicas.masters) {
-            return Err(FieldError::new(
-                "spec.replicas.masters",
-                format!("must be between 0 and {MAX_REPLICAS}"),
-            ));
-        }
-        if !(0..=MAX_REPLICAS).contains(&replicas.workers) {
-            return Err(FieldError::new(
-                "spec.replicas.workers",
-                format!("must be between 0 and {MAX_REPLICAS}"),
-            ));
-        }
-        let n = i64::from(replicas.masters.max(1)) + i64::from(replicas.workers);
-        let total_gpus = i64::from(gpus) * n;
-        let gpus = u32::try_from(total_gpus)
-            .ok()
-            .filter(|g| *g <= MAX_GPUS as u32)
-            .ok_or_else(|| {
-                FieldError::new(
-                    "spec.resources.gpus",
-                    format!("{total_gpus} GPUs over all replicas is more than {MAX_GPUS}"),
-                )
-            })?;
-        Ok(Demand {
-            gpus,
-            gpu_type: gpu_type.trim().to_owned(),
-            cpu_milli: cpu_milli.saturating_mul(n),
-            memory_mib: memory_mib.saturating_mul(n),
-        })
     }
 }
 
@@ -275,34 +220,12 @@ impl TryFrom<sched_pb::EnqueueJobRequest> for NewEntry {
         let spec = req
             .spec
             .ok_or_else(|| FieldError::new("spec", "is required"))?;
-        let demand = Demand::from_spec(&spec)?;
-        let max_attempts = match spec.retry_policy.as_ref().map(|p| p.max_attempts) {
-            None | Some(0) => None,
-            Some(n) if (1..=1000).contains(&n) => Some(n as u32),
-            Some(_) => {
-                return Err(FieldError::new(
-                    "spec.retry_policy.max_attempts",
-                    "must be between 0 (the default) and 1000",
-                ))
-            }
-        };
-        if let Some(p) = &spec.retry_policy {
-            for (name, d) in [
-                ("spec.retry_policy.initial_backoff", &p.initial_backoff),
-                ("spec.retry_policy.max_backoff", &p.max_backoff),
-            ] {
-                if d.as_ref().is_some_and(|d| from_duration(d).is_none()) {
-                    return Err(FieldError::new(name, "must not be negative"));
-                }
-            }
-        }
-        let deadline = match &spec.deadline {
-            None => None,
-            Some(d) => Some(
-                from_duration(d)
-                    .ok_or_else(|| FieldError::new("spec.deadline", "must not be negative"))?,
-            ),
-        };
+        // The same checks job-service made: what it accepted is queued.
+        let valid = trainmesh_common::spec::validate(spec)?;
+        let demand = Demand::of(&valid);
+        let max_attempts = valid.timing.max_attempts;
+        let deadline = valid.timing.deadline;
+        let spec = valid.into_inner();
         Ok(NewEntry {
             image: spec.image.clone(),
             labels: spec.labels.clone().into_iter().collect(),
@@ -484,7 +407,7 @@ pub fn failure_cause(exit_code: Option<i32>, error: Option<&JobError>) -> Failur
 #[cfg(test)]
 mod tests {
     use super::*;
-    use trainmesh_common::proto::job::v1::Replicas;
+    use trainmesh_common::proto::job::v1::{JobSpec, Replicas, Resources};
 
     fn err(category: &str) -> JobError {
         JobError {
@@ -541,8 +464,10 @@ mod tests {
     }
 
     #[test]
-    fn demand_multiplies_by_replicas_and_names_bad_fields() {
-        let mut spec = JobSpec {
+    fn demand_multiplies_by_replicas() {
+        let spec = JobSpec {
+            image: "i".into(),
+            command: vec!["true".into()],
             resources: Some(Resources {
                 gpus: 2,
                 cpu: 1.5,
@@ -555,20 +480,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        let d = Demand::from_spec(&spec).unwrap();
+        let d = Demand::of(&trainmesh_common::spec::validate(spec).unwrap());
         assert_eq!((d.gpus, d.cpu_milli, d.memory_mib), (6, 4500, 300));
-
-        spec.resources.as_mut().unwrap().gpus = -1;
-        assert_eq!(
-            Demand::from_spec(&spec).unwrap_err().field,
-            "spec.resources.gpus"
-        );
-        spec.resources.as_mut().unwrap().gpus = 1;
-        spec.resources.as_mut().unwrap().cpu = f64::NAN;
-        assert_eq!(
-            Demand::from_spec(&spec).unwrap_err().field,
-            "spec.resources.cpu"
-        );
     }
 
     #[test]

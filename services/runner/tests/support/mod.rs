@@ -521,6 +521,7 @@ pub fn assignment(argv: &[&str]) -> Assignment {
         org: "ml".into(),
         spec: Some(JobSpec {
             name: "test".into(),
+            image: "test".into(),
             command: argv.iter().map(|s| s.to_string()).collect(),
             ..JobSpec::default()
         }),
