@@ -25,7 +25,8 @@ fn a_minimal_spec_is_valid_and_asks_for_one_replica() {
 
 #[test]
 fn each_mistake_names_its_field() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut pb::JobSpec)>)> = vec![
+    type Change = Box<dyn Fn(&mut pb::JobSpec)>;
+    let cases: Vec<(&str, Change)> = vec![
         ("spec.image", Box::new(|s| s.image.clear())),
         ("spec.command", Box::new(|s| s.command.clear())),
         ("spec.command[0]", Box::new(|s| s.command[0].clear())),

@@ -107,6 +107,7 @@ pub fn cause_name(c: jpb::FailureCause) -> &'static str {
         jpb::FailureCause::Signal => "signal",
         jpb::FailureCause::Cancelled => "cancelled",
         jpb::FailureCause::Preempted => "preempted",
+        jpb::FailureCause::Refused => "refused",
     }
 }
 

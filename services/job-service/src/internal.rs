@@ -62,6 +62,38 @@ impl JobService {
         Ok(view)
     }
 
+    /// Ends a job the scheduler refused to queue: FAILED with its reason,
+    /// so it does not wait for a queue that will never hold it. A job
+    /// already finished (cancelled meanwhile) stays as it is.
+    pub async fn refuse(self: &Arc<Self>, raw_id: &str, why: &str) -> Result<()> {
+        let job_id = JobId::parse_field("job_id", raw_id)?;
+        let reason = format!("the scheduler refused the job: {why}");
+        self.update_status(StatusUpdate {
+            job_id,
+            attempt: 0,
+            state: JobState::Failed,
+            attempt_state: None,
+            runner_id: String::new(),
+            exit_code: None,
+            error: Some(pb::JobError {
+                r#type: "JobRefused".into(),
+                message: reason.clone(),
+                category: "refused".into(),
+                retryable: false,
+                hint: "change what the reason names and submit the job again".into(),
+                ..Default::default()
+            }),
+            failure_cause: Some(pb::FailureCause::Refused),
+            reason,
+            time: None,
+            // After anything the scheduler could have sent: it holds nothing.
+            sequence: i64::MAX,
+        })
+        .await?;
+        tracing::warn!(job_id = %job_id, error = why, "the scheduler refused the job; it failed");
+        Ok(())
+    }
+
     /// The body of UpdateJobStatus inside the caller's transaction. Returns
     /// the job as it is then and, when something changed, whether a
     /// diagnosis message was queued (`None`: ignored as stale).

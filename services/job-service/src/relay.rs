@@ -66,12 +66,12 @@ pub fn deliver(svc: Arc<JobService>, peers: Peers) -> Deliver {
     })
 }
 
-async fn call<T>(
+/// The peer's answer, or `Err` when it gave none in time.
+async fn answer<T>(
     fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, Delivery> {
+) -> Result<Result<T, tonic::Status>, Delivery> {
     match tokio::time::timeout(CALL_TIMEOUT, fut).await {
-        Ok(Ok(resp)) => Ok(resp.into_inner()),
-        Ok(Err(status)) => Err(classify(&status)),
+        Ok(answer) => Ok(answer.map(tonic::Response::into_inner)),
         Err(_) => Err(Delivery::Unreachable(format!(
             "no answer within {}s",
             CALL_TIMEOUT.as_secs()
@@ -79,14 +79,20 @@ async fn call<T>(
     }
 }
 
+async fn call<T>(
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, Delivery> {
+    answer(fut).await?.map_err(|status| classify(&status))
+}
+
 fn decode<M: Message + Default>(msg: &OutboxMessage) -> Result<M, Delivery> {
     M::decode(msg.payload.as_slice())
         .map_err(|e| Delivery::Drop(format!("undecodable `{}` payload: {e}", msg.topic)))
 }
 
-async fn deliver_one(svc: &JobService, peers: &Peers, msg: &OutboxMessage) -> Delivery {
+async fn deliver_one(svc: &Arc<JobService>, peers: &Peers, msg: &OutboxMessage) -> Delivery {
     let result = match msg.topic.as_str() {
-        TOPIC_ENQUEUE => enqueue(peers, msg).await,
+        TOPIC_ENQUEUE => enqueue(svc, peers, msg).await,
         TOPIC_CANCEL => cancel(peers, msg).await,
         TOPIC_DIAGNOSE => diagnose(svc, peers, msg).await,
         other => Err(Delivery::Drop(format!("unknown outbox topic `{other}`"))),
@@ -94,14 +100,43 @@ async fn deliver_one(svc: &JobService, peers: &Peers, msg: &OutboxMessage) -> De
     result.unwrap_or_else(|d| d)
 }
 
-async fn enqueue(peers: &Peers, msg: &OutboxMessage) -> Result<Delivery, Delivery> {
+/// A refusal ends the job FAILED with the scheduler's reason: dropping the
+/// message alone would leave the job PENDING for ever.
+async fn enqueue(
+    svc: &Arc<JobService>,
+    peers: &Peers,
+    msg: &OutboxMessage,
+) -> Result<Delivery, Delivery> {
     let req: spb::EnqueueJobRequest = decode(msg)?;
+    let job_id = req.job_id.clone();
     let mut client = spb::scheduler_internal_service_client::SchedulerInternalServiceClient::new(
         peers.scheduler.clone(),
     );
-    let resp = call(client.enqueue_job(req)).await?;
-    tracing::info!(created = resp.created, "job handed to the scheduler");
-    Ok(Delivery::Done)
+    let status = match answer(client.enqueue_job(req)).await? {
+        Ok(resp) => {
+            tracing::info!(created = resp.created, "job handed to the scheduler");
+            return Ok(Delivery::Done);
+        }
+        Err(status) => status,
+    };
+    match classify(&status) {
+        Delivery::Drop(_) => Ok(match svc.refuse(&job_id, status.message()).await {
+            Ok(()) => Delivery::Done,
+            Err(e) => after_local_error(e),
+        }),
+        other => Err(other),
+    }
+}
+
+/// What to do with a message whose delivery got through but whose local
+/// follow-up failed.
+fn after_local_error(e: crate::error::Error) -> Delivery {
+    match e.code() {
+        // Deleted meanwhile: nothing left to change.
+        ErrorCode::NotFound => Delivery::Done,
+        ErrorCode::Unavailable | ErrorCode::Internal => Delivery::Retry(e.to_string()),
+        _ => Delivery::Drop(e.to_string()),
+    }
 }
 
 async fn cancel(peers: &Peers, msg: &OutboxMessage) -> Result<Delivery, Delivery> {
@@ -142,11 +177,6 @@ async fn diagnose(
             tracing::info!("diagnosis attached");
             Ok(Delivery::Done)
         }
-        Err(e) => Ok(match e.code() {
-            // Deleted meanwhile: nothing left to attach to.
-            ErrorCode::NotFound => Delivery::Done,
-            ErrorCode::Unavailable | ErrorCode::Internal => Delivery::Retry(e.to_string()),
-            _ => Delivery::Drop(e.to_string()),
-        }),
+        Err(e) => Ok(after_local_error(e)),
     }
 }

@@ -248,6 +248,16 @@ mod tests {
         let mut a = assignment();
         a.spec.as_mut().unwrap().termination_grace = Some(prost_types::Duration::default());
         assert_eq!(Launch::try_from(a).unwrap().termination_grace, None);
+        // What would overflow a timer on cancel is refused up front.
+        let mut a = assignment();
+        a.spec.as_mut().unwrap().termination_grace = Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 0,
+        });
+        assert_eq!(
+            Launch::try_from(a).unwrap_err().field,
+            "assignment.spec.termination_grace"
+        );
     }
 
     #[test]

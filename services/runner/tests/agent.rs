@@ -283,6 +283,68 @@ async fn a_heartbeat_cancel_stops_the_attempt_and_reports_cancelled() {
     runner.shutdown().await.unwrap();
 }
 
+/// Durations as large as protobuf carries are refused by name (no timer
+/// overflows, nothing runs); the largest accepted ones still let a cancel
+/// stop the job, and the runner goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_durations_neither_crash_the_runner_nor_outlive_a_cancel() {
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| config(&endpoint, w));
+    let huge = Some(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    });
+    let mut a = assignment(&["/bin/sh", "-c", "echo started; sleep 1000"]);
+    let spec = a.spec.as_mut().unwrap();
+    spec.termination_grace = huge;
+    spec.deadline = huge;
+    let refused = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&refused).await;
+    assert_eq!(last.state, AttemptState::Failed as i32);
+    let err = last.error.unwrap();
+    assert_eq!(err.category, "setup");
+    assert!(
+        err.message.contains("assignment.spec.deadline"),
+        "{}",
+        err.message
+    );
+    assert!(!m
+        .fake
+        .log_lines(&refused)
+        .iter()
+        .any(|l| l.text == "started"));
+
+    let mut a = assignment(&["/bin/sh", "-c", "echo started; sleep 1000"]);
+    let spec = a.spec.as_mut().unwrap();
+    spec.termination_grace = Some(trainmesh_common::time::to_duration(
+        trainmesh_common::spec::limits::MAX_TERMINATION_GRACE,
+    ));
+    spec.deadline = Some(trainmesh_common::time::to_duration(
+        trainmesh_common::spec::limits::MAX_DEADLINE,
+    ));
+    let job_id = a.job_id.clone();
+    let attempt_ref = AttemptRef {
+        job_id: job_id.clone(),
+        attempt: 1,
+    };
+    m.fake.assign(a);
+    wait_for("a heartbeat listing the attempt", WAIT, || async {
+        m.fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Heartbeat(h) if h.active.contains(&attempt_ref)))
+            .then_some(())
+    })
+    .await;
+    m.fake.with(|s| s.cancel.push(attempt_ref.clone()));
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Cancelled as i32);
+    assert_eq!(last.exit_code, Some(143));
+    runner.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_stops_the_attempt_and_reports_failed() {
     let m = mesh().await;

@@ -136,7 +136,17 @@ impl pb::scheduler_internal_service_server::SchedulerInternalService for Grpc {
         req: Request<pb::EnqueueJobRequest>,
     ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
         caller(&req)?.require(Role::Service)?;
-        let entry = NewEntry::try_from(req.into_inner())?;
+        let req = req.into_inner();
+        let raw_id = req.job_id.clone();
+        let entry = match NewEntry::try_from(req) {
+            Ok(entry) => entry,
+            Err(refusal) => {
+                if let Ok(job_id) = JobId::parse_field("job_id", &raw_id) {
+                    self.sched.refuse(job_id, &refusal.to_string()).await?;
+                }
+                return Err(refusal.into());
+            }
+        };
         let (state, created) = self.sched.enqueue(entry).await?;
         Ok(Response::new(pb::EnqueueJobResponse {
             state: state.proto() as i32,

@@ -329,6 +329,24 @@ impl Scheduler {
         Ok(rules.first_match(&facts).map(|r| r.name.clone()))
     }
 
+    /// Records that the job's enqueue was refused: the entry is FAILED with
+    /// the reason, so the queue answers for it and a redelivery of the same
+    /// enqueue does not queue it. An entry that exists already is kept.
+    pub async fn refuse(&self, job_id: JobId, reason: &str) -> Result<()> {
+        retrying(|| async {
+            let mut tx = self.db.begin_write().await?;
+            let stored =
+                repo::insert_tombstone(&mut tx, job_id, EntryState::Failed, reason, self.now())
+                    .await?;
+            tx.commit().await?;
+            if stored {
+                tracing::warn!(job_id = %job_id, reason, "enqueue refused; the job is failed");
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Cancels a queued job at once; a dispatched one is cancelled by its
     /// runner (told in its next heartbeat) unless it was not yet delivered.
     /// Returns the state the scheduler holds afterwards.
@@ -347,7 +365,8 @@ impl Scheduler {
         let Some(entry) = repo::get_entry(&mut tx, job_id).await? else {
             // Cancelled before its EnqueueJob arrived: remember it, so the
             // late enqueue does not queue it.
-            if !repo::insert_cancelled_tombstone(&mut tx, job_id, &reason, now).await? {
+            if !repo::insert_tombstone(&mut tx, job_id, EntryState::Cancelled, &reason, now).await?
+            {
                 return Err(Error::Conflict(format!(
                     "job `{job_id}` was enqueued meanwhile"
                 )));

@@ -716,3 +716,45 @@ async fn success_without_a_running_report_still_passes_through_running() {
     );
     h.stop().await.unwrap();
 }
+
+/// A refused enqueue leaves the job FAILED in the queue with the reason: a
+/// redelivery of the same job does not queue it, and nothing is dispatched.
+#[tokio::test]
+async fn a_refused_enqueue_leaves_the_job_failed() {
+    let h = Harness::start(trainmesh_common::testing::sqlite_db()).await;
+    let job = new_job_id();
+    let err = h
+        .internal()
+        .enqueue_job(EnqueueJobRequest {
+            job_id: job.clone(),
+            owner: "alice".into(),
+            spec: Some(spec(5000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("spec.resources.gpus"),
+        "{}",
+        err.message()
+    );
+    let again = h.enqueue(&job, "alice", spec(1)).await;
+    assert!(!again.created);
+    assert_eq!(again.state, JobState::Failed as i32);
+    let runner = h.register(1).await;
+    let got = h
+        .runners()
+        .acquire_assignments(
+            trainmesh_common::proto::runner::v1::AcquireAssignmentsRequest {
+                runner_id: runner,
+                max_assignments: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.assignments.is_empty(), "{got:?}");
+    h.stop().await.unwrap();
+}

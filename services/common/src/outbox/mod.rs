@@ -357,14 +357,15 @@ impl Relay {
 
 /// Maps a gRPC failure to a delivery outcome: a destination that is down,
 /// too slow or shedding load is unreachable; other codes that a retry can
-/// fix are retried; the rest are permanent.
+/// fix are retried, including a refused credential (the sender's
+/// configuration, not the message, is wrong); the rest are permanent.
 pub fn classify(status: &tonic::Status) -> Delivery {
     use tonic::Code::*;
     match status.code() {
         Unavailable | DeadlineExceeded | ResourceExhausted => {
             Delivery::Unreachable(status.to_string())
         }
-        Aborted | Internal | Unknown | Cancelled | Unauthenticated => {
+        Aborted | Internal | Unknown | Cancelled | Unauthenticated | PermissionDenied => {
             Delivery::Retry(status.to_string())
         }
         _ => Delivery::Drop(status.to_string()),

@@ -229,12 +229,19 @@ async fn idempotent_create_returns_the_original_job() {
             again.job.as_ref().unwrap().id,
             first.job.as_ref().unwrap().id
         );
-        // Same key, different spec: still the original submission.
-        let changed = alice.create_job(req("second")).await.unwrap().into_inner();
-        assert!(changed.existing);
+        // Same key, different spec: refused, naming the key and the job.
+        let changed = alice.create_job(req("second")).await.unwrap_err();
         assert_eq!(
-            changed.job.as_ref().unwrap().spec.as_ref().unwrap().name,
-            "first"
+            changed.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            app.label
+        );
+        assert!(
+            changed.message().contains("idempotency_key")
+                && changed.message().contains(&first.job.as_ref().unwrap().id),
+            "{}",
+            changed.message()
         );
         // Keys are per owner.
         let bobs = app

@@ -30,6 +30,8 @@ struct FakeScheduler {
     /// database fails, or that is shedding load) and records the job.
     down: Arc<std::sync::atomic::AtomicBool>,
     refused: Arc<Mutex<Vec<String>>>,
+    /// While set, EnqueueJob refuses every job with this status.
+    refuse_with: Arc<Mutex<Option<(tonic::Code, String)>>>,
 }
 
 fn header(req: &Request<impl Sized>, name: &str) -> String {
@@ -46,6 +48,10 @@ impl spb::scheduler_internal_service_server::SchedulerInternalService for FakeSc
         &self,
         req: Request<spb::EnqueueJobRequest>,
     ) -> Result<Response<spb::EnqueueJobResponse>, Status> {
+        if let Some((code, message)) = self.refuse_with.lock().unwrap().clone() {
+            self.refused.lock().unwrap().push(req.into_inner().job_id);
+            return Err(Status::new(code, message));
+        }
         if self.down.load(std::sync::atomic::Ordering::SeqCst) {
             self.refused.lock().unwrap().push(req.into_inner().job_id);
             return Err(Status::unavailable("the scheduler's database is failing"));
@@ -357,4 +363,80 @@ async fn an_unreachable_scheduler_is_probed_with_one_job_and_then_gets_the_backl
         want.sort();
         assert_eq!(got, want, "{}: each job once: {delivered:?}", app.label);
     }
+}
+
+/// Every answer of the scheduler that retrying cannot change ends the job
+/// FAILED with the scheduler's reason; none leaves it PENDING.
+#[tokio::test]
+async fn every_refusal_of_the_enqueue_ends_the_job_failed_with_the_reason() {
+    use tonic::Code::*;
+    let db = &all_dbs().await[0];
+    let dir = tempfile::tempdir().unwrap();
+    let addr_file = dir.path().join("scheduler.addr");
+    let fake = FakeScheduler::default();
+    fake.start(&addr_file).await;
+    let ep = format!("file:{}", addr_file.display());
+    let app = App::start_in(db, dir, |c| c.scheduler_endpoint = ep).await;
+    for code in [
+        InvalidArgument,
+        FailedPrecondition,
+        NotFound,
+        AlreadyExists,
+        OutOfRange,
+        Unimplemented,
+        DataLoss,
+    ] {
+        let why = format!("refused with {code:?}: spec.resources.gpus is too many");
+        *fake.refuse_with.lock().unwrap() = Some((code, why.clone()));
+        let job = create(&mut app.alice(), spec("refused")).await;
+        let job = wait_for("the refused job to fail", WAIT, || {
+            let mut client = app.alice();
+            let id = job.id.clone();
+            async move {
+                let j = get(&mut client, &id).await.unwrap();
+                (state(&j) != pb::JobState::Pending).then_some(j)
+            }
+        })
+        .await;
+        assert_eq!(state(&job), pb::JobState::Failed, "{code:?}");
+        assert_eq!(
+            job.failure_cause,
+            pb::FailureCause::Refused as i32,
+            "{code:?}"
+        );
+        assert!(
+            job.state_reason.contains(&why),
+            "{code:?}: {}",
+            job.state_reason
+        );
+        assert!(
+            job.error_message.contains(&why),
+            "{code:?}: {}",
+            job.error_message
+        );
+    }
+    // A refused credential is the sender's configuration, not the job: the
+    // job waits, and is delivered once the scheduler takes it.
+    *fake.refuse_with.lock().unwrap() = Some((
+        PermissionDenied,
+        "this call needs the `service` role".into(),
+    ));
+    let before = fake.refused.lock().unwrap().len();
+    let job = create(&mut app.alice(), spec("waits")).await;
+    wait_for("the enqueue to be refused twice", WAIT, || {
+        let fake = fake.clone();
+        async move { (fake.refused.lock().unwrap().len() >= before + 2).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        state(&get(&mut app.alice(), &job.id).await.unwrap()),
+        pb::JobState::Pending
+    );
+    *fake.refuse_with.lock().unwrap() = None;
+    wait_for("the waiting job to be delivered", WAIT, || {
+        let fake = fake.clone();
+        let id = job.id.clone();
+        async move { enqueued_ids(&fake.calls()).contains(&id).then_some(()) }
+    })
+    .await;
 }

@@ -349,3 +349,62 @@ async fn without_data_roots_paths_are_refused_with_a_clear_message() {
         );
     }
 }
+
+/// What no runner could run, or a timer could not hold, is refused at
+/// submission: the scheduler and the runner check the same limits, so an
+/// accepted job is never refused later.
+#[tokio::test]
+async fn numbers_beyond_the_limits_are_refused() {
+    let huge = Some(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    });
+    refused(vec![
+        case("spec.resources.gpus", |_, s| {
+            s.resources.get_or_insert_with(Default::default).gpus = 5000
+        }),
+        case("spec.replicas.workers", |_, s| {
+            s.replicas = Some(pb::Replicas {
+                masters: 1,
+                workers: 5000,
+            })
+        }),
+        case("spec.replicas.masters", |_, s| {
+            s.replicas = Some(pb::Replicas {
+                masters: 2,
+                workers: 0,
+            })
+        }),
+        case("spec.termination_grace", move |_, s| {
+            s.termination_grace = huge
+        }),
+        case("spec.deadline", move |_, s| s.deadline = huge),
+        case("spec.retry_policy.initial_backoff", move |_, s| {
+            s.retry_policy = Some(pb::RetryPolicy {
+                initial_backoff: huge,
+                ..Default::default()
+            })
+        }),
+        case("spec.termination_grace", |_, s| {
+            s.termination_grace = Some(prost_types::Duration {
+                seconds: 1,
+                nanos: 2_000_000_000,
+            })
+        }),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn invisible_and_direction_characters_are_refused_in_names_and_labels() {
+    refused(vec![
+        case("spec.name", |_, s| s.name = "train\u{202E}gnp".into()),
+        case("spec.labels[\"team\\u{200b}\"]", |_, s| {
+            s.labels.insert("team\u{200B}".into(), "a".into());
+        }),
+        case("spec.labels[\"team\"]", |_, s| {
+            s.labels.insert("team".into(), "\u{2067}a".into());
+        }),
+    ])
+    .await;
+}

@@ -141,11 +141,13 @@ pub async fn insert_entry(
     Ok(row.is_some())
 }
 
-/// A placeholder for a job cancelled before it was enqueued, so that a
-/// late `EnqueueJob` finds it and does not queue it.
-pub async fn insert_cancelled_tombstone(
+/// A placeholder for a job that ended before it was queued: cancelled
+/// before its `EnqueueJob` arrived (which then finds it and does not queue
+/// it), or refused at enqueue (so the queue says why it is not there).
+pub async fn insert_tombstone(
     conn: &mut AnyConnection,
     job_id: JobId,
+    state: EntryState,
     reason: &str,
     now: i64,
 ) -> Result<bool> {
@@ -153,13 +155,15 @@ pub async fn insert_cancelled_tombstone(
         "INSERT INTO queue_entries (job_id, owner, org, priority, gpus, gpu_type, cpu_milli, \
          memory_mib, spec, correlation_id, submit_time, enqueued_at, state, max_attempts, reason, \
          cancel_requested, updated_at) \
-         VALUES ($1, '', '', 0, 0, '', 0, 0, $2, '', $3, $3, 'CANCELLED', 0, $4, 1, $3) \
+         VALUES ($1, '', '', 0, 0, '', 0, 0, $2, '', $3, $3, $5, 0, $4, $6, $3) \
          ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
     )
     .bind(job_id.to_string())
     .bind(Vec::<u8>::new())
     .bind(now)
     .bind(reason)
+    .bind(state.as_str())
+    .bind(i32::from(state == EntryState::Cancelled))
     .fetch_optional(&mut *conn)
     .await?;
     Ok(row.is_some())
