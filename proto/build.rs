@@ -36,6 +36,7 @@ fn main() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::ProtoCodec")
         .compile_fds(fds)
         .expect("generate code");
 }

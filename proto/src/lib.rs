@@ -1,7 +1,9 @@
 //! Generated gRPC contracts of trainmesh. See `proto/trainmesh/**` for the
-//! documented definitions; nothing here is written by hand.
+//! documented definitions; nothing here is written by hand but [`codec`].
 
 #![allow(clippy::all, clippy::pedantic)]
+
+pub mod codec;
 
 /// Encoded `FileDescriptorSet` of every trainmesh proto and its imports, for
 /// server reflection.

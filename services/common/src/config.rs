@@ -45,6 +45,15 @@ pub struct CommonArgs {
     /// Largest request or response message in bytes.
     #[arg(long, env = "TRAINMESH_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
+
+    /// Streaming calls (watches, log follows, metric streams) one caller may
+    /// hold open at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(
+        long,
+        env = "TRAINMESH_MAX_STREAMS_PER_CALLER",
+        default_value_t = crate::inbound::DEFAULT_MAX_STREAMS_PER_CALLER
+    )]
+    pub max_streams_per_caller: usize,
 }
 
 impl CommonArgs {
@@ -87,6 +96,7 @@ impl CommonArgs {
             max_concurrent_requests: self.max_concurrent_requests,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_message_bytes: self.max_message_bytes,
+            max_streams_per_caller: self.max_streams_per_caller,
             ..ServerOptions::default()
         }
     }

@@ -8,6 +8,7 @@
 //! - [`error`]: the one mapping from a service's error codes to `tonic::Status`.
 //! - [`server`]: the one server builder (health, reflection, layers, limits,
 //!   graceful shutdown).
+//! - [`inbound`]: oversized requests and a per-caller cap on open streams.
 //! - [`stream`]: server streams that end with UNAVAILABLE (and the cursor
 //!   to resume from) when the server shuts down.
 //! - [`db`]: sqlx pools for SQLite (default) and PostgreSQL, and migrations.
@@ -30,6 +31,7 @@ pub mod error;
 pub mod group_commit;
 pub mod healthcheck;
 pub mod id;
+pub mod inbound;
 pub mod log_file;
 pub mod outbox;
 pub mod server;

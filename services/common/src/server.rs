@@ -4,8 +4,10 @@
 //! 1. correlation id + request span (+ trace parent) — so even rejected
 //!    calls are logged with an id the caller can quote;
 //! 2. authentication — before any work is admitted;
-//! 3. load shedding — a bounded number of calls in flight, beyond which
-//!    callers get RESOURCE_EXHAUSTED at once instead of queueing;
+//! 3. a cap on the streams each caller holds open, then load shedding — a
+//!    bounded number of calls in flight, beyond which callers get
+//!    RESOURCE_EXHAUSTED at once instead of queueing — and oversized
+//!    requests answered RESOURCE_EXHAUSTED ([`crate::inbound`]);
 //! 4. the services, with a per-call timeout.
 //!
 //! Health (`grpc.health.v1`) and reflection (v1 and v1alpha) are mounted on
@@ -26,6 +28,7 @@ use tonic::Status;
 use crate::auth::{AuthLayer, TokenStore};
 use crate::correlation::CorrelationLayer;
 use crate::db::Db;
+use crate::inbound::{streaming_methods, OversizeLayer, StreamCapLayer};
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -35,6 +38,8 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     /// How long in-flight calls may take to finish after shutdown begins.
     pub drain_timeout: Duration,
+    /// Streaming calls one caller may hold open at once.
+    pub max_streams_per_caller: usize,
     /// The service's database: health is NOT_SERVING while it cannot be
     /// written (see [`crate::storage`]).
     pub storage: Option<Db>,
@@ -47,6 +52,7 @@ impl Default for ServerOptions {
             request_timeout: Duration::from_secs(60),
             max_message_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
+            max_streams_per_caller: crate::inbound::DEFAULT_MAX_STREAMS_PER_CALLER,
             storage: None,
         }
     }
@@ -169,7 +175,12 @@ pub async fn serve(
     let layers = tower::ServiceBuilder::new()
         .layer(CorrelationLayer)
         .layer(AuthLayer::new(tokens))
+        .layer(StreamCapLayer::new(
+            opts.max_streams_per_caller,
+            streaming_methods(&[trainmesh_proto::FILE_DESCRIPTOR_SET]),
+        ))
         .layer(ShedLayer::new(opts.max_concurrent_requests))
+        .layer(OversizeLayer::new(opts.max_message_bytes))
         .into_inner();
 
     let addr = listener.local_addr()?;
