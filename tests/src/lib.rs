@@ -285,6 +285,7 @@ impl Mesh {
                 "job-service" => &["--scheduler-endpoint", "--diagnosis-endpoint"],
                 "scheduler-service" => &["--job-endpoint"],
                 "diagnosis-service" => &["--job-endpoint", "--metrics-endpoint"],
+                "metrics-service" => &["--job-endpoint"],
                 _ => &[],
             };
             for (flag, peer) in [

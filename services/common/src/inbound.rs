@@ -81,17 +81,32 @@ where
             // A request refused before its handler ran is answered with the
             // status in the headers ("trailers only").
             match Status::from_header_map(resp.headers()) {
-                Some(s) if s.code() == Code::OutOfRange && s.message().starts_with(TOO_LARGE) => {
-                    Ok(Status::resource_exhausted(format!(
-                        "the request is larger than this server accepts ({limit} bytes; \
-                         --max-message-bytes): {}",
-                        s.message()
-                    ))
-                    .into_http())
-                }
+                Some(s) if is_too_large(&s) => Ok(oversized(limit, &s).into_http()),
                 _ => Ok(resp),
             }
         })
+    }
+}
+
+fn is_too_large(s: &Status) -> bool {
+    s.code() == Code::OutOfRange && s.message().starts_with(TOO_LARGE)
+}
+
+fn oversized(limit: usize, s: &Status) -> Status {
+    Status::resource_exhausted(format!(
+        "the request is larger than this server accepts ({limit} bytes; \
+         --max-message-bytes): {}",
+        s.message()
+    ))
+}
+
+/// For a message of a client stream that tonic refused as too large (the
+/// layer only sees refusals made before the handler ran).
+pub fn stream_message_status(limit: usize, s: Status) -> Status {
+    if is_too_large(&s) {
+        oversized(limit, &s)
+    } else {
+        s
     }
 }
 

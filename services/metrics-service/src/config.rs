@@ -8,6 +8,7 @@ use trainmesh_common::config::CommonArgs;
 use trainmesh_common::server::ServerOptions;
 
 use crate::caps::{Caps, DEFAULT_MAX_KEYS_PER_JOB, DEFAULT_MAX_POINTS_PER_JOB};
+use crate::owners::JobOwners;
 
 /// Everything `run` needs; tests build it directly.
 #[derive(Clone, Debug)]
@@ -21,6 +22,10 @@ pub struct Config {
     pub watch_poll_interval: Duration,
     /// Per-job caps on stored points and distinct keys.
     pub caps: Caps,
+    /// Who owns each job, from job-service. `None`: every authenticated
+    /// caller may use every job's metrics, for tests that run
+    /// metrics-service alone; the binary always checks.
+    pub owners: Option<Arc<JobOwners>>,
 }
 
 impl Config {
@@ -32,6 +37,7 @@ impl Config {
             database_url: database_url.into(),
             watch_poll_interval: Duration::from_secs(1),
             caps: Caps::default(),
+            owners: None,
         }
     }
 }
@@ -61,6 +67,19 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_METRICS_WATCH_POLL_MS", default_value_t = 1000)]
     pub watch_poll_ms: u64,
 
+    /// job-service endpoint (`host:port`, `http://…` or `file:PATH`), asked
+    /// who owns a job before a user reads or writes its metrics.
+    #[arg(
+        long,
+        env = "TRAINMESH_JOB_ENDPOINT",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub job_endpoint: String,
+
+    /// Seconds allowed for each call to job-service.
+    #[arg(long, env = "TRAINMESH_METRICS_JOB_TIMEOUT_SECS", default_value_t = 10)]
+    pub job_timeout_secs: u64,
+
     /// Most metric points one job may store; a batch that would pass it is
     /// refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TRAINMESH_METRICS_MAX_POINTS_PER_JOB",
@@ -88,7 +107,16 @@ fn database_url(common: &CommonArgs, explicit: Option<&str>) -> String {
 
 impl Args {
     pub async fn into_config(self) -> anyhow::Result<Config> {
+        let token = self.common.optional_service_token(
+            "users' calls are refused until job-service can be asked who owns a job",
+        )?;
+        let owners = JobOwners::new(
+            &self.job_endpoint,
+            token.as_deref(),
+            Duration::from_secs(self.job_timeout_secs.max(1)),
+        )?;
         Ok(Config {
+            owners: Some(Arc::new(owners)),
             tokens: self.common.token_store().await?,
             server: self.common.server_options(),
             database_url: database_url(&self.common, self.database_url.as_deref()),

@@ -14,6 +14,12 @@ pub enum Error {
     Cap(#[from] CapExceeded),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// No such job, or not one the caller may see.
+    #[error("job `{0}` was not found")]
+    JobNotFound(crate::domain::JobId),
+    /// job-service could not say whose job it is.
+    #[error("cannot check the job's owner with job-service: {0}")]
+    JobService(String),
     /// A stored row that this version cannot read (e.g. an unknown value kind).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -25,6 +31,8 @@ impl ServiceError for Error {
             Error::Invalid(_) => ErrorCode::InvalidArgument,
             Error::Cap(_) => ErrorCode::ResourceExhausted,
             Error::Db(e) => db_error_code(e),
+            Error::JobNotFound(_) => ErrorCode::NotFound,
+            Error::JobService(_) => ErrorCode::Unavailable,
             Error::Corrupt(_) => ErrorCode::Internal,
         }
     }

@@ -1,31 +1,52 @@
-//! gRPC adapter: proto ⇄ domain, errors → `Status`.
+//! gRPC adapter: proto ⇄ domain, the owner check, errors → `Status`.
 //!
-//! Any authenticated caller may write and read any job's metrics: job
-//! ownership lives in job-service, and checking it here would put a
-//! job-service call on the ingest path.
+//! Users write and read only their own jobs' metrics (job ownership lives in
+//! job-service; see [`crate::owners`]); services and admins any job's.
 
 use std::sync::Arc;
 
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
-use trainmesh_common::auth;
+use trainmesh_common::auth::{self, Caller};
 use trainmesh_common::error::FieldError;
+use trainmesh_common::inbound::stream_message_status;
 use trainmesh_common::proto::metrics::v1 as pb;
 use trainmesh_common::server::ShutdownWatch;
 use trainmesh_common::stream::{until_shutdown, BoxStream};
 
 use crate::domain::{JobId, LatestQuery, Point, RangeQuery, WatchQuery, WriteBatch};
+use crate::owners::JobOwners;
 use crate::service::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct MetricsGrpc {
     svc: Arc<Metrics>,
     shutdown: ShutdownWatch,
+    /// `None`: not checked (a metrics-service run alone, in tests).
+    owners: Option<Arc<JobOwners>>,
+    max_message_bytes: usize,
 }
 
 impl MetricsGrpc {
-    pub fn new(svc: Arc<Metrics>, shutdown: ShutdownWatch) -> Self {
-        Self { svc, shutdown }
+    pub fn new(
+        svc: Arc<Metrics>,
+        shutdown: ShutdownWatch,
+        owners: Option<Arc<JobOwners>>,
+        max_message_bytes: usize,
+    ) -> Self {
+        Self {
+            svc,
+            shutdown,
+            owners,
+            max_message_bytes,
+        }
+    }
+
+    async fn may_use(&self, caller: &Caller, job: JobId) -> Result<(), Status> {
+        match &self.owners {
+            Some(owners) => Ok(owners.check(caller, job).await?),
+            None => Ok(()),
+        }
     }
 }
 
@@ -48,8 +69,9 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         &self,
         req: Request<pb::WriteMetricsRequest>,
     ) -> Result<Response<pb::WriteMetricsResponse>, Status> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let batch = WriteBatch::try_from(req.into_inner())?;
+        self.may_use(&caller, batch.job_id).await?;
         let out = self.svc.write(batch).await?;
         Ok(Response::new(pb::WriteMetricsResponse {
             accepted: count(out.accepted),
@@ -61,7 +83,7 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         &self,
         req: Request<Streaming<pb::StreamWriteMetricsRequest>>,
     ) -> Result<Response<pb::StreamWriteMetricsResponse>, Status> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let mut stream = req.into_inner();
         let mut shutdown = self.shutdown.clone();
         let mut resp = pb::StreamWriteMetricsResponse::default();
@@ -81,7 +103,7 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
                 msg = stream.next() => msg,
             };
             let Some(msg) = msg else { break };
-            let msg = msg?;
+            let msg = msg.map_err(|s| stream_message_status(self.max_message_bytes, s))?;
             let n = resp.batches + 1;
             let batch = WriteBatch::try_from(msg.batch.unwrap_or_default()).map_err(|e| {
                 FieldError::new(
@@ -92,8 +114,11 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
                     ),
                 )
             })?;
-            let out = self.svc.write(batch).await.map_err(|e| {
-                let status = Status::from(e);
+            let written = match self.may_use(&caller, batch.job_id).await {
+                Ok(()) => self.svc.write(batch).await.map_err(Status::from),
+                Err(status) => Err(status),
+            };
+            let out = written.map_err(|status| {
                 Status::with_details(
                     status.code(),
                     format!(
@@ -115,8 +140,9 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         &self,
         req: Request<pb::GetLatestMetricsRequest>,
     ) -> Result<Response<pb::GetLatestMetricsResponse>, Status> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let q = LatestQuery::try_from(req.into_inner())?;
+        self.may_use(&caller, q.job_id).await?;
         let latest = self.svc.latest(q).await?;
         Ok(Response::new(pb::GetLatestMetricsResponse {
             points: points(&latest.points),
@@ -128,8 +154,9 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         &self,
         req: Request<pb::QueryMetricsRequest>,
     ) -> Result<Response<pb::QueryMetricsResponse>, Status> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let q = RangeQuery::try_from(req.into_inner())?;
+        self.may_use(&caller, q.job_id).await?;
         let series = self.svc.query(q).await?;
         Ok(Response::new(pb::QueryMetricsResponse {
             series: series
@@ -147,8 +174,9 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         &self,
         req: Request<pb::ListMetricKeysRequest>,
     ) -> Result<Response<pb::ListMetricKeysResponse>, Status> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let job = JobId::parse_field("job_id", &req.get_ref().job_id)?;
+        self.may_use(&caller, job).await?;
         let keys = self.svc.keys(job).await?;
         Ok(Response::new(pb::ListMetricKeysResponse { keys }))
     }
@@ -159,10 +187,11 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
         &self,
         req: Request<pb::WatchMetricsRequest>,
     ) -> Result<Response<Self::WatchMetricsStream>, Status> {
-        auth::caller(&req)?;
+        let caller = auth::caller(&req)?;
         let r = req.into_inner();
         let start = r.cursor.clone();
         let q = WatchQuery::try_from(r)?;
+        self.may_use(&caller, q.job_id).await?;
         let rx = self.svc.watch(q, self.shutdown.clone()).await?;
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|item| {
             item.map(|u| pb::WatchMetricsResponse {

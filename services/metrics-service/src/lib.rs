@@ -21,6 +21,7 @@ pub mod domain;
 pub mod error;
 pub mod flatten;
 pub mod grpc;
+pub mod owners;
 pub mod repo;
 pub mod service;
 
@@ -59,7 +60,8 @@ pub async fn run(
         config.caps,
     ));
     let max = server_opts.max_message_bytes;
-    let metrics = MetricsServiceServer::new(grpc::MetricsGrpc::new(svc, watch))
+    let grpc = grpc::MetricsGrpc::new(svc, watch, config.owners, max);
+    let metrics = MetricsServiceServer::new(grpc)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     server::serve(

@@ -33,7 +33,7 @@ fn peers(service: Service) -> &'static [Service] {
     match service {
         Service::Job => &[Service::Scheduler, Service::Diagnosis],
         Service::Scheduler => &[Service::Job],
-        Service::Metrics => &[],
+        Service::Metrics => &[Service::Job],
         Service::Diagnosis => &[Service::Job],
     }
 }
