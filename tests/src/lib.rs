@@ -376,6 +376,9 @@ impl Mesh {
             self.runner_work_dir(instance).display().to_string(),
             "--name".into(),
             name.into(),
+            // The tests' jobs write into the tests' private directories, as
+            // the user running the tests.
+            "--allow-root-jobs".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(bin_dir(), instance, "runner", args);

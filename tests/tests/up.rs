@@ -122,3 +122,91 @@ async fn ctrl_c_of_up_hands_a_running_job_back_instead_of_cancelling_it() {
     );
     ctrl_c(second).await;
 }
+
+/// Tries to read every file it is given; fails if it runs as root or can
+/// read any of them.
+const PROBE: &str = r#"
+import os, sys
+if os.getuid() == 0:
+    sys.exit("the job runs as root")
+readable = []
+for path in sys.argv[1:]:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+        readable.append(path)
+    except OSError:
+        pass
+print("readable:", readable, flush=True)
+sys.exit(1 if readable else 0)
+"#;
+
+/// A job submitted through `trainctl up` (the process backend, `up` run as
+/// root) runs as an unprivileged user and cannot read the mesh's tokens or
+/// databases, although it knows where they are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_of_up_cannot_read_its_tokens_or_databases() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: `up` runs jobs as its own user, who owns these files");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("mesh");
+    let mesh = up(&data, 1).await;
+    let mut private = Vec::new();
+    for entry in walk(&data) {
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if name.ends_with(".token") || name.ends_with(".yaml") || name.contains(".db") {
+            private.push(entry.display().to_string());
+        }
+    }
+    assert!(
+        private.iter().any(|p| p.ends_with("admin.token"))
+            && private
+                .iter()
+                .any(|p| p.ends_with("jobs.db") || p.contains("job")),
+        "{private:?}"
+    );
+    let mut command = vec!["python3".into(), "-c".into(), PROBE.into()];
+    command.extend(private.iter().cloned());
+    let job = jobs(&data)
+        .create_job(CreateJobRequest {
+            spec: Some(JobSpec {
+                name: "probe".into(),
+                image: "python:3.11-slim".into(),
+                command,
+                ..Default::default()
+            }),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("create job")
+        .into_inner()
+        .job
+        .expect("job");
+    let done = wait_job(&data, &job.id, "the probe to end", |j| {
+        j.state == JobState::Succeeded as i32 || j.state == JobState::Failed as i32
+    })
+    .await;
+    assert_eq!(
+        done.state,
+        JobState::Succeeded as i32,
+        "the job read a private file or ran as root: {:#?}",
+        done.attempts
+    );
+    ctrl_c(mesh).await;
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

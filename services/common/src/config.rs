@@ -56,6 +56,13 @@ pub struct CommonArgs {
     pub max_streams_per_caller: usize,
 }
 
+/// Makes every file and directory this process creates private to its user
+/// (umask 077): databases, tokens, logs and data directories hold what a
+/// job or another local user must not read. Called first by every binary.
+pub fn private_files() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 impl CommonArgs {
     pub async fn token_store(&self) -> anyhow::Result<Arc<TokenStore>> {
         let source = self

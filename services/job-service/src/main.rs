@@ -2,6 +2,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    trainmesh_common::config::private_files();
     trainmesh_common::healthcheck::exit_if_requested().await;
     let args = job_service::config::Args::parse();
     let _t = trainmesh_common::telemetry::init("job-service")?;

@@ -9,10 +9,12 @@ use std::time::Duration;
 use trainmesh_common::config::CommonArgs;
 
 mod docker;
+pub mod job_user;
 
 use crate::backend::kubernetes::{KubernetesArgs, KubernetesConfig};
 use crate::logs::{LogLimits, MAX_LINE_BYTES};
 pub use docker::{DockerArgs, DockerSettings, PullPolicy};
+pub use job_user::JobUser;
 
 /// Where GPUs come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,6 +191,18 @@ pub struct Args {
     )]
     pub metrics_flush_interval_ms: u64,
 
+    /// Process backend: the user jobs run as (`NAME`, `UID` or `UID:GID`).
+    /// Needs a runner running as root; see --allow-root-jobs. `auto`:
+    /// `nobody` when the runner is root and `nobody` can reach the work
+    /// dir, else the runner's own user (root only with a warning).
+    #[arg(long, env = "TRAINMESH_RUNNER_JOB_USER")]
+    pub job_user: Option<String>,
+
+    /// Process backend: let jobs run as root (a runner running as root
+    /// without --job-user refuses to start otherwise).
+    #[arg(long, env = "TRAINMESH_RUNNER_ALLOW_ROOT_JOBS")]
+    pub allow_root_jobs: bool,
+
     /// Grace between SIGTERM and SIGKILL when the job's spec sets none.
     #[arg(
         long,
@@ -295,6 +309,10 @@ pub struct Config {
     pub max_backoff: Duration,
     /// Working directory of jobs whose spec has none. `None`: the runner's.
     pub default_working_dir: Option<PathBuf>,
+    /// Process backend: the user jobs run as; `None`: the runner's own.
+    pub job_user: Option<JobUser>,
+    /// Process backend: jobs may run as root.
+    pub allow_root_jobs: bool,
     /// Variables passed from the runner's environment to every job (the
     /// rest of the runner's environment — tokens, endpoints — is not).
     pub inherit_env: Vec<String>,
@@ -364,6 +382,8 @@ impl Config {
             default_heartbeat_interval: Duration::from_secs(5),
             max_backoff: Duration::from_secs(5),
             default_working_dir: None,
+            job_user: None,
+            allow_root_jobs: false,
             inherit_env: DEFAULT_INHERITED_ENV
                 .iter()
                 .map(|s| (*s).to_owned())
@@ -409,6 +429,14 @@ impl Config {
             (0..=i64::MAX / (1024 * 1024)).contains(&self.docker.shm_size_mib),
             "docker shm size must not be negative"
         );
+        if self.backend == BackendKind::Process {
+            job_user::check(
+                self.job_user.as_ref(),
+                self.allow_root_jobs,
+                nix::unistd::geteuid().as_raw(),
+                &self.work_dir,
+            )?;
+        }
         self.kubernetes.validate()?;
         // Only the kubernetes backend pins pods to a product; elsewhere the
         // declared GPUs would be handed out as if a node had them.
@@ -470,6 +498,12 @@ impl Args {
         c.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
         c.attempt_dir_keep = Duration::from_secs(self.attempt_dir_keep_secs);
         c.health_listen = self.health_listen.filter(|a| !a.trim().is_empty());
+        c.allow_root_jobs = self.allow_root_jobs;
+        c.job_user = match self.job_user.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(job_user::AUTO) => job_user::auto(&c.work_dir, &mut c.allow_root_jobs)?,
+            Some(spec) => Some(JobUser::parse(spec)?),
+        };
         c.validate()?;
         Ok(c)
     }

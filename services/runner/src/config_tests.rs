@@ -91,6 +91,7 @@ fn flags_become_config() {
         "zone=a,pool=b",
         "--log-ship-interval-ms",
         "50",
+        "--allow-root-jobs",
     ])
     .unwrap();
     let c = args.into_config().unwrap();
@@ -125,6 +126,7 @@ fn config_with(extra: &[&str]) -> Config {
         &token,
         "--gpus",
         "none",
+        "--allow-root-jobs",
     ];
     argv.extend_from_slice(extra);
     Args::try_parse_from(argv).unwrap().into_config().unwrap()
@@ -190,6 +192,7 @@ fn attempt_log_flags_set_the_cap_and_are_checked() {
             dir.path().to_str().unwrap(),
             "--service-token-file",
             token.to_str().unwrap(),
+            "--allow-root-jobs",
         ];
         argv.extend(extra);
         Args::try_parse_from(argv).unwrap().into_config()
@@ -327,9 +330,29 @@ fn gpus_and_k8s_gpus_together_are_refused() {
 #[test]
 fn k8s_gpus_need_the_kubernetes_backend() {
     let mut c = Config::new("n", "a", "b", "c", "t", "/tmp");
+    c.allow_root_jobs = true;
     c.kubernetes.gpus = vec![product("H100", 8)];
     let e = c.validate().unwrap_err().to_string();
     assert!(e.contains("`--backend kubernetes`"), "{e}");
     c.backend = BackendKind::Kubernetes;
+    c.validate().unwrap();
+}
+
+#[test]
+fn the_job_user_is_parsed_and_root_jobs_must_be_allowed() {
+    let c = config_with(&["--job-user", "65534:65534"]);
+    assert_eq!(
+        c.job_user,
+        Some(JobUser {
+            uid: 65534,
+            gid: 65534
+        })
+    );
+    let mut c = Config::new("n", "a", "b", "c", "t", "/tmp/trainmesh-runner-test");
+    c.allow_root_jobs = false;
+    c.job_user = Some(JobUser { uid: 0, gid: 0 });
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("--allow-root-jobs"), "{e}");
+    c.allow_root_jobs = true;
     c.validate().unwrap();
 }

@@ -99,12 +99,18 @@ pub async fn run_with_health_listener(
         None => std::env::current_exe()?,
     };
     let backend: Arc<dyn backend::Backend> = match config.backend {
-        BackendKind::Process => Arc::new(backend::ProcessBackend::new(
-            config.default_working_dir.clone(),
-            &config.inherit_env,
-            capacity.gpus.clone(),
-            shim,
-        )?),
+        BackendKind::Process => Arc::new(
+            backend::ProcessBackend::new(
+                config.default_working_dir.clone(),
+                &config.inherit_env,
+                capacity.gpus.clone(),
+                shim,
+            )?
+            .run_as(
+                config.job_user.clone(),
+                config.default_working_dir.is_some(),
+            ),
+        ),
         BackendKind::Docker => {
             let settings = config::DockerSettings {
                 runner: config.name.clone(),

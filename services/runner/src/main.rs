@@ -7,6 +7,7 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
+    trainmesh_common::config::private_files();
     runner::shim::run_if_shim();
     runner::watchdog::run_if_watchdog();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -36,6 +36,9 @@ use crate::procfs;
 pub const SHIM_ARG: &str = "__trainmesh-attempt-shim";
 /// Where the shim reports whether the job started.
 pub const STATUS_FD: i32 = 3;
+/// Set by the runner to `UID:GID` when the job runs as another user; the
+/// job itself does not see it.
+pub const SHIM_USER_ENV: &str = "TRAINMESH_SHIM_JOB_USER";
 /// Kill the whole tree now (sent by the runner after the grace period).
 pub const KILL_NOW: i32 = libc::SIGUSR2;
 /// The shim's parent-death signal.
@@ -82,7 +85,19 @@ fn shim(args: Vec<OsString>) -> i32 {
     }
     let me = std::process::id() as libc::pid_t;
     let mut cmd = std::process::Command::new(&program);
-    cmd.args(args).process_group(0);
+    cmd.args(args).process_group(0).env_remove(SHIM_USER_ENV);
+    // The shim stays root (to stop the tree); the job is the job's user,
+    // with no supplementary groups (std drops them when root sets a uid).
+    match job_user() {
+        Ok(Some((uid, gid))) => {
+            cmd.uid(uid).gid(gid);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("trainmesh shim: {e}");
+            return SHIM_FAILED;
+        }
+    }
     // SAFETY: only async-signal-safe calls, on no memory shared with the
     // parent.
     unsafe {
@@ -100,6 +115,9 @@ fn shim(args: Vec<OsString>) -> i32 {
             Ok(())
         });
     }
+    // The runner keeps its own files private (umask 077); the job gets
+    // the usual default for what it writes.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let job = match cmd.spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(e) => {
@@ -119,6 +137,20 @@ fn shim(args: Vec<OsString>) -> i32 {
     };
     let end = tree.supervise();
     exit_as(end)
+}
+
+/// `UID:GID` the runner asks the job to run as, from [`SHIM_USER_ENV`].
+fn job_user() -> Result<Option<(u32, u32)>, String> {
+    let Some(v) = std::env::var_os(SHIM_USER_ENV) else {
+        return Ok(None);
+    };
+    let v = v.to_string_lossy();
+    let parsed = v
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)));
+    parsed
+        .map(Some)
+        .ok_or_else(|| format!("{SHIM_USER_ENV} `{v}` is not UID:GID"))
 }
 
 /// The status pipe from the runner, if there is one (not when the shim is

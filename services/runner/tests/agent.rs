@@ -445,3 +445,59 @@ async fn shutdown_before_the_scheduler_is_reachable_returns() {
     let runner = Runner::start(|w| config(&endpoint, w));
     runner.shutdown().await.unwrap();
 }
+
+/// A runner running as root starts process-backend jobs as the configured
+/// unprivileged user: the job cannot read what is private to the runner's
+/// user (tokens, databases), and still writes its metrics and its own
+/// directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_run_as_the_job_user_and_cannot_read_the_runners_files() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: a runner that is not root cannot switch users; nothing to check");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let private = tempfile::tempdir().unwrap();
+    let token = private.path().join("admin.token");
+    std::fs::write(&token, "tm_secret").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let runner = Runner::start(|w| {
+        let mut c = config(&endpoint, w);
+        c.allow_root_jobs = false;
+        c.job_user = Some(runner::config::JobUser {
+            uid: 65534,
+            gid: 65534,
+        });
+        c
+    });
+    let script = format!(
+        "id -u; if cat {} 2>/dev/null; then echo LEAKED; else echo denied; fi; \
+         echo '{{\"step\": 1, \"loss\": 0.5}}' >> \"$TRAINMESH_METRICS_FILE\"; \
+         echo scratch > ./scratch && echo wrote-cwd",
+        token.display()
+    );
+    let a = assignment(&["/bin/sh", "-c", &script]);
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    let lines: Vec<String> = m
+        .fake
+        .log_lines(&job_id)
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert_eq!(last.state, AttemptState::Succeeded as i32, "{lines:?}");
+    assert!(lines.iter().any(|l| l == "65534"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "denied"), "{lines:?}");
+    assert!(!lines
+        .iter()
+        .any(|l| l.contains("LEAKED") || l.contains("tm_secret")));
+    assert!(lines.iter().any(|l| l == "wrote-cwd"), "{lines:?}");
+    wait_for("the job's metrics", WAIT, || async {
+        (!m.fake.metrics(&job_id).is_empty()).then_some(())
+    })
+    .await;
+    runner.shutdown().await.unwrap();
+}

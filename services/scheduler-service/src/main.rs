@@ -5,6 +5,7 @@ use scheduler_service::{run, Args};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    trainmesh_common::config::private_files();
     trainmesh_common::healthcheck::exit_if_requested().await;
     let args = Args::parse();
     let _telemetry = trainmesh_common::telemetry::init("scheduler-service")?;

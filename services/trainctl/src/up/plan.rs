@@ -74,9 +74,20 @@ impl Layout {
         })
     }
 
+    /// The data dir and the runner's work dir are enter-only for others
+    /// (0711), so jobs running as another user reach their own attempt
+    /// directories and list nothing; the rest is private (0700), as is
+    /// every file the services write (their umask is 077).
     pub fn create(&self) -> anyhow::Result<()> {
-        for d in [&self.data_dir, &self.logs, &self.run, &self.runner_work] {
+        use std::os::unix::fs::PermissionsExt;
+        for (d, mode) in [
+            (&self.data_dir, 0o711),
+            (&self.logs, 0o700),
+            (&self.run, 0o700),
+            (&self.runner_work, 0o711),
+        ] {
             std::fs::create_dir_all(d)
+                .and_then(|()| std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)))
                 .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", d.display()))?;
         }
         Ok(())
@@ -219,6 +230,11 @@ pub fn runner_child(args: &UpArgs, layout: &Layout, bin_dir: &Path) -> ChildSpec
         // using an attempt) while the scheduler still listens.
         "--on-stop".into(),
         "handback".into(),
+        // A root runner's jobs run as `nobody` where it can reach its
+        // attempt directories, so they cannot read the data dir's tokens
+        // and databases (see the runner's --job-user).
+        "--job-user".into(),
+        "auto".into(),
     ];
     flags.extend(peer_flags(args, layout, &RUNNER_PEERS));
     ChildSpec {
@@ -306,6 +322,8 @@ mod tests {
                 "/data/tm/runner",
                 "--on-stop",
                 "handback",
+                "--job-user",
+                "auto",
                 "--scheduler-endpoint",
                 "127.0.0.1:50052",
                 "--job-endpoint",

@@ -17,10 +17,11 @@ use tokio::process::Command;
 use trainmesh_common::proto::runner::v1::Gpu;
 
 use super::{Backend, LaunchRequest, Workload};
+use crate::config::JobUser;
 use crate::domain::Termination;
 use crate::error::Error;
 use crate::logs::pump_lines;
-use crate::shim::{SHIM_ARG, STATUS_FD};
+use crate::shim::{SHIM_ARG, SHIM_USER_ENV, STATUS_FD};
 
 pub mod leftovers;
 mod workload;
@@ -37,6 +38,8 @@ pub struct ProcessBackend {
     gpus: Vec<Gpu>,
     /// The runner's binary, run as the attempt shim.
     shim: PathBuf,
+    /// Who jobs run as; `None`: the runner's own user.
+    job_user: Option<JobUser>,
 }
 
 impl ProcessBackend {
@@ -62,7 +65,42 @@ impl ProcessBackend {
             inherited,
             gpus,
             shim,
+            job_user: None,
         })
+    }
+
+    /// Runs jobs as `user` (the runner must run as root): each attempt
+    /// directory is handed to the user, the directories above it up to
+    /// the work dir let it through, and a job without a working directory
+    /// of its own starts in its attempt directory.
+    pub fn run_as(mut self, user: Option<JobUser>, explicit_working_dir: bool) -> Self {
+        if user.is_some() && !explicit_working_dir {
+            self.default_working_dir = PathBuf::new();
+        }
+        self.job_user = user;
+        self
+    }
+
+    /// Gives the attempt directory to the job's user.
+    fn open_attempt_dir(&self, dir: &std::path::Path) -> Result<(), Error> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(user) = &self.job_user else {
+            return Ok(());
+        };
+        let failed = |what: &str, e| Error::io(format!("cannot {what} `{}`", dir.display()), e);
+        std::os::unix::fs::chown(dir, Some(user.uid), Some(user.gid))
+            .map_err(|e| failed("hand to the job's user", e))?;
+        // `<work dir>/<job>/<attempt>`: the two above it are the runner's,
+        // private; enter-only lets the job reach its own and list none.
+        for up in dir.ancestors().skip(1).take(2) {
+            let mode = std::fs::metadata(up)
+                .map_err(|e| failed("read", e))?
+                .permissions()
+                .mode();
+            std::fs::set_permissions(up, std::fs::Permissions::from_mode(mode | 0o111))
+                .map_err(|e| failed("open", e))?;
+        }
+        Ok(())
     }
 
     /// The complete environment of the job's process.
@@ -98,9 +136,15 @@ impl ProcessBackend {
     }
 
     fn working_dir(&self, req: &LaunchRequest) -> Result<PathBuf, Error> {
+        // An empty default: the attempt's own directory (see `run_as`).
+        let base = if self.default_working_dir.as_os_str().is_empty() {
+            &req.attempt_dir
+        } else {
+            &self.default_working_dir
+        };
         let dir = match &req.working_dir {
-            Some(d) => self.default_working_dir.join(d),
-            None => self.default_working_dir.clone(),
+            Some(d) => base.join(d),
+            None => base.clone(),
         };
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => Ok(dir),
@@ -117,6 +161,7 @@ impl ProcessBackend {
 
     async fn spawn(&self, req: LaunchRequest) -> Result<Box<dyn Workload>, Error> {
         let env = self.environment(&req)?;
+        self.open_attempt_dir(&req.attempt_dir)?;
         let dir = self.working_dir(&req)?;
         let Some((program, args)) = req.command.split_first() else {
             return Err(Error::InvalidAssignment(
@@ -143,6 +188,11 @@ impl ProcessBackend {
             .current_dir(&dir)
             .env_clear()
             .envs(&env)
+            .envs(
+                self.job_user
+                    .as_ref()
+                    .map(|u| (SHIM_USER_ENV, format!("{}:{}", u.uid, u.gid))),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::from(out_writer))
             .stderr(Stdio::from(err_writer))
