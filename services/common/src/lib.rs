@@ -17,6 +17,8 @@
 //! - [`group_commit`]: many small write transactions sharing one commit.
 //! - [`healthcheck`]: `<binary> healthcheck ADDR`, for container health
 //!   checks.
+//! - [`tls`]: TLS for servers and clients, and the refusal of plaintext off
+//!   loopback.
 //! - [`testing`]: helpers for tests that start real servers.
 
 pub mod auth;
@@ -36,5 +38,6 @@ pub mod stream;
 pub mod telemetry;
 pub mod testing;
 pub mod time;
+pub mod tls;
 
 pub use trainmesh_proto as proto;

@@ -26,6 +26,7 @@ use tonic::Status;
 use crate::auth::{AuthLayer, TokenStore};
 use crate::correlation::CorrelationLayer;
 use crate::db::Db;
+use crate::tls::ServerTls;
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -38,6 +39,8 @@ pub struct ServerOptions {
     /// The service's database: health is NOT_SERVING while it cannot be
     /// written (see [`crate::storage`]).
     pub storage: Option<Db>,
+    /// TLS, or plaintext (refused off loopback unless insecure).
+    pub tls: ServerTls,
 }
 
 impl Default for ServerOptions {
@@ -48,6 +51,7 @@ impl Default for ServerOptions {
             max_message_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(10),
             storage: None,
+            tls: ServerTls::default(),
         }
     }
 }
@@ -129,6 +133,9 @@ pub async fn serve(
     trigger: ShutdownTrigger,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // First, so that a refused listen address starts nothing.
+    let addr = listener.local_addr()?;
+    let builder = opts.tls.server_builder(addr)?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     // "" is the server as a whole, what a Kubernetes gRPC probe asks for.
     let mut names: Vec<&'static str> = vec![""];
@@ -172,8 +179,7 @@ pub async fn serve(
         .layer(ShedLayer::new(opts.max_concurrent_requests))
         .into_inner();
 
-    let addr = listener.local_addr()?;
-    tracing::info!(service = name, %addr, "serving");
+    tracing::info!(service = name, %addr, tls = opts.tls.is_tls(), "serving");
 
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let graceful = async move {
@@ -187,7 +193,7 @@ pub async fn serve(
         let _ = began_tx.send(());
     };
 
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .timeout(opts.request_timeout)
         .tcp_nodelay(true)
         .layer(layers)
