@@ -90,7 +90,7 @@ impl Args {
     pub async fn into_config(self) -> anyhow::Result<Config> {
         Ok(Config {
             tokens: self.common.token_store().await?,
-            server: self.common.server_options(),
+            server: self.common.server_options()?,
             database_url: database_url(&self.common, self.database_url.as_deref()),
             watch_poll_interval: Duration::from_millis(self.watch_poll_ms.max(10)),
             caps: Caps {

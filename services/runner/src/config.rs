@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use trainmesh_common::config::CommonArgs;
+use trainmesh_common::tls::{ClientTls, ServerTls};
 
 mod docker;
 
@@ -273,6 +274,8 @@ pub struct Config {
     pub metrics_endpoint: String,
     /// The service token sent on every call.
     pub token: String,
+    /// How calls to the services connect.
+    pub client_tls: ClientTls,
     pub backend: BackendKind,
     pub work_dir: PathBuf,
     pub max_concurrent: usize,
@@ -316,6 +319,8 @@ pub struct Config {
     /// Where to serve grpc.health.v1 (see [`crate::health`]); `None`: not
     /// at all.
     pub health_listen: Option<String>,
+    /// How the health server accepts connections.
+    pub health_tls: ServerTls,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -348,6 +353,7 @@ impl Config {
             job_endpoint: job_endpoint.into(),
             metrics_endpoint: metrics_endpoint.into(),
             token: token.into(),
+            client_tls: ClientTls::default(),
             backend: BackendKind::Process,
             work_dir: work_dir.into(),
             max_concurrent: 8,
@@ -375,6 +381,7 @@ impl Config {
             attempt_dir_keep: Duration::from_secs(24 * 3600),
             shim: None,
             health_listen: None,
+            health_tls: ServerTls::default(),
         }
     }
 
@@ -470,6 +477,8 @@ impl Args {
         c.drain_timeout = Duration::from_secs(self.drain_timeout_secs);
         c.attempt_dir_keep = Duration::from_secs(self.attempt_dir_keep_secs);
         c.health_listen = self.health_listen.filter(|a| !a.trim().is_empty());
+        c.client_tls = self.common.client_tls()?;
+        c.health_tls = self.common.server_tls.load()?;
         c.validate()?;
         Ok(c)
     }
