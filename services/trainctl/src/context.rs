@@ -10,6 +10,7 @@ use trainmesh_common::proto::diagnosis::v1::diagnosis_service_client::DiagnosisS
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_common::proto::metrics::v1::metrics_service_client::MetricsServiceClient;
 use trainmesh_common::proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
+use trainmesh_common::tls::ClientTls;
 
 use crate::cli::{GlobalArgs, OutputFormat};
 
@@ -198,7 +199,7 @@ impl Context {
     fn channel(&self, service: Service) -> anyhow::Result<Channel> {
         let token = self.token()?;
         let endpoint = service.endpoint(&self.global);
-        client::channel(endpoint, Some(&token))
+        client::channel_with(endpoint, Some(&token), &client_tls(&self.global)?)
             .with_context(|| format!("invalid {} endpoint `{endpoint}`", service.binary()))
     }
 
@@ -233,6 +234,18 @@ impl Context {
             endpoint: service.endpoint(&self.global).to_owned(),
         }
     }
+}
+
+/// `--tls-ca` / `TRAINMESH_TLS_CA` and the client identity, else the local
+/// mesh's CA when `trainctl up --tls` left one in the data dir, else
+/// plaintext.
+pub fn client_tls(global: &GlobalArgs) -> anyhow::Result<ClientTls> {
+    let mut args = global.tls.clone();
+    if args.tls_ca.is_none() {
+        let local = crate::certs::local_ca(&global.data_dir);
+        args.tls_ca = local.is_file().then_some(local);
+    }
+    args.load()
 }
 
 /// Job listings with long error messages can be large.
