@@ -153,9 +153,9 @@ pub const DEFAULT_NAMES: [&str; 5] = [
     "runner",
 ];
 
-/// `trainctl certs init DIR [NAME...]`: DIR/ca.crt and DIR/ca.key, and
-/// DIR/NAME.crt and DIR/NAME.key for every NAME, valid for NAME, the
-/// `--san`s and [`LOCAL_NAMES`]. Kept when DIR/ca.crt exists, like
+/// `trainctl certs init DIR [NAME[,ALIAS...]...]`: DIR/ca.crt and
+/// DIR/ca.key, and DIR/NAME.crt and DIR/NAME.key for every NAME, valid for
+/// NAME, its aliases, the `--san`s and [`LOCAL_NAMES`]. Kept when DIR/ca.crt exists, like
 /// `tokens init` keeps its files.
 pub fn command(args: &crate::cli::CertsArgs) -> anyhow::Result<u8> {
     let crate::cli::CertsAction::Init { dir, names, sans } = &args.action;
@@ -175,11 +175,18 @@ pub fn command(args: &crate::cli::CertsArgs) -> anyhow::Result<u8> {
         names.clone()
     };
     let (ca, ca_pair) = Ca::generate("trainmesh CA")?;
-    for name in &names {
-        let mut valid_for = vec![name.clone()];
+    for spec in &names {
+        // NAME[,ALIAS...]: replicas behind one alias each have their own
+        // certificate, valid for the alias too.
+        let mut valid_for: Vec<String> = spec.split(',').map(str::to_owned).collect();
+        let name = valid_for[0].clone();
+        anyhow::ensure!(
+            !name.is_empty() && !name.contains('/'),
+            "`{spec}`: expected NAME[,ALIAS...], NAME without `/`"
+        );
         valid_for.extend(sans.iter().cloned());
-        let pair = ca.issue(name, &names_with_local(&valid_for))?;
-        let (cert, key) = write_pair(dir, name, &pair)?;
+        let pair = ca.issue(&name, &names_with_local(&valid_for))?;
+        let (cert, key) = write_pair(dir, &name, &pair)?;
         println!("wrote {} and {}", cert.display(), key.display());
     }
     // The CA last: a run cut short leaves no ca.crt, so the next one
@@ -209,6 +216,45 @@ mod tests {
             Some(ca.cert_pem().as_bytes()),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn init_writes_one_pair_per_name_and_keeps_an_existing_set() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        let init = |extra: &[&str]| {
+            let mut argv = vec!["trainctl", "certs", "init", d];
+            argv.extend_from_slice(extra);
+            match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+                crate::cli::Command::Certs(a) => command(&a).unwrap(),
+                _ => unreachable!(),
+            }
+        };
+        init(&["job-service", "scheduler-1,scheduler", "--san", "x.example"]);
+        let listed = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            listed(dir.path()),
+            [
+                "ca.crt",
+                "ca.key",
+                "job-service.crt",
+                "job-service.key",
+                "scheduler-1.crt",
+                "scheduler-1.key"
+            ]
+        );
+        let ca = std::fs::read(dir.path().join("ca.crt")).unwrap();
+        init(&["other"]);
+        assert_eq!(std::fs::read(dir.path().join("ca.crt")).unwrap(), ca);
+        assert!(!dir.path().join("other.crt").exists());
     }
 
     #[test]

@@ -153,7 +153,8 @@ pub enum CertsAction {
         /// Directory to write to; created if missing.
         dir: PathBuf,
         /// Names to issue certificates for (compose service names,
-        /// Kubernetes Service names).
+        /// Kubernetes Service names); `NAME,ALIAS...` makes NAME's
+        /// certificate valid for the aliases too (`scheduler-1,scheduler`).
         names: Vec<String>,
         /// Another DNS name or IP address every certificate is valid for
         /// (repeatable), e.g. `job-service.trainmesh.svc`.
