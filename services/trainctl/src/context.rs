@@ -93,6 +93,30 @@ impl RpcError {
     /// A line telling the user what to do, for the errors that have an
     /// obvious next step.
     pub fn hint(&self) -> Option<String> {
+        if mentions(&self.status, "invalid peer certificate") {
+            return Some(format!(
+                "{} shows a certificate the CA trainctl trusts did not sign: name its CA with \
+                 --tls-ca / TRAINMESH_TLS_CA (`trainctl up --tls` writes DATA_DIR/tls/ca.crt)",
+                self.endpoint
+            ));
+        }
+        // A TLS client reading plaintext.
+        if mentions(&self.status, "InvalidContentType") {
+            return Some(format!(
+                "{} answers without TLS: write the endpoint as http://{} or trust no CA",
+                self.endpoint,
+                self.endpoint.trim_start_matches("https://")
+            ));
+        }
+        // A plaintext client reading TLS.
+        if mentions(&self.status, "frame with invalid size") {
+            return Some(format!(
+                "{} may answer with TLS: write it as host:port (not http://) and name its CA \
+                 with --tls-ca / TRAINMESH_TLS_CA (`trainctl up --tls` writes \
+                 DATA_DIR/tls/ca.crt)",
+                self.endpoint
+            ));
+        }
         match self.status.code() {
             Code::Unavailable if is_connect_failure(&self.status) => Some(format!(
                 "nothing answers at {} ({}); start the mesh with `trainctl up`, or point \
@@ -110,6 +134,17 @@ impl RpcError {
             _ => None,
         }
     }
+}
+
+/// Whether the status's message or any of its sources says `needle`.
+fn mentions(status: &Status, needle: &str) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut found = status.message().contains(needle);
+    while let (false, Some(err)) = (found, source) {
+        found = err.to_string().contains(needle);
+        source = err.source();
+    }
+    found
 }
 
 fn is_connect_failure(status: &Status) -> bool {
@@ -323,6 +358,26 @@ mod tests {
         assert!(hint.contains("trainctl up"), "{hint}");
         assert!(hint.contains("127.0.0.1:50051"), "{hint}");
         assert!(hint.contains("--job-endpoint"), "{hint}");
+    }
+
+    #[test]
+    fn tls_mismatches_hint_at_the_ca() {
+        let untrusted = rpc(Status::unavailable(
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert!(untrusted.hint().unwrap().contains("--tls-ca"));
+        let plaintext_server = rpc(Status::unavailable(
+            "received corrupt message of type InvalidContentType",
+        ));
+        let hint = plaintext_server.hint().unwrap();
+        assert!(
+            hint.contains("without TLS") && hint.contains("http://"),
+            "{hint}"
+        );
+        let tls_server = rpc(Status::internal(
+            "h2 protocol error: http2 error: connection error detected: frame with invalid size",
+        ));
+        assert!(tls_server.hint().unwrap().contains("--tls-ca"));
     }
 
     #[test]
