@@ -38,6 +38,22 @@ def parse_args(argv):
     )
     p.add_argument("--token", default=None, help="bearer token (see below for the default)")
     p.add_argument(
+        "--cacert",
+        default=os.environ.get("TRAINMESH_TLS_CA"),
+        help="CA certificate (PEM) to trust: connect with TLS (default $TRAINMESH_TLS_CA; "
+        "without it, plaintext)",
+    )
+    p.add_argument(
+        "--cert",
+        default=os.environ.get("TRAINMESH_TLS_CLIENT_CERT"),
+        help="client certificate (PEM) for mutual TLS (default $TRAINMESH_TLS_CLIENT_CERT)",
+    )
+    p.add_argument(
+        "--key",
+        default=os.environ.get("TRAINMESH_TLS_CLIENT_KEY"),
+        help="its private key (PEM) (default $TRAINMESH_TLS_CLIENT_KEY)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         default=120.0,
@@ -85,6 +101,25 @@ def import_client():
             "examples/python/gen.sh".format(e)
         )
     return grpc, job_pb2, job_service_pb2, job_service_pb2_grpc
+
+
+def open_channel(grpc, args):
+    """Plaintext, or TLS trusting --cacert (showing --cert/--key when given)."""
+    if not args.cacert:
+        return grpc.insecure_channel(args.endpoint)
+
+    def read(path):
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read(args.cacert),
+        private_key=read(args.key),
+        certificate_chain=read(args.cert),
+    )
+    return grpc.secure_channel(args.endpoint, creds)
 
 
 def fmt_time(ts):
@@ -137,7 +172,7 @@ def main(argv=None):
         retry_policy=job_pb2.RetryPolicy(max_attempts=1),
     )
 
-    with grpc.insecure_channel(args.endpoint) as channel:
+    with open_channel(grpc, args) as channel:
         stub = job_service_pb2_grpc.JobServiceStub(channel)
         try:
             resp, call = stub.CreateJob.with_call(

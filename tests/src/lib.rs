@@ -14,8 +14,10 @@
 //! ([`Mesh::start_runner`], [`Mesh::terminate`], [`Mesh::kill`]), stop an
 //! instance with SIGTERM and start it again, on a new port or in place
 //! ([`Mesh::stop_instance`], [`Mesh::start_instance`],
-//! [`Mesh::start_instance_in_place`]). [`fake_runner`] speaks RunnerService from the test
-//! itself; [`jobs`] has helpers to submit jobs and wait on their state.
+//! [`Mesh::start_instance_in_place`]), and run everything over mutual TLS
+//! ([`MeshOptions::tls`], or `TRAINMESH_TEST_TLS=1` for every mesh).
+//! [`fake_runner`] speaks RunnerService from the test itself; [`jobs`] has
+//! helpers to submit jobs and wait on their state.
 
 pub mod compose;
 /// The real Docker Engine and the busybox test image: the runner's own
@@ -25,6 +27,7 @@ pub mod docker;
 pub mod fake_runner;
 pub mod faults;
 pub mod jobs;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -33,8 +36,9 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 use trainmesh_common::auth::{Role, TokensFile};
-use trainmesh_common::client::{channel, Channel};
+use trainmesh_common::client::{channel_with, Channel};
 use trainmesh_common::testing::{wait_for, TestDb};
+use trainmesh_common::tls::ClientTls;
 use trainmesh_proto::diagnosis::v1::diagnosis_service_client::DiagnosisServiceClient;
 use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -141,6 +145,8 @@ pub struct Mesh {
     /// A dataset root with a symlink that escapes it, for validation tests.
     pub data_root: PathBuf,
     opts: MeshOptions,
+    /// With TLS: the certificates every process uses.
+    tls: Option<tls::MeshTls>,
     /// Kept so that PostgreSQL databases outlive the processes using them.
     _dbs: Vec<TestDb>,
 }
@@ -167,6 +173,11 @@ pub struct MeshOptions {
     /// [`SCHEDULER_2`] (needs `postgres`). job-service and the default
     /// runner talk to the first.
     pub scheduler_replicas: usize,
+    /// Every service and runner serves TLS only, requires a client
+    /// certificate from the mesh's CA, and shows one to its peers (mutual
+    /// TLS); so do the mesh's clients. On for every mesh with
+    /// `TRAINMESH_TEST_TLS=1` ([`tls::TLS_ENV`]).
+    pub tls: bool,
 }
 
 impl MeshOptions {
@@ -244,6 +255,8 @@ impl Mesh {
             children: Vec::new(),
             specs: Vec::new(),
             data_root: data_root.clone(),
+            tls: (opts.tls || tls::tls_from_env())
+                .then(|| tls::MeshTls::generate(&root.join("tls"))),
             opts: opts.clone(),
             _dbs: dbs,
         };
@@ -346,6 +359,7 @@ impl Mesh {
             .env("TRAINMESH_LOG_FORMAT", "json")
             .env("TRAINMESH_LOG_LEVEL", "info")
             .env("TRAINMESH_LOG_FILE", self.log_path(instance));
+        cmd.envs(self.client_env());
         for (n, vars) in &self.opts.extra_env {
             if n == binary {
                 cmd.envs(vars.iter().map(|(k, v)| (k, v)));
@@ -584,12 +598,14 @@ impl Mesh {
 
     async fn wait_healthy(&mut self, instance: &str) {
         let run = self.addr_file(instance);
+        let tls = self.client_tls().clone();
         let this = &mut *self;
         wait_for(
             &format!("{instance} to become healthy"),
             Duration::from_secs(60),
             || {
                 let run = run.clone();
+                let tls = tls.clone();
                 let status = this
                     .children
                     .iter_mut()
@@ -608,7 +624,7 @@ impl Mesh {
                         );
                     }
                     let addr = tokio::fs::read_to_string(&run).await.ok()?;
-                    let ch = channel(addr.trim(), None).ok()?;
+                    let ch = channel_with(addr.trim(), None, &tls).ok()?;
                     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
                     let resp = health
                         .check(tonic_health::pb::HealthCheckRequest {
@@ -625,8 +641,36 @@ impl Mesh {
         .await;
     }
 
+    /// A channel to the instance's current address.
     pub fn channel(&self, instance: &str, token: Option<&str>) -> Channel {
-        channel(&self.addr(instance), token).expect("channel")
+        channel_with(&self.addr(instance), token, self.client_tls()).expect("channel")
+    }
+
+    /// A channel to the instance's [`Mesh::endpoint`]: it follows the
+    /// instance to its new address when it is started again.
+    pub fn endpoint_channel(&self, instance: &str, token: Option<&str>) -> Channel {
+        channel_with(&self.endpoint(instance), token, self.client_tls()).expect("channel")
+    }
+
+    /// How the mesh's clients connect: plaintext, or TLS with the mesh's
+    /// CA and identity.
+    pub fn client_tls(&self) -> &ClientTls {
+        static PLAINTEXT: OnceLock<ClientTls> = OnceLock::new();
+        match &self.tls {
+            Some(t) => t.client(),
+            None => PLAINTEXT.get_or_init(ClientTls::default),
+        }
+    }
+
+    /// With TLS, the certificates.
+    pub fn tls(&self) -> Option<&tls::MeshTls> {
+        self.tls.as_ref()
+    }
+
+    /// Environment that points a trainmesh process (a service, a runner,
+    /// `trainctl`, a `healthcheck`) at this mesh's TLS; empty without.
+    pub fn client_env(&self) -> Vec<(String, String)> {
+        self.tls.as_ref().map(|t| t.env()).unwrap_or_default()
     }
 
     pub fn jobs(&self, token: &str) -> JobServiceClient<Channel> {

@@ -16,7 +16,6 @@ use sqlx::Row;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use trainmesh_common::client::channel;
 use trainmesh_common::db::{self, Backend, Db, Durability};
 use trainmesh_common::testing::{postgres_db, sqlite_db, wait_for, TestDb, POSTGRES_ENV};
 use trainmesh_tests::{Mesh, MeshOptions, SCHEDULER_2};
@@ -217,7 +216,7 @@ async fn replicas_opening_one_fresh_postgres_database_together_all_start_and_mig
 }
 
 async fn health(mesh: &Mesh, instance: &str) -> Option<ServingStatus> {
-    let ch = channel(&mesh.endpoint(instance), None).ok()?;
+    let ch = mesh.endpoint_channel(instance, None);
     let resp = HealthClient::new(ch)
         .check(HealthCheckRequest {
             service: String::new(),

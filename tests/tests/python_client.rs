@@ -60,6 +60,7 @@ async fn generated_python_client_submits_and_watches_a_job() {
             "--correlation-id",
             "py-client-1",
         ])
+        .envs(mesh.client_env())
         .current_dir(&root)
         .output()
         .await

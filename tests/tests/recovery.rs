@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use trainmesh_common::client::channel;
 use trainmesh_common::testing::wait_for;
 use trainmesh_proto::job::v1::JobSpec;
 use trainmesh_proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
@@ -19,7 +18,7 @@ const JOBS: usize = 50;
 const BOUND: Duration = Duration::from_secs(5);
 
 async fn queued(mesh: &Mesh) -> Option<BTreeSet<String>> {
-    let ch = channel(&mesh.endpoint("scheduler-service"), Some(ADMIN_TOKEN)).ok()?;
+    let ch = mesh.endpoint_channel("scheduler-service", Some(ADMIN_TOKEN));
     let resp = SchedulerServiceClient::new(ch)
         .get_queue(GetQueueRequest {
             page_size: 500,

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use trainmesh_common::client::channel;
 use trainmesh_common::testing::{postgres_db, wait_for, TestDb};
 use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::job::v1::{CreateJobRequest, GetJobRequest, JobSpec};
@@ -60,7 +59,7 @@ async fn read_only_mesh(which: usize) -> Option<(Mesh, StorageFault)> {
 }
 
 async fn health(mesh: &Mesh, instance: &str) -> Option<ServingStatus> {
-    let ch = channel(&mesh.endpoint(instance), None).ok()?;
+    let ch = mesh.endpoint_channel(instance, None);
     let resp = tonic_health::pb::health_client::HealthClient::new(ch)
         .check(tonic_health::pb::HealthCheckRequest {
             service: String::new(),
@@ -137,7 +136,7 @@ async fn recover(mesh: &Mesh, instance: &str, fault: &StorageFault) {
 
 fn jobs_client(mesh: &Mesh) -> JobServiceClient<trainmesh_common::client::Channel> {
     // Through the address file, so the client follows a restart.
-    JobServiceClient::new(channel(&mesh.endpoint("job-service"), Some(ALICE_TOKEN)).unwrap())
+    JobServiceClient::new(mesh.endpoint_channel("job-service", Some(ALICE_TOKEN)))
 }
 
 async fn create(mesh: &Mesh, key: &str) -> Result<(String, bool), tonic::Status> {
@@ -236,9 +235,7 @@ async fn job_service_read_only_postgres_acknowledges_only_stored_jobs() {
 // scheduler-service
 
 fn scheduler_client(mesh: &Mesh) -> SchedulerServiceClient<trainmesh_common::client::Channel> {
-    SchedulerServiceClient::new(
-        channel(&mesh.endpoint("scheduler-service"), Some(ADMIN_TOKEN)).unwrap(),
-    )
+    SchedulerServiceClient::new(mesh.endpoint_channel("scheduler-service", Some(ADMIN_TOKEN)))
 }
 
 async fn set_limit(mesh: &Mesh, user: &str, value: i32) -> Result<(), tonic::Status> {
@@ -383,9 +380,7 @@ async fn scheduler_read_only_postgres_acknowledges_only_stored_writes() {
 // metrics-service
 
 fn metrics_client(mesh: &Mesh) -> MetricsServiceClient<trainmesh_common::client::Channel> {
-    MetricsServiceClient::new(
-        channel(&mesh.endpoint("metrics-service"), Some(ADMIN_TOKEN)).unwrap(),
-    )
+    MetricsServiceClient::new(mesh.endpoint_channel("metrics-service", Some(ADMIN_TOKEN)))
 }
 
 const POINTS_PER_BATCH: i64 = 50;

@@ -43,6 +43,7 @@ impl Cli {
             .args(["--token", ALICE_TOKEN])
             .args(args)
             .env_remove("TRAINMESH_TOKEN")
+            .envs(mesh.client_env())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).expect("stdout file"))
             .stderr(std::fs::File::create(&err).expect("stderr file"))

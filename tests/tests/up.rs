@@ -1,6 +1,7 @@
 //! `trainctl up` stopped with Ctrl-C while a job runs: the runner hands the
 //! attempt back before the scheduler stops, so the job is not cancelled;
-//! the next `up` runs it again although it had only one attempt.
+//! the next `up` runs it again although it had only one attempt. And
+//! `trainctl up --tls`: the mesh serves TLS, and trainctl trusts its CA.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -11,7 +12,7 @@ use trainmesh_common::client::channel;
 use trainmesh_common::testing::wait_for;
 use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::job::v1::{
-    AttemptState, CreateJobRequest, Job, JobSpec, JobState, RetryPolicy,
+    AttemptState, CreateJobRequest, Job, JobSpec, JobState, ListJobsRequest, RetryPolicy,
 };
 use trainmesh_tests::bin_dir;
 use trainmesh_tests::jobs::wait_job_at;
@@ -28,11 +29,12 @@ if os.environ["TRAINMESH_ATTEMPT"] == "1":
 
 /// `trainctl up` in its own process group, as a terminal would run it
 /// (Ctrl-C then reaches `trainctl` alone, which stops its children).
-async fn up(data: &Path, run: u32) -> Child {
+async fn up(data: &Path, run: u32, extra: &[&str]) -> (Child, String) {
     let out = data.with_file_name(format!("up-{run}.out"));
     let child = Command::new(bin_dir().join("trainctl"))
         .args(["up", "--ports-from-zero", "--data-dir"])
         .arg(data)
+        .args(extra)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).expect("up output"))
@@ -41,14 +43,12 @@ async fn up(data: &Path, run: u32) -> Child {
         .kill_on_drop(true)
         .spawn()
         .expect("start trainctl up");
-    wait_for("the mesh to be up", WAIT, || async {
-        std::fs::read_to_string(&out)
-            .ok()?
-            .contains("press Ctrl-C")
-            .then_some(())
+    let summary = wait_for("the mesh to be up", WAIT, || async {
+        let text = std::fs::read_to_string(&out).ok()?;
+        text.contains("press Ctrl-C").then_some(text)
     })
     .await;
-    child
+    (child, summary)
 }
 
 fn jobs(data: &Path) -> JobServiceClient<trainmesh_common::client::Channel> {
@@ -79,7 +79,7 @@ async fn ctrl_c(mut up: Child) {
 async fn ctrl_c_of_up_hands_a_running_job_back_instead_of_cancelling_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("mesh");
-    let first = up(&data, 1).await;
+    let (first, _) = up(&data, 1, &[]).await;
     let mut spec = JobSpec {
         name: "outlives-the-mesh".into(),
         image: "python:3.11-slim".into(),
@@ -107,7 +107,7 @@ async fn ctrl_c_of_up_hands_a_running_job_back_instead_of_cancelling_it() {
     .await;
     ctrl_c(first).await;
 
-    let second = up(&data, 2).await;
+    let (second, _) = up(&data, 2, &[]).await;
     let done = wait_job(&data, &job.id, "the job to run again and succeed", |j| {
         j.state == JobState::Succeeded as i32
     })
@@ -121,6 +121,41 @@ async fn ctrl_c_of_up_hands_a_running_job_back_instead_of_cancelling_it() {
         "{a1:#?}"
     );
     ctrl_c(second).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_tls_prints_the_grpcurl_line_and_trainctl_trusts_its_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("mesh");
+    let (mesh, summary) = up(&data, 1, &["--tls"]).await;
+    let ca = data.join("tls").join("ca.crt");
+    assert!(
+        summary.contains(&format!("grpcurl -cacert {} ", ca.display())),
+        "{summary}"
+    );
+    let addr = std::fs::read_to_string(data.join("run").join("job-service.addr")).expect("addr");
+    let addr = addr.trim();
+    jobs(&data)
+        .list_jobs(ListJobsRequest::default())
+        .await
+        .expect_err("plaintext is refused");
+
+    // No CA named: trainctl finds the one `up --tls` wrote in the data dir.
+    let list = Command::new(bin_dir().join("trainctl"))
+        .args(["--data-dir"])
+        .arg(&data)
+        .args(["--job-endpoint", addr, "list"])
+        .env_remove("TRAINMESH_TOKEN")
+        .env_remove("TRAINMESH_TLS_CA")
+        .output()
+        .await
+        .expect("run trainctl list");
+    assert!(
+        list.status.success(),
+        "trainctl list over TLS: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    ctrl_c(mesh).await;
 }
 
 /// Tries to read every file it is given; fails if it runs as root or can
@@ -152,7 +187,7 @@ async fn a_job_of_up_cannot_read_its_tokens_or_databases() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("mesh");
-    let mesh = up(&data, 1).await;
+    let (mesh, _) = up(&data, 1, &[]).await;
     let mut private = Vec::new();
     for entry in walk(&data) {
         let name = entry.file_name().unwrap().to_string_lossy().into_owned();

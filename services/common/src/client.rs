@@ -9,6 +9,7 @@ use tonic::transport::Endpoint;
 use tonic::{Request, Status};
 
 use crate::correlation;
+use crate::tls::ClientTls;
 
 #[derive(Clone, Debug, Default)]
 pub struct ClientInterceptor {
@@ -53,27 +54,45 @@ fn insert(md: &mut MetadataMap, key: &'static str, value: &str) {
 
 pub type Channel = InterceptedService<tonic::transport::Channel, ClientInterceptor>;
 
-/// Normalises `host:port` to `http://host:port`.
-pub fn endpoint_uri(endpoint: &str) -> String {
+/// `endpoint` as a URI: `host:port` becomes `https://host:port` with TLS,
+/// `http://host:port` without; a scheme given is kept.
+fn endpoint_uri(endpoint: &str, tls: bool) -> String {
     if endpoint.contains("://") {
         endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
 }
 
-/// A lazily connecting channel to `endpoint` with the interceptor applied.
-/// Lazy so that services start in any order.
+/// A plaintext [`channel_with`], for tests and tools on loopback.
+pub fn channel(endpoint: &str, token: Option<&str>) -> anyhow::Result<Channel> {
+    channel_with(endpoint, token, &ClientTls::default())
+}
+
+/// A lazily connecting channel to `endpoint` with the interceptor applied,
+/// over TLS when `tls` says so. Lazy so that services start in any order.
 ///
-/// `endpoint` is `host:port`, `http://host:port`, or `file:PATH`: a file
+/// `endpoint` is `host:port`, `http(s)://host:port`, or `file:PATH`: a file
 /// holding `host:port`, read at every (re)connect. The last form lets
 /// services that listen on port 0 (tests, ad-hoc meshes) find each other:
-/// each writes its bound address with `--addr-file`.
-pub fn channel(endpoint: &str, token: Option<&str>) -> anyhow::Result<Channel> {
+/// each writes its bound address with `--addr-file`. Such a server is on
+/// this machine, so over TLS its certificate must name `localhost`.
+pub fn channel_with(
+    endpoint: &str,
+    token: Option<&str>,
+    tls: &ClientTls,
+) -> anyhow::Result<Channel> {
     let interceptor = ClientInterceptor::new(token)?;
     if let Some(path) = endpoint.strip_prefix("file:") {
         let path = std::path::PathBuf::from(path);
-        let ep = configure(Endpoint::from_static("http://addr-file.invalid"));
+        let host = if tls.is_tls() {
+            "https://localhost"
+        } else {
+            "http://addr-file.invalid"
+        };
+        let ep = endpoint_with(host, tls)?;
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let path = path.clone();
             async move {
@@ -90,8 +109,19 @@ pub fn channel(endpoint: &str, token: Option<&str>) -> anyhow::Result<Channel> {
             interceptor,
         ));
     }
-    let ep = configure(Endpoint::from_shared(endpoint_uri(endpoint))?);
+    let ep = endpoint_with(&endpoint_uri(endpoint, tls.is_tls()), tls)?;
     Ok(InterceptedService::new(ep.connect_lazy(), interceptor))
+}
+
+fn endpoint_with(uri: &str, tls: &ClientTls) -> anyhow::Result<Endpoint> {
+    let ep = configure(Endpoint::from_shared(uri.to_owned())?);
+    match tls.config() {
+        Some(config) => Ok(ep.tls_config(config.clone())?),
+        None if uri.starts_with("https://") => anyhow::bail!(
+            "`{uri}` needs TLS, but no CA to trust is given: set --tls-ca (TRAINMESH_TLS_CA)"
+        ),
+        None => Ok(ep),
+    }
 }
 
 fn configure(ep: Endpoint) -> Endpoint {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::auth::TokenStore;
 use crate::server::ServerOptions;
+use crate::tls::{ClientTls, ClientTlsArgs, ServerTlsArgs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
@@ -54,6 +55,12 @@ pub struct CommonArgs {
         default_value_t = crate::inbound::DEFAULT_MAX_STREAMS_PER_CALLER
     )]
     pub max_streams_per_caller: usize,
+
+    #[command(flatten)]
+    pub server_tls: ServerTlsArgs,
+
+    #[command(flatten)]
+    pub client_tls: ClientTlsArgs,
 }
 
 /// Makes every file and directory this process creates private to its user
@@ -98,21 +105,31 @@ impl CommonArgs {
         }
     }
 
-    pub fn server_options(&self) -> ServerOptions {
-        ServerOptions {
+    /// Reads the TLS files, so a bad one stops the service at start.
+    pub fn server_options(&self) -> anyhow::Result<ServerOptions> {
+        Ok(ServerOptions {
             max_concurrent_requests: self.max_concurrent_requests,
             request_timeout: Duration::from_secs(self.request_timeout_secs),
             max_message_bytes: self.max_message_bytes,
             max_streams_per_caller: self.max_streams_per_caller,
+            tls: self.server_tls.load()?,
             ..ServerOptions::default()
-        }
+        })
+    }
+
+    /// How this service's calls to its peers connect.
+    pub fn client_tls(&self) -> anyhow::Result<ClientTls> {
+        self.client_tls.load()
     }
 
     /// Binds `listen` and writes the bound address to `--addr-file`.
+    /// Plaintext on a non-loopback address is refused here, before the
+    /// service opens its database, and not only when it starts serving.
     pub async fn bind(&self, listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
         let l = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        self.server_tls.load()?.check_listen(l.local_addr()?)?;
         if let Some(path) = &self.addr_file {
             crate::client::write_addr_file(path, l.local_addr()?)?;
         }

@@ -20,6 +20,8 @@
 //!   [`text`]: checks on caller-supplied strings.
 //! - [`healthcheck`]: `<binary> healthcheck ADDR`, for container health
 //!   checks.
+//! - [`tls`]: TLS for servers and clients, and the refusal of plaintext off
+//!   loopback.
 //! - [`testing`]: helpers for tests that start real servers.
 
 pub mod auth;
@@ -42,5 +44,6 @@ pub mod telemetry;
 pub mod testing;
 pub mod text;
 pub mod time;
+pub mod tls;
 
 pub use trainmesh_proto as proto;

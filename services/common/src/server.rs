@@ -29,6 +29,7 @@ use crate::auth::{AuthLayer, TokenStore};
 use crate::correlation::CorrelationLayer;
 use crate::db::Db;
 use crate::inbound::{streaming_methods, OversizeLayer, StreamCapLayer};
+use crate::tls::ServerTls;
 
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -43,6 +44,8 @@ pub struct ServerOptions {
     /// The service's database: health is NOT_SERVING while it cannot be
     /// written (see [`crate::storage`]).
     pub storage: Option<Db>,
+    /// TLS, or plaintext (refused off loopback unless insecure).
+    pub tls: ServerTls,
 }
 
 impl Default for ServerOptions {
@@ -54,6 +57,7 @@ impl Default for ServerOptions {
             drain_timeout: Duration::from_secs(10),
             max_streams_per_caller: crate::inbound::DEFAULT_MAX_STREAMS_PER_CALLER,
             storage: None,
+            tls: ServerTls::default(),
         }
     }
 }
@@ -135,6 +139,9 @@ pub async fn serve(
     trigger: ShutdownTrigger,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // First, so that a refused listen address starts nothing.
+    let addr = listener.local_addr()?;
+    let builder = opts.tls.server_builder(addr)?;
     let (health, health_svc) = tonic_health::server::health_reporter();
     // "" is the server as a whole, what a Kubernetes gRPC probe asks for.
     let mut names: Vec<&'static str> = vec![""];
@@ -183,8 +190,7 @@ pub async fn serve(
         .layer(OversizeLayer::new(opts.max_message_bytes))
         .into_inner();
 
-    let addr = listener.local_addr()?;
-    tracing::info!(service = name, %addr, "serving");
+    tracing::info!(service = name, %addr, tls = opts.tls.is_tls(), "serving");
 
     let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
     let graceful = async move {
@@ -198,7 +204,7 @@ pub async fn serve(
         let _ = began_tx.send(());
     };
 
-    let server = tonic::transport::Server::builder()
+    let server = builder
         .timeout(opts.request_timeout)
         .tcp_nodelay(true)
         .layer(layers)

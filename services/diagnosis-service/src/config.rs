@@ -7,6 +7,7 @@ use std::time::Duration;
 use trainmesh_common::auth::TokenStore;
 use trainmesh_common::config::CommonArgs;
 use trainmesh_common::server::ServerOptions;
+use trainmesh_common::tls::ClientTls;
 
 /// Everything `run` needs; tests build it directly.
 #[derive(Clone, Debug)]
@@ -21,6 +22,8 @@ pub struct Config {
     pub metrics_endpoint: String,
     /// This service's token for job-service (needs the `service` role).
     pub service_token: Option<String>,
+    /// How calls to job-service connect.
+    pub client_tls: ClientTls,
     /// Extra rules (YAML), tried before the built-in ones.
     pub rules_file: Option<PathBuf>,
     /// Limit for each call to job-service.
@@ -42,6 +45,7 @@ impl Config {
             job_endpoint: job_endpoint.into(),
             metrics_endpoint: "127.0.0.1:50053".into(),
             service_token,
+            client_tls: ClientTls::default(),
             rules_file: None,
             job_call_timeout: Duration::from_secs(15),
         }
@@ -117,11 +121,12 @@ impl Args {
             .optional_service_token("DiagnoseJob cannot read jobs")?;
         Ok(Config {
             tokens: self.common.token_store().await?,
-            server: self.common.server_options(),
+            server: self.common.server_options()?,
             database_url: database_url(&self.common, self.database_url.as_deref()),
             job_endpoint: self.job_endpoint,
             metrics_endpoint: self.metrics_endpoint,
             service_token,
+            client_tls: self.common.client_tls()?,
             rules_file: self.rules_file,
             job_call_timeout: Duration::from_secs(self.job_timeout_secs.max(1)),
         })

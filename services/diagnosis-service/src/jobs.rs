@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tonic::Code;
-use trainmesh_common::client::{self, Channel};
+use trainmesh_common::client::Channel;
 use trainmesh_common::proto::job::v1 as jpb;
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
 
@@ -45,13 +45,12 @@ fn cut(mut s: String) -> String {
 }
 
 impl JobSource {
-    /// A lazily connecting client: diagnosis-service starts without job-service.
-    pub fn new(endpoint: &str, token: Option<&str>, timeout: Duration) -> anyhow::Result<Self> {
-        let channel = client::channel(endpoint, token)?;
-        Ok(Self {
+    /// `channel` connects lazily: diagnosis-service starts without job-service.
+    pub fn new(channel: Channel, timeout: Duration) -> Self {
+        Self {
             client: JobServiceClient::new(channel),
             timeout,
-        })
+        }
     }
 
     pub async fn fetch(&self, id: JobId) -> Result<JobSnapshot> {

@@ -50,10 +50,13 @@ pub async fn run(
     )
     .await?;
     let jobs = jobs::JobSource::new(
-        &config.job_endpoint,
-        config.service_token.as_deref(),
+        trainmesh_common::client::channel_with(
+            &config.job_endpoint,
+            config.service_token.as_deref(),
+            &config.client_tls,
+        )?,
         config.job_call_timeout,
-    )?;
+    );
     // Nothing here streams or loops in the background, so the watch half of
     // the pair is not needed.
     let (trigger, _watch) = server::shutdown_pair();

@@ -94,11 +94,12 @@ impl Args {
         let diagnosis = self.diagnosis_endpoint.trim();
         Ok(Config {
             tokens,
-            server: self.common.server_options(),
+            server: self.common.server_options()?,
             database_url,
             scheduler_endpoint: self.scheduler_endpoint.clone(),
             diagnosis_endpoint: (!diagnosis.is_empty()).then(|| diagnosis.to_owned()),
             service_token,
+            client_tls: self.common.client_tls()?,
             data_roots,
             max_log_lines_per_attempt: self.max_log_lines_per_attempt,
             watch_heartbeat: Duration::from_secs(self.watch_heartbeat_secs.max(1)),

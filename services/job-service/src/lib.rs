@@ -55,11 +55,13 @@ use std::time::Duration;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 use trainmesh_common::auth::TokenStore;
+use trainmesh_common::client;
 use trainmesh_common::db::{self, Durability};
 use trainmesh_common::outbox::Relay;
 use trainmesh_common::proto::job::v1::job_internal_service_server::JobInternalServiceServer;
 use trainmesh_common::proto::job::v1::job_service_server::JobServiceServer;
 use trainmesh_common::server::{self, ServerOptions};
+use trainmesh_common::tls::ClientTls;
 
 use crate::grpc::{JobApi, JobInternalApi};
 use crate::limits::{LimitsCache, SchedulerLimits};
@@ -79,6 +81,8 @@ pub struct Config {
     pub diagnosis_endpoint: Option<String>,
     /// This service's token for calls to its peers.
     pub service_token: Option<String>,
+    /// How calls to its peers connect.
+    pub client_tls: ClientTls,
     /// Allowed roots for dataset/output paths (non-existent ones are ignored).
     pub data_roots: Vec<PathBuf>,
     pub max_log_lines_per_attempt: i64,
@@ -98,6 +102,7 @@ impl Config {
             server: ServerOptions::default(),
             database_url: database_url.into(),
             scheduler_endpoint: "127.0.0.1:50052".into(),
+            client_tls: ClientTls::default(),
             diagnosis_endpoint: Some("127.0.0.1:50054".into()),
             service_token: None,
             data_roots: Vec::new(),
@@ -140,7 +145,8 @@ pub async fn run(
         _ => "scheduler-service",
     });
     let token = config.service_token.as_deref();
-    let scheduler = trainmesh_common::client::channel(&config.scheduler_endpoint, token)?;
+    let tls = &config.client_tls;
+    let scheduler = client::channel_with(&config.scheduler_endpoint, token, tls)?;
     let limits = LimitsCache::new(
         SchedulerLimits {
             channel: scheduler.clone(),
@@ -163,7 +169,7 @@ pub async fn run(
         diagnosis: config
             .diagnosis_endpoint
             .as_deref()
-            .map(|ep| trainmesh_common::client::channel(ep, token))
+            .map(|ep| client::channel_with(ep, token, tls))
             .transpose()?,
     };
     let relay_task = tokio::spawn(relay.run(relay::deliver(svc.clone(), peers), watch.clone()));

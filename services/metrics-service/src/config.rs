@@ -110,15 +110,16 @@ impl Args {
         let token = self.common.optional_service_token(
             "users' calls are refused until job-service can be asked who owns a job",
         )?;
-        let owners = JobOwners::new(
+        let channel = trainmesh_common::client::channel_with(
             &self.job_endpoint,
             token.as_deref(),
-            Duration::from_secs(self.job_timeout_secs.max(1)),
+            &self.common.client_tls()?,
         )?;
+        let owners = JobOwners::new(channel, Duration::from_secs(self.job_timeout_secs.max(1)));
         Ok(Config {
             owners: Some(Arc::new(owners)),
             tokens: self.common.token_store().await?,
-            server: self.common.server_options(),
+            server: self.common.server_options()?,
             database_url: database_url(&self.common, self.database_url.as_deref()),
             watch_poll_interval: Duration::from_millis(self.watch_poll_ms.max(10)),
             caps: Caps {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tonic::Code;
 use trainmesh_common::auth::Caller;
-use trainmesh_common::client::{self, Channel};
+use trainmesh_common::client::Channel;
 use trainmesh_common::proto::job::v1 as jpb;
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
 
@@ -30,13 +30,13 @@ pub struct JobOwners {
 }
 
 impl JobOwners {
-    /// A lazily connecting client: metrics-service starts without job-service.
-    pub fn new(endpoint: &str, token: Option<&str>, timeout: Duration) -> anyhow::Result<Self> {
-        Ok(Self {
-            client: JobServiceClient::new(client::channel(endpoint, token)?),
+    /// `channel` connects lazily: metrics-service starts without job-service.
+    pub fn new(channel: Channel, timeout: Duration) -> Self {
+        Self {
+            client: JobServiceClient::new(channel),
             timeout,
             known: Mutex::default(),
-        })
+        }
     }
 
     /// Whether `caller` may read and write `job`'s metrics.

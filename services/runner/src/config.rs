@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use trainmesh_common::config::CommonArgs;
+use trainmesh_common::tls::{ClientTls, ServerTls};
 
 mod docker;
 pub mod job_user;
@@ -287,6 +288,8 @@ pub struct Config {
     pub metrics_endpoint: String,
     /// The service token sent on every call.
     pub token: String,
+    /// How calls to the services connect.
+    pub client_tls: ClientTls,
     pub backend: BackendKind,
     pub work_dir: PathBuf,
     pub max_concurrent: usize,
@@ -334,6 +337,8 @@ pub struct Config {
     /// Where to serve grpc.health.v1 (see [`crate::health`]); `None`: not
     /// at all.
     pub health_listen: Option<String>,
+    /// How the health server accepts connections.
+    pub health_tls: ServerTls,
 }
 
 /// Passed through to jobs: what programs need to be found and to behave.
@@ -366,6 +371,7 @@ impl Config {
             job_endpoint: job_endpoint.into(),
             metrics_endpoint: metrics_endpoint.into(),
             token: token.into(),
+            client_tls: ClientTls::default(),
             backend: BackendKind::Process,
             work_dir: work_dir.into(),
             max_concurrent: 8,
@@ -395,6 +401,7 @@ impl Config {
             attempt_dir_keep: Duration::from_secs(24 * 3600),
             shim: None,
             health_listen: None,
+            health_tls: ServerTls::default(),
         }
     }
 
@@ -504,6 +511,8 @@ impl Args {
             Some(job_user::AUTO) => job_user::auto(&c.work_dir, &mut c.allow_root_jobs)?,
             Some(spec) => Some(JobUser::parse(spec)?),
         };
+        c.client_tls = self.common.client_tls()?;
+        c.health_tls = self.common.server_tls.load()?;
         c.validate()?;
         Ok(c)
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::ServingStatus;
+use trainmesh_common::tls::ServerTls;
 
 use crate::backend::Backend;
 
@@ -110,27 +111,27 @@ impl Health {
     }
 }
 
-/// Serves `grpc.health.v1` on `listener` until `shutdown` resolves,
-/// probing `backend` meanwhile.
+/// Serves `grpc.health.v1` on `listener` (with `tls`) until `shutdown`
+/// resolves, probing `backend` meanwhile.
 pub async fn serve(
     listener: TcpListener,
+    tls: ServerTls,
     health: Health,
     backend: Arc<dyn Backend>,
     probe: Probe,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let mut builder = tls.server_builder(addr)?;
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status(SERVICE, ServingStatus::NotServing)
         .await;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "serving the runner's health");
-    let server = tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown,
-        );
+    tracing::info!(%addr, tls = tls.is_tls(), "serving the runner's health");
+    let server = builder.add_service(service).serve_with_incoming_shutdown(
+        tonic::transport::server::TcpIncoming::from(listener),
+        shutdown,
+    );
     // The other two never end; the server ends them.
     tokio::select! {
         r = server => r?,

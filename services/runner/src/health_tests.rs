@@ -65,6 +65,7 @@ async fn served() -> Served {
     };
     tokio::spawn(serve(
         listener,
+        ServerTls::default(),
         health.clone(),
         backend.clone(),
         probe,

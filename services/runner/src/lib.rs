@@ -62,6 +62,11 @@ pub async fn run_with_health_listener(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    // Before any work: a runner whose health port is refused must not start
+    // taking attempts without it.
+    if let Some(l) = &health {
+        config.health_tls.check_listen(l.local_addr()?)?;
+    }
     std::fs::create_dir_all(&config.work_dir).map_err(|e| {
         anyhow::anyhow!("cannot create work dir {}: {e}", config.work_dir.display())
     })?;
@@ -170,6 +175,7 @@ pub async fn run_with_health_listener(
     let server = health.map(|listener| {
         tokio::spawn(health::serve(
             listener,
+            config.health_tls.clone(),
             status.clone(),
             backend.clone(),
             health::Probe::default(),

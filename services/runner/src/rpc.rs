@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tonic::Code;
-use trainmesh_common::client::{channel, Channel};
+use trainmesh_common::client::{channel_with, Channel};
 use trainmesh_common::proto::job::v1::job_internal_service_client::JobInternalServiceClient;
 use trainmesh_common::proto::metrics::v1::metrics_service_client::MetricsServiceClient;
 use trainmesh_common::proto::runner::v1::runner_service_client::RunnerServiceClient;
@@ -23,11 +23,13 @@ pub struct Peers {
 impl Peers {
     /// Lazy channels: the services may start after the runner.
     pub fn connect(config: &Config) -> anyhow::Result<Self> {
-        let token = Some(config.token.as_str());
+        let connect = |endpoint: &str| {
+            channel_with(endpoint, Some(config.token.as_str()), &config.client_tls)
+        };
         Ok(Self {
-            scheduler: RunnerServiceClient::new(channel(&config.scheduler_endpoint, token)?),
-            jobs: JobInternalServiceClient::new(channel(&config.job_endpoint, token)?),
-            metrics: MetricsServiceClient::new(channel(&config.metrics_endpoint, token)?),
+            scheduler: RunnerServiceClient::new(connect(&config.scheduler_endpoint)?),
+            jobs: JobInternalServiceClient::new(connect(&config.job_endpoint)?),
+            metrics: MetricsServiceClient::new(connect(&config.metrics_endpoint)?),
         })
     }
 }

@@ -205,9 +205,10 @@ impl Args {
                 .common
                 .database_url(self.database_url.as_deref(), "scheduler.db"),
             tokens,
-            server: self.common.server_options(),
+            server: self.common.server_options()?,
             job_endpoint: self.job_endpoint,
             service_token,
+            client_tls: self.common.client_tls()?,
             max_running_per_user: self.max_running_per_user,
             max_gpus_per_user: self.max_gpus_per_user,
             max_queued_per_user: self.max_queued_per_user,

@@ -52,6 +52,7 @@ use trainmesh_common::proto::scheduler::v1::scheduler_internal_service_server::S
 use trainmesh_common::proto::scheduler::v1::scheduler_service_server::SchedulerServiceServer;
 use trainmesh_common::server::{self, ServerOptions};
 use trainmesh_common::time::{Clock, SystemClock};
+use trainmesh_common::tls::ClientTls;
 
 pub use config::Args;
 pub use service::Scheduler;
@@ -84,6 +85,8 @@ pub struct Config {
     pub job_endpoint: String,
     /// Sent on calls to job-service.
     pub service_token: Option<String>,
+    /// How calls to job-service connect.
+    pub client_tls: ClientTls,
     /// Seeds USER_DEFAULT max_running_jobs when no such row is stored; 0: none.
     pub max_running_per_user: u32,
     /// Seeds USER_DEFAULT max_gpus; 0: none.
@@ -118,6 +121,7 @@ impl Config {
             server: ServerOptions::default(),
             job_endpoint: "127.0.0.1:50051".into(),
             service_token: None,
+            client_tls: ClientTls::default(),
             max_running_per_user: DEFAULT_MAX_RUNNING_PER_USER,
             max_gpus_per_user: 0,
             max_queued_per_user: 0,
@@ -181,7 +185,11 @@ pub async fn run(
     .await?;
     let (trigger, watch) = server::shutdown_pair();
     let relay = Relay::new(db.clone()).with_route(|_| "job-service");
-    let deliver = status_relay::deliverer(&config.job_endpoint, config.service_token.as_deref())?;
+    let deliver = status_relay::deliverer(
+        &config.job_endpoint,
+        config.service_token.as_deref(),
+        &config.client_tls,
+    )?;
     let settings = config.settings();
     limits::seed_user_default(&db, settings.default_limits, settings.clock.now_micros()).await?;
     let mut server_opts = config.server.clone();

@@ -11,14 +11,19 @@ use tracing::Instrument;
 use trainmesh_common::outbox::{classify, Deliver, Delivery, OutboxMessage};
 use trainmesh_common::proto::job::v1::job_internal_service_client::JobInternalServiceClient;
 use trainmesh_common::proto::job::v1::{JobState, UpdateJobStatusRequest};
+use trainmesh_common::tls::ClientTls;
 
 use crate::repo::STATUS_TOPIC;
 
 /// How long one delivery may take before it is retried.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn deliverer(job_endpoint: &str, service_token: Option<&str>) -> anyhow::Result<Deliver> {
-    let channel = trainmesh_common::client::channel(job_endpoint, service_token)?;
+pub fn deliverer(
+    job_endpoint: &str,
+    service_token: Option<&str>,
+    tls: &ClientTls,
+) -> anyhow::Result<Deliver> {
+    let channel = trainmesh_common::client::channel_with(job_endpoint, service_token, tls)?;
     let client = JobInternalServiceClient::new(channel);
     Ok(Arc::new(move |msg: OutboxMessage| {
         let mut client = client.clone();

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use trainmesh_common::tls::ClientTlsArgs;
 
 /// trainctl: run ML training jobs on a trainmesh.
 ///
@@ -77,6 +78,11 @@ pub struct GlobalArgs {
     /// one). Quote it when reporting a problem: every service logs it.
     #[arg(long, global = true)]
     pub correlation_id: Option<String>,
+
+    /// TLS: without --tls-ca, DATA_DIR/tls/ca.crt is trusted when it exists
+    /// (`trainctl up --tls` writes it).
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -125,6 +131,36 @@ pub enum Command {
     /// Credentials for a deployed mesh: `tokens init DIR` writes an admin
     /// token, a service token and the tokens file that lists their hashes.
     Tokens(TokensArgs),
+    /// TLS for a deployed mesh: `certs init DIR` writes a CA and a
+    /// certificate for each service.
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    #[command(subcommand)]
+    pub action: CertsAction,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum CertsAction {
+    /// Write DIR/ca.crt and DIR/ca.key, and DIR/NAME.crt and DIR/NAME.key
+    /// for each NAME (default: the five binaries' names), each valid for
+    /// NAME, every --san, localhost, 127.0.0.1 and ::1, for servers and
+    /// clients alike (mutual TLS); unless DIR/ca.crt exists: then they are
+    /// kept. Keys are readable by their owner only.
+    Init {
+        /// Directory to write to; created if missing.
+        dir: PathBuf,
+        /// Names to issue certificates for (compose service names,
+        /// Kubernetes Service names); `NAME,ALIAS...` makes NAME's
+        /// certificate valid for the aliases too (`scheduler-1,scheduler`).
+        names: Vec<String>,
+        /// Another DNS name or IP address every certificate is valid for
+        /// (repeatable), e.g. `job-service.trainmesh.svc`.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -169,6 +205,14 @@ pub struct UpArgs {
     /// through DATA_DIR/run/<name>.addr); lets two meshes run side by side.
     #[arg(long)]
     pub ports_from_zero: bool,
+    /// Serve TLS: a new CA and a certificate for localhost, 127.0.0.1 and
+    /// ::1 (and the bind host) in DATA_DIR/tls at every start; trainctl
+    /// trusts DATA_DIR/tls/ca.crt by itself.
+    #[arg(long)]
+    pub tls: bool,
+    /// Without --tls, serve plaintext on a --bind-host other than loopback.
+    #[arg(long, conflicts_with = "tls")]
+    pub insecure: bool,
     /// How long to wait for every service to answer its health check.
     #[arg(long, default_value_t = 30)]
     pub startup_timeout_secs: u64,

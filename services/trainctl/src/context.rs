@@ -10,6 +10,7 @@ use trainmesh_common::proto::diagnosis::v1::diagnosis_service_client::DiagnosisS
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_common::proto::metrics::v1::metrics_service_client::MetricsServiceClient;
 use trainmesh_common::proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
+use trainmesh_common::tls::ClientTls;
 
 use crate::cli::{GlobalArgs, OutputFormat};
 
@@ -92,6 +93,30 @@ impl RpcError {
     /// A line telling the user what to do, for the errors that have an
     /// obvious next step.
     pub fn hint(&self) -> Option<String> {
+        if mentions(&self.status, "invalid peer certificate") {
+            return Some(format!(
+                "{} shows a certificate the CA trainctl trusts did not sign: name its CA with \
+                 --tls-ca / TRAINMESH_TLS_CA (`trainctl up --tls` writes DATA_DIR/tls/ca.crt)",
+                self.endpoint
+            ));
+        }
+        // A TLS client reading plaintext.
+        if mentions(&self.status, "InvalidContentType") {
+            return Some(format!(
+                "{} answers without TLS: write the endpoint as http://{} or trust no CA",
+                self.endpoint,
+                self.endpoint.trim_start_matches("https://")
+            ));
+        }
+        // A plaintext client reading TLS.
+        if mentions(&self.status, "frame with invalid size") {
+            return Some(format!(
+                "{} may answer with TLS: write it as host:port (not http://) and name its CA \
+                 with --tls-ca / TRAINMESH_TLS_CA (`trainctl up --tls` writes \
+                 DATA_DIR/tls/ca.crt)",
+                self.endpoint
+            ));
+        }
         match self.status.code() {
             Code::Unavailable if is_connect_failure(&self.status) => Some(format!(
                 "nothing answers at {} ({}); start the mesh with `trainctl up`, or point \
@@ -109,6 +134,17 @@ impl RpcError {
             _ => None,
         }
     }
+}
+
+/// Whether the status's message or any of its sources says `needle`.
+fn mentions(status: &Status, needle: &str) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    let mut found = status.message().contains(needle);
+    while let (false, Some(err)) = (found, source) {
+        found = err.to_string().contains(needle);
+        source = err.source();
+    }
+    found
 }
 
 fn is_connect_failure(status: &Status) -> bool {
@@ -198,7 +234,7 @@ impl Context {
     fn channel(&self, service: Service) -> anyhow::Result<Channel> {
         let token = self.token()?;
         let endpoint = service.endpoint(&self.global);
-        client::channel(endpoint, Some(&token))
+        client::channel_with(endpoint, Some(&token), &client_tls(&self.global)?)
             .with_context(|| format!("invalid {} endpoint `{endpoint}`", service.binary()))
     }
 
@@ -233,6 +269,18 @@ impl Context {
             endpoint: service.endpoint(&self.global).to_owned(),
         }
     }
+}
+
+/// `--tls-ca` / `TRAINMESH_TLS_CA` and the client identity, else the local
+/// mesh's CA when `trainctl up --tls` left one in the data dir, else
+/// plaintext.
+pub fn client_tls(global: &GlobalArgs) -> anyhow::Result<ClientTls> {
+    let mut args = global.tls.clone();
+    if args.tls_ca.is_none() {
+        let local = crate::certs::local_ca(&global.data_dir);
+        args.tls_ca = local.is_file().then_some(local);
+    }
+    args.load()
 }
 
 /// Job listings with long error messages can be large.
@@ -310,6 +358,26 @@ mod tests {
         assert!(hint.contains("trainctl up"), "{hint}");
         assert!(hint.contains("127.0.0.1:50051"), "{hint}");
         assert!(hint.contains("--job-endpoint"), "{hint}");
+    }
+
+    #[test]
+    fn tls_mismatches_hint_at_the_ca() {
+        let untrusted = rpc(Status::unavailable(
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert!(untrusted.hint().unwrap().contains("--tls-ca"));
+        let plaintext_server = rpc(Status::unavailable(
+            "received corrupt message of type InvalidContentType",
+        ));
+        let hint = plaintext_server.hint().unwrap();
+        assert!(
+            hint.contains("without TLS") && hint.contains("http://"),
+            "{hint}"
+        );
+        let tls_server = rpc(Status::internal(
+            "h2 protocol error: http2 error: connection error detected: frame with invalid size",
+        ));
+        assert!(tls_server.hint().unwrap().contains("--tls-ca"));
     }
 
     #[test]

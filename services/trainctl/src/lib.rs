@@ -8,6 +8,7 @@
 //! - [`spec`]: job spec YAML → `JobSpec`;
 //! - [`output`] and [`json`]: tables and `-o json`.
 
+pub mod certs;
 pub mod cli;
 pub mod commands;
 pub mod context;
@@ -66,5 +67,6 @@ async fn dispatch(ctx: &Context, command: &Command) -> anyhow::Result<u8> {
         Command::Approvals(a) => scheduling::approvals(ctx, a).await,
         Command::Limits(a) => scheduling::limits(ctx, a).await,
         Command::Tokens(a) => up::tokens::command(a),
+        Command::Certs(a) => certs::command(a),
     }
 }

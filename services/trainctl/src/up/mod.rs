@@ -3,6 +3,7 @@
 
 pub mod plan;
 pub mod supervisor;
+pub mod tls;
 pub mod tokens;
 
 use std::io::{Read, Seek, SeekFrom, Write as _};
@@ -16,6 +17,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use trainmesh_common::client;
 use trainmesh_common::proto::scheduler::v1 as sched;
+use trainmesh_common::tls::ClientTls;
 
 use crate::cli::{GlobalArgs, UpArgs};
 use plan::{Layout, RUNNER, SERVICES};
@@ -34,6 +36,7 @@ pub async fn run(global: &GlobalArgs, args: &UpArgs) -> anyhow::Result<u8> {
         .parent()
         .ok_or_else(|| anyhow::anyhow!("cannot tell which directory trainctl is in"))?;
     let bin_dir = plan::find_binaries(bin_dir)?;
+    plan::check_bind_host(args)?;
     let layout = Layout::new(&global.data_dir)?;
     layout.create()?;
     let _lock = lock_data_dir(&layout.data_dir)?;
@@ -44,6 +47,7 @@ pub async fn run(global: &GlobalArgs, args: &UpArgs) -> anyhow::Result<u8> {
     } else {
         check_ports_free(args)?;
     }
+    let client_tls = tls::prepare(args, &layout)?;
     let tokens = tokens::ensure(&layout.data_dir)?;
     if tokens.created {
         eprintln!("created tokens in {}", layout.data_dir.display());
@@ -76,7 +80,7 @@ pub async fn run(global: &GlobalArgs, args: &UpArgs) -> anyhow::Result<u8> {
 
     let startup = Duration::from_secs(args.startup_timeout_secs);
     let healthy = tokio::select! {
-        r = wait_healthy(&endpoints, startup) => r,
+        r = wait_healthy(&endpoints, &client_tls, startup) => r,
         Some(exit) = exits.recv() => return died(&sup, &mut signals, grace, &layout, &exit, "while starting").await,
         _ = signals.recv() => {
             shutdown(&sup, &mut signals, grace).await;
@@ -104,7 +108,7 @@ pub async fn run(global: &GlobalArgs, args: &UpArgs) -> anyhow::Result<u8> {
     let scheduler = plan::endpoint(args, &layout, crate::context::Service::Scheduler);
     let admin = std::fs::read_to_string(&tokens.admin)?.trim().to_owned();
     tokio::select! {
-        registered = wait_runner_registered(&scheduler, &admin, startup.min(RUNNER_REGISTRATION)) => {
+        registered = wait_runner_registered(&scheduler, &admin, &client_tls, startup.min(RUNNER_REGISTRATION)) => {
             if registered == Some(false) {
                 eprintln!(
                     "warning: the runner has not registered with the scheduler yet; see {}",
@@ -186,12 +190,13 @@ async fn shutdown(sup: &Supervisor, signals: &mut Signals, grace: Duration) {
 /// SERVING; on timeout returns the names that did not.
 async fn wait_healthy(
     endpoints: &[(&'static str, String)],
+    tls: &ClientTls,
     timeout: Duration,
 ) -> Result<(), Vec<String>> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut pending: Vec<(&str, HealthClient<client::Channel>)> = Vec::new();
     for (name, ep) in endpoints {
-        match client::channel(ep, None) {
+        match client::channel_with(ep, None, tls) {
             Ok(ch) => pending.push((name, HealthClient::new(ch))),
             Err(_) => return Err(vec![format!("{name} (bad endpoint `{ep}`)")]),
         }
@@ -225,8 +230,13 @@ async fn wait_healthy(
 
 /// `Some(true)` once the scheduler counts a runner, `Some(false)` on
 /// timeout, `None` when the scheduler cannot say (GetQueueStats not served).
-async fn wait_runner_registered(endpoint: &str, token: &str, timeout: Duration) -> Option<bool> {
-    let ch = client::channel(endpoint, Some(token)).ok()?;
+async fn wait_runner_registered(
+    endpoint: &str,
+    token: &str,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Option<bool> {
+    let ch = client::channel_with(endpoint, Some(token), tls).ok()?;
     let mut c = sched::scheduler_service_client::SchedulerServiceClient::new(ch);
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
@@ -251,6 +261,7 @@ fn print_summary(
 ) -> anyhow::Result<()> {
     let mut out = String::from("trainmesh is up\n");
     let mut exports = Vec::new();
+    let mut job_addr = String::new();
     for (s, (name, ep)) in SERVICES.iter().zip(endpoints) {
         // With --ports-from-zero the endpoint is a file; show the address.
         let shown = match ep.strip_prefix("file:") {
@@ -259,6 +270,9 @@ fn print_summary(
                 .unwrap_or_else(|_| ep.clone()),
             None => ep.clone(),
         };
+        if *s == crate::context::Service::Job {
+            job_addr = shown.clone();
+        }
         let pid = sup.pid(name).unwrap_or_default();
         out.push_str(&format!("  {name:<18} {shown:<22} pid {pid}\n"));
         if args.ports_from_zero || !is_default(*s, &shown) {
@@ -281,15 +295,36 @@ fn print_summary(
         "  export TRAINMESH_TOKEN=$(cat {})\n",
         shell_quote(&admin_token.display().to_string())
     ));
+    if args.tls {
+        exports.push(format!(
+            "export TRAINMESH_TLS_CA={}",
+            shell_quote(&layout.tls_ca().display().to_string())
+        ));
+    }
     for e in exports {
         out.push_str(&format!("  {e}\n"));
     }
     out.push_str("  trainctl submit examples/jobs/ok.yaml --wait\n");
+    out.push_str(&format!("  {}\n", grpcurl_line(args, layout, &job_addr)));
     out.push_str("press Ctrl-C to stop\n");
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes())?;
     stdout.flush()?;
     Ok(())
+}
+
+/// A grpcurl command that lists job-service's services: with the local CA
+/// when the mesh serves TLS.
+fn grpcurl_line(args: &UpArgs, layout: &Layout, job_addr: &str) -> String {
+    let transport = if args.tls {
+        format!(
+            "-cacert {}",
+            shell_quote(&layout.tls_ca().display().to_string())
+        )
+    } else {
+        "-plaintext".to_owned()
+    };
+    format!("grpcurl {transport} {} list", shell_quote(job_addr))
 }
 
 fn is_default(s: crate::context::Service, endpoint: &str) -> bool {

@@ -40,8 +40,16 @@ fn peers(service: Service) -> &'static [Service] {
 const RUNNER_PEERS: [Service; 3] = [Service::Scheduler, Service::Job, Service::Metrics];
 
 /// Settings inherited from the user's shell that would point a child at
-/// something other than this mesh.
-const ENV_REMOVE: [&str; 8] = [
+/// something other than this mesh, or make it speak other TLS than `up`
+/// chose.
+const ENV_REMOVE: [&str; 15] = [
+    "TRAINMESH_TLS_CERT",
+    "TRAINMESH_TLS_KEY",
+    "TRAINMESH_TLS_CLIENT_CA",
+    "TRAINMESH_TLS_CA",
+    "TRAINMESH_TLS_CLIENT_CERT",
+    "TRAINMESH_TLS_CLIENT_KEY",
+    "TRAINMESH_INSECURE",
     "TRAINMESH_ADDR_FILE",
     "TRAINMESH_TOKENS",
     "TRAINMESH_SERVICE_TOKEN_FILE",
@@ -58,6 +66,8 @@ pub struct Layout {
     pub logs: PathBuf,
     pub run: PathBuf,
     pub runner_work: PathBuf,
+    /// `up --tls`: the CA and the one certificate every service serves.
+    pub tls: PathBuf,
 }
 
 impl Layout {
@@ -70,6 +80,7 @@ impl Layout {
             logs: data_dir.join("logs"),
             run: data_dir.join("run"),
             runner_work: data_dir.join("runner"),
+            tls: crate::certs::local_dir(&data_dir),
             data_dir,
         })
     }
@@ -103,6 +114,15 @@ impl Layout {
 
     pub fn addr_file(&self, name: &str) -> PathBuf {
         self.run.join(format!("{name}.addr"))
+    }
+
+    pub fn tls_ca(&self) -> PathBuf {
+        self.tls.join("ca.crt")
+    }
+
+    /// The services' certificate and key (`server.crt`, `server.key`).
+    pub fn tls_identity(&self) -> (PathBuf, PathBuf) {
+        (self.tls.join("server.crt"), self.tls.join("server.key"))
     }
 }
 
@@ -165,6 +185,24 @@ pub fn listen_addr(args: &UpArgs, s: Service) -> String {
     host_port(&args.bind_host, p)
 }
 
+/// Without TLS the services refuse a non-loopback address: say so before
+/// starting them, in `up`'s own terms.
+pub fn check_bind_host(args: &UpArgs) -> anyhow::Result<()> {
+    let host = args.bind_host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => host == "localhost",
+    };
+    if !loopback && !args.tls && !args.insecure {
+        anyhow::bail!(
+            "--bind-host {} is not a loopback address: add --tls to serve TLS, or --insecure \
+             to serve plaintext to other machines",
+            args.bind_host
+        );
+    }
+    Ok(())
+}
+
 /// The endpoint peers (and the health check) use for `s`.
 pub fn endpoint(args: &UpArgs, layout: &Layout, s: Service) -> String {
     if args.ports_from_zero {
@@ -180,6 +218,14 @@ fn env_for(args: &UpArgs, layout: &Layout, name: &str) -> Vec<(String, OsString)
         ("TRAINMESH_LOG_FORMAT".into(), "json".into()),
         ("TRAINMESH_LOG_FILE".into(), layout.log_file(name).into()),
     ];
+    if args.tls {
+        let (cert, key) = layout.tls_identity();
+        env.push(("TRAINMESH_TLS_CERT".into(), cert.into()));
+        env.push(("TRAINMESH_TLS_KEY".into(), key.into()));
+        env.push(("TRAINMESH_TLS_CA".into(), layout.tls_ca().into()));
+    } else if args.insecure {
+        env.push(("TRAINMESH_INSECURE".into(), "1".into()));
+    }
     for s in SERVICES {
         env.push((
             format!("TRAINMESH_{}_ENDPOINT", s.short().to_ascii_uppercase()),
