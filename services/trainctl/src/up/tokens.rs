@@ -45,7 +45,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<TokenFiles> {
         }
         let store = TokenStore::load_file(&files.tokens)?;
         let admin = read_token(&files.admin)?;
-        files.admin_listed = store.authenticate(&admin).is_some();
+        files.admin_listed = store.authenticate(&admin).is_ok();
         return Ok(files);
     }
     let admin = generate_token();
