@@ -93,6 +93,14 @@ async fn audit_log_says_who_did_what_and_when(postgres: bool) {
         })
         .await
         .expect("reject");
+    // A decision that is refused changes nothing, and records nothing.
+    carol
+        .approve_job(ApproveJobRequest {
+            job_id: rejected.id.clone(),
+            note: "changed my mind".into(),
+        })
+        .await
+        .expect_err("a rejected job cannot be approved");
     let mut admin = mesh.scheduler(ADMIN_TOKEN);
     admin
         .set_limits(SetLimitsRequest {
@@ -129,6 +137,14 @@ async fn audit_log_says_who_did_what_and_when(postgres: bool) {
         })
         .await
         .expect("admin cancels alice's job");
+    // Cancelling it again changes nothing: no second record.
+    mesh.jobs(ADMIN_TOKEN)
+        .cancel_job(CancelJobRequest {
+            job_id: cancelled.id.clone(),
+            reason: "again".into(),
+        })
+        .await
+        .ok();
     let mut tokens = mesh.tokens(ADMIN_TOKEN);
     let token = tokens
         .create_token(CreateTokenRequest {
