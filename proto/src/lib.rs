@@ -30,6 +30,16 @@ pub mod metrics {
         tonic::include_proto!("trainmesh.metrics.v1");
     }
 }
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("trainmesh.auth.v1");
+    }
+}
+pub mod audit {
+    pub mod v1 {
+        tonic::include_proto!("trainmesh.audit.v1");
+    }
+}
 pub mod diagnosis {
     pub mod v1 {
         tonic::include_proto!("trainmesh.diagnosis.v1");

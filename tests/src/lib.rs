@@ -8,7 +8,9 @@
 //! Beyond one plain mesh it can: move the scheduler's clock
 //! ([`MeshOptions::controllable_clock`], [`Mesh::advance_clock`]), put
 //! job-service and the scheduler on PostgreSQL ([`MeshOptions::postgres`]),
-//! start a second scheduler replica on the same database
+//! with the token database on PostgreSQL too (every service reads it; by
+//! default it is the SQLite file `auth.db` in the mesh's data dir), start
+//! a second scheduler replica on the same database
 //! ([`MeshOptions::scheduler_replicas`]), give the scheduler approval rules,
 //! start more runners, stop one gracefully or SIGKILL it
 //! ([`Mesh::start_runner`], [`Mesh::terminate`], [`Mesh::kill`]), stop an
@@ -37,8 +39,10 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use trainmesh_common::auth::{Role, TokensFile};
 use trainmesh_common::client::{channel_with, Channel};
-use trainmesh_common::testing::{wait_for, TestDb};
+use trainmesh_common::testing::{wait_for, TestDb, POSTGRES_ENV};
 use trainmesh_common::tls::ClientTls;
+use trainmesh_proto::audit::v1::audit_service_client::AuditServiceClient;
+use trainmesh_proto::auth::v1::token_service_client::TokenServiceClient;
 use trainmesh_proto::diagnosis::v1::diagnosis_service_client::DiagnosisServiceClient;
 use trainmesh_proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_proto::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -149,6 +153,8 @@ pub struct Mesh {
     tls: Option<tls::MeshTls>,
     /// Kept so that PostgreSQL databases outlive the processes using them.
     _dbs: Vec<TestDb>,
+    /// `TRAINMESH_TOKENS` for every process, when not the default.
+    tokens_env: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -166,8 +172,9 @@ pub struct MeshOptions {
     /// Approval rules (YAML) written to a file and passed to the scheduler
     /// with `--approval-rules`.
     pub approval_rules: Option<String>,
-    /// job-service and the scheduler(s) on fresh PostgreSQL databases from
-    /// `TRAINMESH_TEST_POSTGRES_URL` (panics when it is unset).
+    /// job-service, the scheduler(s) and the token database on fresh
+    /// PostgreSQL databases from `TRAINMESH_TEST_POSTGRES_URL` (panics
+    /// when it is unset).
     pub postgres: bool,
     /// Scheduler processes on the same database: 0 or 1 → one; 2 → also
     /// [`SCHEDULER_2`] (needs `postgres`). job-service and the default
@@ -240,8 +247,9 @@ impl Mesh {
         let mut dbs = Vec::new();
         let mut job_db_url = None;
         let mut scheduler_db_url = None;
+        let mut tokens_db_url = None;
         if opts.postgres {
-            for slot in [&mut job_db_url, &mut scheduler_db_url] {
+            for slot in [&mut job_db_url, &mut scheduler_db_url, &mut tokens_db_url] {
                 let db = trainmesh_common::testing::postgres_db()
                     .await
                     .expect("a PostgreSQL mesh needs TRAINMESH_TEST_POSTGRES_URL");
@@ -249,6 +257,8 @@ impl Mesh {
                 dbs.push(db);
             }
         }
+        let tokens_env =
+            tokens_db_url.map(|url| format!("{},{url}", root.join("tokens.yaml").display()));
 
         let mut mesh = Mesh {
             dir,
@@ -259,6 +269,7 @@ impl Mesh {
                 .then(|| tls::MeshTls::generate(&root.join("tls"))),
             opts: opts.clone(),
             _dbs: dbs,
+            tokens_env,
         };
         let mut scheduler_extra = Vec::new();
         if opts.controllable_clock {
@@ -360,6 +371,10 @@ impl Mesh {
             .env("TRAINMESH_LOG_LEVEL", "info")
             .env("TRAINMESH_LOG_FILE", self.log_path(instance));
         cmd.envs(self.client_env());
+        match &self.tokens_env {
+            Some(tokens) => cmd.env("TRAINMESH_TOKENS", tokens),
+            None => cmd.env_remove("TRAINMESH_TOKENS"),
+        };
         for (n, vars) in &self.opts.extra_env {
             if n == binary {
                 cmd.envs(vars.iter().map(|(k, v)| (k, v)));
@@ -547,8 +562,8 @@ impl Mesh {
         self.start_instance(instance).await;
     }
 
-    /// The PostgreSQL URLs of job-service's and the scheduler's databases
-    /// (with [`MeshOptions::postgres`]).
+    /// The PostgreSQL URLs of job-service's, the scheduler's and the token
+    /// databases (with [`MeshOptions::postgres`]).
     pub fn postgres_urls(&self) -> Vec<String> {
         self._dbs.iter().map(|d| d.url.clone()).collect()
     }
@@ -700,6 +715,16 @@ impl Mesh {
         DiagnosisServiceClient::new(self.channel("diagnosis-service", Some(token)))
     }
 
+    /// TokenService (job-service).
+    pub fn tokens(&self, token: &str) -> TokenServiceClient<Channel> {
+        TokenServiceClient::new(self.channel("job-service", Some(token)))
+    }
+
+    /// AuditService of one instance (job-service or a scheduler).
+    pub fn audit(&self, instance: &str, token: &str) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel(instance, Some(token)))
+    }
+
     /// Stops every process with SIGTERM (runners first) and waits for it.
     pub async fn stop(mut self) -> Vec<(String, std::process::ExitStatus)> {
         let mut out = Vec::new();
@@ -726,6 +751,25 @@ async fn terminate(mut child: Child) -> std::process::ExitStatus {
             child.wait().await.expect("wait after kill")
         }
     }
+}
+
+/// Whether this runs in CI, where a test that needs PostgreSQL must not
+/// skip itself.
+pub fn in_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| !v.is_empty() && v != "false" && v != "0")
+        .unwrap_or(false)
+}
+
+/// True when `TRAINMESH_TEST_POSTGRES_URL` names a server; otherwise says
+/// that `test` is skipped (and fails in CI, which always has one).
+pub fn postgres_or_skip(test: &str) -> bool {
+    if std::env::var(POSTGRES_ENV).is_ok_and(|v| !v.is_empty()) {
+        return true;
+    }
+    assert!(!in_ci(), "CI must set {POSTGRES_ENV} for {test}");
+    eprintln!("skipped {test}: {POSTGRES_ENV} is not set");
+    false
 }
 
 /// Adds `x-correlation-id` to a request.

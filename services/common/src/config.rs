@@ -15,10 +15,14 @@ pub struct CommonArgs {
     #[arg(long, env = "TRAINMESH_DATA_DIR", default_value = ".trainmesh")]
     pub data_dir: PathBuf,
 
-    /// Tokens file (YAML with SHA-256 hashes) or a database URL with an
-    /// `auth_tokens` table. Default: DATA_DIR/tokens.yaml.
-    #[arg(long, env = "TRAINMESH_TOKENS")]
-    pub tokens: Option<String>,
+    /// Where tokens come from: tokens files (YAML with SHA-256 hashes, read
+    /// at start) and at most one token database (`sqlite:PATH` or
+    /// `postgres://…`: tokens created with `trainctl tokens create`,
+    /// reloaded within a second of a change). Repeatable; the environment
+    /// variable takes a comma-separated list. Default: DATA_DIR/tokens.yaml
+    /// and the SQLite database DATA_DIR/auth.db.
+    #[arg(long, env = "TRAINMESH_TOKENS", value_delimiter = ',')]
+    pub tokens: Vec<String>,
 
     /// File holding this service's own token for calls to other services.
     /// Default: DATA_DIR/service.token.
@@ -72,11 +76,26 @@ pub fn private_files() {
 
 impl CommonArgs {
     pub async fn token_store(&self) -> anyhow::Result<Arc<TokenStore>> {
-        let source = self
+        Ok(Arc::new(
+            TokenStore::load_sources(&self.token_sources()).await?,
+        ))
+    }
+
+    /// `--tokens`, or the data dir's tokens file and token database.
+    pub fn token_sources(&self) -> Vec<String> {
+        let given: Vec<String> = self
             .tokens
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join("tokens.yaml").display().to_string());
-        Ok(Arc::new(TokenStore::load(&source).await?))
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !given.is_empty() {
+            return given;
+        }
+        vec![
+            self.data_dir.join("tokens.yaml").display().to_string(),
+            crate::db::sqlite_url(&self.data_dir, "auth.db"),
+        ]
     }
 
     pub fn service_token(&self) -> anyhow::Result<String> {

@@ -4,7 +4,9 @@
 //!   [`log_file`]: the log file, rotated by size.
 //! - [`correlation`]: the `x-correlation-id` / `traceparent` server layer and
 //!   the client interceptor that carries both on every outgoing call.
-//! - [`auth`]: bearer tokens (stored hashed) mapped to a [`auth::Caller`].
+//! - [`auth`]: bearer tokens (stored hashed) mapped to a [`auth::Caller`],
+//!   from tokens files and a token database that every service reloads.
+//! - [`audit`]: the audit log every service keeps of people's changes.
 //! - [`error`]: the one mapping from a service's error codes to `tonic::Status`.
 //! - [`server`]: the one server builder (health, reflection, layers, limits,
 //!   graceful shutdown).
@@ -24,6 +26,7 @@
 //!   loopback.
 //! - [`testing`]: helpers for tests that start real servers.
 
+pub mod audit;
 pub mod auth;
 pub mod client;
 pub mod config;

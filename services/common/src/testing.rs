@@ -103,7 +103,12 @@ pub struct TestTokens {
 }
 
 pub fn test_tokens() -> TestTokens {
-    let mut store = TokenStore::default();
+    test_tokens_in(TokenStore::default())
+}
+
+/// The well-known tokens added to `store` (one that reads a token
+/// database, say).
+pub fn test_tokens_in(mut store: TokenStore) -> TestTokens {
     let mk = |user: &str, org: &str, roles: &[Role]| Caller {
         user: user.into(),
         org: org.into(),

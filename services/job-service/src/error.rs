@@ -9,6 +9,8 @@ pub enum Error {
     /// Also what a user gets for another user's job.
     #[error("job `{0}` not found")]
     JobNotFound(String),
+    #[error("token `{0}` not found")]
+    TokenNotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
@@ -33,7 +35,7 @@ impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
             Error::Invalid(_) => ErrorCode::InvalidArgument,
-            Error::JobNotFound(_) => ErrorCode::NotFound,
+            Error::JobNotFound(_) | Error::TokenNotFound(_) => ErrorCode::NotFound,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::Unimplemented(_) => ErrorCode::Unimplemented,

@@ -5,6 +5,11 @@
 //!   answer UNIMPLEMENTED until a later release.
 //! - `trainmesh.job.v1.JobInternalService` (role `service`): status updates
 //!   from the scheduler, log lines from runners, diagnoses.
+//! - `trainmesh.auth.v1.TokenService` ([`tokens`], admin): tokens in the
+//!   token database every service reads.
+//! - `trainmesh.audit.v1.AuditService` (admin): admins cancelling other
+//!   users' jobs (recorded with the cancel) and token changes (recorded in
+//!   the token database, with the change).
 //! - An outbox relay hands jobs and cancels to the scheduler and failed jobs
 //!   to diagnosis-service.
 //!
@@ -45,6 +50,7 @@ pub mod relay;
 pub mod repo;
 pub mod service;
 pub mod stream;
+pub mod tokens;
 pub mod validate;
 
 use std::future::Future;
@@ -54,10 +60,13 @@ use std::time::Duration;
 
 use tonic::server::NamedService;
 use tonic::service::Routes;
+use trainmesh_common::audit::{AuditApi, AuditTable};
 use trainmesh_common::auth::TokenStore;
 use trainmesh_common::client;
 use trainmesh_common::db::{self, Durability};
 use trainmesh_common::outbox::Relay;
+use trainmesh_common::proto::audit::v1::audit_service_server::AuditServiceServer;
+use trainmesh_common::proto::auth::v1::token_service_server::TokenServiceServer;
 use trainmesh_common::proto::job::v1::job_internal_service_server::JobInternalServiceServer;
 use trainmesh_common::proto::job::v1::job_service_server::JobServiceServer;
 use trainmesh_common::server::{self, ServerOptions};
@@ -68,6 +77,7 @@ use crate::limits::{LimitsCache, SchedulerLimits};
 use crate::paths::PathPolicy;
 use crate::service::{JobService, Settings};
 use crate::stream::StreamTiming;
+use crate::tokens::TokenApi;
 
 /// Everything `run` needs. Tests build it directly with [`Config::new`].
 #[derive(Clone, Debug)]
@@ -132,6 +142,17 @@ pub async fn run(
         &sqlx::migrate!("./migrations/postgres"),
     )
     .await?;
+    AuditTable::SERVICE.prepare(&db).await?;
+    // Token changes are recorded in the token database, with the change.
+    let mut audit_sources = vec![(db.clone(), AuditTable::SERVICE)];
+    if let Some(tokens_db) = config.tokens.database() {
+        audit_sources.push((tokens_db.clone(), AuditTable::TOKENS));
+    }
+    let audit =
+        AuditServiceServer::new(AuditApi::<error::Error>::new("job-service", audit_sources));
+    let token_api = TokenServiceServer::new(TokenApi {
+        tokens: config.tokens.clone(),
+    });
     let paths = PathPolicy::new(&config.data_roots);
     if paths.roots().is_empty() {
         tracing::warn!("no data roots exist; jobs naming a dataset or output path will be refused");
@@ -188,13 +209,18 @@ pub async fn run(
     let internal = JobInternalServiceServer::new(JobInternalApi { svc })
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let routes = Routes::new(api).add_service(internal);
+    let routes = Routes::new(api)
+        .add_service(internal)
+        .add_service(token_api)
+        .add_service(audit);
     let result = server::serve(
         "job-service",
         routes,
         &[
             JobServiceServer::<JobApi>::NAME,
             JobInternalServiceServer::<JobInternalApi>::NAME,
+            TokenServiceServer::<TokenApi>::NAME,
+            AuditServiceServer::<AuditApi<error::Error>>::NAME,
         ],
         listener,
         config.tokens,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use prost::Message;
 use sqlx::AnyConnection;
 use tokio::sync::watch;
+use trainmesh_common::audit::{AuditAction, AuditRecord, AuditTable};
 use trainmesh_common::auth::Caller;
 use trainmesh_common::db::Db;
 use trainmesh_common::error::FieldError;
@@ -446,6 +447,15 @@ impl JobService {
             },
         )
         .await?;
+        if caller.user != job.owner {
+            // An admin stopping someone else's work is worth a record.
+            AuditRecord::new(&caller.user, AuditAction::CancelJob, &id.to_string())
+                .detail("owner", &job.owner)
+                .detail("reason", &reason)
+                .detail("state", prev.to_string())
+                .write(&mut tx, AuditTable::SERVICE, now)
+                .await?;
+        }
         let view = self.load_view(&mut tx, job).await?;
         tx.commit().await?;
         self.committed(true);

@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use tracing::Instrument;
+use trainmesh_common::audit::{AuditAction, AuditRecord, AuditTable};
 use trainmesh_common::correlation;
 use trainmesh_common::proto::job::v1::FailureCause;
 use trainmesh_common::server::ShutdownWatch;
@@ -131,6 +132,16 @@ impl Scheduler {
         }
         update.reason = reason.clone();
         repo::push_status(&mut tx, job_id, &entry.correlation_id, update).await?;
+        let action = match verdict {
+            Verdict::Approve => AuditAction::ApproveJob,
+            Verdict::Reject => AuditAction::RejectJob,
+        };
+        AuditRecord::new(by, action, &job_id.to_string())
+            .detail("owner", &entry.owner)
+            .detail("rule", &approval.rule)
+            .detail("note", note)
+            .write(&mut tx, AuditTable::SERVICE, now)
+            .await?;
         let decided = repo::get_approval(&mut tx, job_id)
             .await?
             .ok_or(Error::ApprovalNotFound(job_id))?;
@@ -239,12 +250,22 @@ impl Scheduler {
 
     /// Holds (`Some`) or releases (`None`) the queue for every replica.
     pub async fn set_hold(&self, by: &str, reason: Option<&str>) -> Result<bool> {
+        let now = self.now();
         let hold = reason.map(|r| Hold {
             reason: r.trim().to_owned(),
             by: by.to_owned(),
-            since: self.now(),
+            since: now,
         });
-        repo::set_hold(&self.db, hold.as_ref()).await?;
+        let mut tx = self.db.begin_write().await?;
+        repo::set_hold(&mut tx, hold.as_ref()).await?;
+        let record = match &hold {
+            Some(h) => {
+                AuditRecord::new(by, AuditAction::HoldQueue, "queue").detail("reason", &h.reason)
+            }
+            None => AuditRecord::new(by, AuditAction::ReleaseQueue, "queue"),
+        };
+        record.write(&mut tx, AuditTable::SERVICE, now).await?;
+        tx.commit().await?;
         tracing::info!(by = %by, held = hold.is_some(), "queue hold changed");
         self.wake_dispatcher();
         Ok(hold.is_some())
@@ -254,8 +275,23 @@ impl Scheduler {
         repo::get_hold(&self.db).await
     }
 
-    pub async fn set_limits(&self, row: &LimitRow) -> Result<()> {
-        limits::store(&self.db, row, self.now()).await?;
+    pub async fn set_limits(&self, by: &str, row: &LimitRow) -> Result<()> {
+        let now = self.now();
+        let mut tx = self.db.begin_write().await?;
+        limits::store(&mut tx, row, now).await?;
+        let target = if row.subject.is_empty() {
+            row.scope.name().to_owned()
+        } else {
+            format!("{} {}", row.scope.name(), row.subject)
+        };
+        let value = |v: Option<u32>| v.map_or_else(|| "none".to_owned(), |n| n.to_string());
+        AuditRecord::new(by, AuditAction::SetLimits, &target)
+            .detail("max_running_jobs", value(row.values.max_running_jobs))
+            .detail("max_gpus", value(row.values.max_gpus))
+            .detail("max_queued_jobs", value(row.values.max_queued_jobs))
+            .write(&mut tx, AuditTable::SERVICE, now)
+            .await?;
+        tx.commit().await?;
         tracing::info!(scope = row.scope.name(), subject = %row.subject, values = ?row.values, "limits set");
         self.wake_dispatcher();
         Ok(())

@@ -460,9 +460,10 @@ impl pb::scheduler_service_server::SchedulerService for Grpc {
         &self,
         req: Request<pb::SetLimitsRequest>,
     ) -> Result<Response<pb::SetLimitsResponse>, Status> {
-        caller(&req)?.require(Role::Admin)?;
+        let who = caller(&req)?;
+        who.require(Role::Admin)?;
         let row = LimitRow::try_from(req.into_inner().limits)?;
-        self.sched.set_limits(&row).await?;
+        self.sched.set_limits(&who.user, &row).await?;
         Ok(Response::new(pb::SetLimitsResponse {
             limits: Some(row.proto()),
         }))

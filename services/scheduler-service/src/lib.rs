@@ -9,7 +9,9 @@
 //! - [`leader`]: which replica dispatches when several share PostgreSQL;
 //! - [`repo`]: SQL for SQLite and PostgreSQL;
 //! - [`grpc`]: `SchedulerService`, `SchedulerInternalService` and
-//!   `RunnerService` adapters.
+//!   `RunnerService` adapters; `AuditService` lists the audit log that
+//!   approvals, rejections, limit changes and holds write (in the same
+//!   transaction as the change).
 //!
 //! State changes job-service must know (QUEUED, SCHEDULED, RUNNING, the end,
 //! requeues) go through the transactional outbox to
@@ -44,9 +46,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
+use trainmesh_common::audit::{AuditApi, AuditTable};
 use trainmesh_common::auth::TokenStore;
 use trainmesh_common::db::{self, Durability};
 use trainmesh_common::outbox::Relay;
+use trainmesh_common::proto::audit::v1::audit_service_server::AuditServiceServer;
 use trainmesh_common::proto::runner::v1::runner_service_server::RunnerServiceServer;
 use trainmesh_common::proto::scheduler::v1::scheduler_internal_service_server::SchedulerInternalServiceServer;
 use trainmesh_common::proto::scheduler::v1::scheduler_service_server::SchedulerServiceServer;
@@ -183,6 +187,7 @@ pub async fn run(
         &sqlx::migrate!("./migrations/postgres"),
     )
     .await?;
+    AuditTable::SERVICE.prepare(&db).await?;
     let (trigger, watch) = server::shutdown_pair();
     let relay = Relay::new(db.clone()).with_route(|_| "job-service");
     let deliver = status_relay::deliverer(
@@ -194,6 +199,10 @@ pub async fn run(
     limits::seed_user_default(&db, settings.default_limits, settings.clock.now_micros()).await?;
     let mut server_opts = config.server.clone();
     server_opts.storage = Some(db.clone());
+    let audit = AuditServiceServer::new(AuditApi::<error::Error>::new(
+        "scheduler-service",
+        vec![(db.clone(), AuditTable::SERVICE)],
+    ));
     let sched = Arc::new(Scheduler::new(db, settings, relay.clone()));
 
     let relay_task = tokio::spawn(relay.run(deliver, watch.clone()));
@@ -220,7 +229,8 @@ pub async fn run(
         RunnerServiceServer::new(api)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-    );
+    )
+    .add_service(audit);
     let served = server::serve(
         "scheduler-service",
         routes,
@@ -228,6 +238,7 @@ pub async fn run(
             <SchedulerServiceServer<grpc::Grpc> as NamedService>::NAME,
             <SchedulerInternalServiceServer<grpc::Grpc> as NamedService>::NAME,
             <RunnerServiceServer<grpc::Grpc> as NamedService>::NAME,
+            <AuditServiceServer<AuditApi<error::Error>> as NamedService>::NAME,
         ],
         listener,
         config.tokens.clone(),

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 use trainmesh_common::db::Db;
 use trainmesh_common::error::FieldError;
 use trainmesh_common::proto::scheduler::v1 as pb;
@@ -347,13 +347,14 @@ pub async fn load(db: &Db) -> Result<Vec<LimitRow>> {
         .collect()
 }
 
-/// Stores a row; a row with no limit at all is deleted.
-pub async fn store(db: &Db, row: &LimitRow, now: i64) -> Result<()> {
+/// Stores a row, in the caller's transaction; a row with no limit at all
+/// is deleted.
+pub async fn store(conn: &mut AnyConnection, row: &LimitRow, now: i64) -> Result<()> {
     if row.values.is_empty() {
         sqlx::query("DELETE FROM limits WHERE scope = $1 AND subject = $2")
             .bind(row.scope.name())
             .bind(&row.subject)
-            .execute(&db.write)
+            .execute(&mut *conn)
             .await?;
         return Ok(());
     }
@@ -370,7 +371,7 @@ pub async fn store(db: &Db, row: &LimitRow, now: i64) -> Result<()> {
     .bind(v(row.values.max_gpus))
     .bind(v(row.values.max_queued_jobs))
     .bind(now)
-    .execute(&db.write)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

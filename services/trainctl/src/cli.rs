@@ -128,9 +128,15 @@ pub enum Command {
     /// Show limits and, with --user/--org, the effective ones; `limits set`
     /// changes them (admin).
     Limits(LimitsArgs),
-    /// Credentials for a deployed mesh: `tokens init DIR` writes an admin
-    /// token, a service token and the tokens file that lists their hashes.
+    /// Tokens: `create`, `list` and `revoke` manage them at run time
+    /// (admin); `init DIR` writes the bootstrap credentials of a deployed
+    /// mesh (an admin token, a service token and the tokens file that lists
+    /// their hashes).
     Tokens(TokensArgs),
+    /// The audit log (admin): approvals, rejections, limit changes, queue
+    /// holds, admins' cancels of other users' jobs and token changes, from
+    /// job-service and the scheduler, oldest first.
+    Audit(AuditArgs),
     /// TLS for a deployed mesh: `certs init DIR` writes a CA and a
     /// certificate for each service.
     Certs(CertsArgs),
@@ -179,6 +185,63 @@ pub enum TokensAction {
         /// Directory to write to; created if missing.
         dir: std::path::PathBuf,
     },
+    /// Create a token (admin) and print it, once: only its hash is kept.
+    /// Example: `trainctl tokens create --user alice --org ml --role user
+    /// --ttl 30d --description laptop`
+    Create(CreateTokenArgs),
+    /// List tokens (admin): never their secrets.
+    List(ListTokensArgs),
+    /// Revoke a token (admin): refused by job-service at once, by every
+    /// other service within a second.
+    Revoke {
+        /// Token id (`tok_…`, from `tokens list`).
+        id: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CreateTokenArgs {
+    /// Who the token authenticates as.
+    #[arg(long)]
+    pub user: String,
+    /// The user's org (for org limits).
+    #[arg(long)]
+    pub org: String,
+    /// A role: user, approver, admin or service (repeatable).
+    #[arg(long = "role", required = true)]
+    pub roles: Vec<String>,
+    /// Lifetime, like 30d, 12h, 90m or 3600s; without it the token does
+    /// not expire.
+    #[arg(long, value_parser = parse_duration)]
+    pub ttl: Option<std::time::Duration>,
+    /// What the token is for (shown by `tokens list`).
+    #[arg(long)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListTokensArgs {
+    /// Only this user's tokens.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Only events since then: a duration ago (30m, 1h, 7d) or a time
+    /// (2026-12-01T09:00:00Z).
+    #[arg(long, value_parser = parse_since)]
+    pub since: Option<prost_types::Timestamp>,
+    /// Only this user's actions.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only this action: approve_job, reject_job, set_limits, hold_queue,
+    /// release_queue, cancel_job, create_token, revoke_token.
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Show at most this many events (the newest).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -454,6 +517,49 @@ pub fn parse_limit(s: &str) -> Result<LimitValue, String> {
     }
 }
 
+/// `90s`, `30m`, `12h`, `30d`, `2w`, or plain seconds; more than zero.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let mult: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => return Err(format!("`{s}` is not like 90s, 30m, 12h, 30d or 2w")),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not like 90s, 30m, 12h, 30d or 2w"))?;
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("`{s}` is zero; give a positive duration")),
+        Some(secs) => Ok(std::time::Duration::from_secs(secs)),
+        None => Err(format!("`{s}` is too long")),
+    }
+}
+
+/// A duration ago, or an RFC 3339 time.
+pub fn parse_since(s: &str) -> Result<prost_types::Timestamp, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+        });
+    }
+    let ago = parse_duration(s).map_err(|_| {
+        format!("`{s}` is neither a duration (30m, 1h, 7d) nor a time (2026-12-01T09:00:00Z)")
+    })?;
+    let now = trainmesh_common::time::now_micros();
+    let ago = i64::try_from(ago.as_micros()).unwrap_or(i64::MAX);
+    Ok(trainmesh_common::time::to_timestamp(
+        now.saturating_sub(ago),
+    ))
+}
+
 fn parse_state(s: &str) -> Result<i32, String> {
     crate::output::parse_state(s).map(|s| s as i32)
 }
@@ -611,6 +717,65 @@ mod tests {
         };
         assert!(l.action.is_none());
         assert_eq!(l.user.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn tokens_and_audit_parse_their_flags() {
+        let cli = Cli::try_parse_from([
+            "trainctl",
+            "tokens",
+            "create",
+            "--user",
+            "u",
+            "--org",
+            "o",
+            "--role",
+            "user",
+            "--role",
+            "approver",
+            "--ttl",
+            "30d",
+            "--description",
+            "ci",
+        ])
+        .unwrap();
+        let Command::Tokens(TokensArgs {
+            action: TokensAction::Create(c),
+        }) = cli.command
+        else {
+            panic!("expected tokens create");
+        };
+        assert_eq!(c.roles, ["user", "approver"]);
+        assert_eq!(c.ttl, Some(std::time::Duration::from_secs(30 * 86_400)));
+        assert!(
+            Cli::try_parse_from(["trainctl", "tokens", "create", "--user", "u", "--org", "o"])
+                .is_err()
+        );
+        assert!(Cli::try_parse_from(["trainctl", "tokens", "revoke", "tok_1"]).is_ok());
+        assert!(Cli::try_parse_from(["trainctl", "tokens", "init", "/tmp/x"]).is_ok());
+        let cli = Cli::try_parse_from([
+            "trainctl",
+            "audit",
+            "--since",
+            "1h",
+            "--action",
+            "hold_queue",
+        ])
+        .unwrap();
+        let Command::Audit(a) = cli.command else {
+            panic!("expected audit");
+        };
+        let ago = trainmesh_common::time::now_micros() / 1_000_000 - a.since.unwrap().seconds;
+        assert!((3599..=3601).contains(&ago), "{ago}");
+        assert_eq!(
+            parse_since("2026-12-01T09:00:00Z").unwrap().seconds,
+            1_796_115_600
+        );
+        for bad in ["0s", "soon", "5y", "-1h", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("2w").unwrap().as_secs(), 14 * 86_400);
+        assert_eq!(parse_duration("90").unwrap().as_secs(), 90);
     }
 
     #[test]

@@ -6,6 +6,8 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use tonic::{Code, Status};
 use trainmesh_common::client::{self, Channel};
+use trainmesh_common::proto::audit::v1::audit_service_client::AuditServiceClient;
+use trainmesh_common::proto::auth::v1::token_service_client::TokenServiceClient;
 use trainmesh_common::proto::diagnosis::v1::diagnosis_service_client::DiagnosisServiceClient;
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
 use trainmesh_common::proto::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -259,6 +261,16 @@ impl Context {
             DiagnosisServiceClient::new(self.channel(Service::Diagnosis)?)
                 .max_decoding_message_size(MAX_MSG),
         )
+    }
+
+    /// TokenService, which job-service serves.
+    pub fn tokens(&self) -> anyhow::Result<TokenServiceClient<Channel>> {
+        Ok(TokenServiceClient::new(self.channel(Service::Job)?))
+    }
+
+    /// The audit log of one service.
+    pub fn audit(&self, service: Service) -> anyhow::Result<AuditServiceClient<Channel>> {
+        Ok(AuditServiceClient::new(self.channel(service)?).max_decoding_message_size(MAX_MSG))
     }
 
     /// For `.map_err(ctx.err(Service::Job))` on a call.

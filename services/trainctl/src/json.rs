@@ -11,6 +11,8 @@
 use std::collections::HashMap;
 
 use serde_json::{json, Map, Value};
+use trainmesh_common::proto::audit::v1 as audit;
+use trainmesh_common::proto::auth::v1 as auth;
 use trainmesh_common::proto::diagnosis::v1 as diag;
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::proto::metrics::v1 as metrics;
@@ -305,6 +307,37 @@ pub fn explanation(e: &sched::ExplainJobResponse) -> Value {
         "position": e.position,
         "estimated_wait": duration(e.estimated_wait.as_ref()),
         "summary": e.summary,
+    })
+}
+
+pub fn token(t: &auth::Token) -> Value {
+    json!({
+        "id": t.id,
+        "user": t.user,
+        "org": t.org,
+        "roles": t.roles,
+        "description": t.description,
+        "create_time": timestamp(t.create_time.as_ref()),
+        "expire_time": timestamp(t.expire_time.as_ref()),
+        "last_use_time": timestamp(t.last_use_time.as_ref()),
+        "revoked": t.revoked,
+        "revoke_time": timestamp(t.revoke_time.as_ref()),
+        "created_by": t.created_by,
+        "revoked_by": t.revoked_by,
+    })
+}
+
+pub fn audit_event(e: &audit::AuditEvent) -> Value {
+    let details: std::collections::BTreeMap<&String, &String> = e.details.iter().collect();
+    json!({
+        "id": e.id,
+        "time": timestamp(e.time.as_ref()),
+        "service": e.service,
+        "actor": e.actor,
+        "action": e.action,
+        "target": e.target,
+        "details": details,
+        "correlation_id": e.correlation_id,
     })
 }
 

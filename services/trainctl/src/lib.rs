@@ -3,11 +3,13 @@
 //!
 //! - [`cli`]: flags and subcommands (clap);
 //! - [`commands`]: one function per client command ([`scheduling`]: the
-//!   queue, explanations, approvals and limits);
+//!   queue, explanations, approvals and limits; [`admin`]: tokens and the
+//!   audit log);
 //! - [`up`]: `trainctl up`, the local mesh as supervised child processes;
 //! - [`spec`]: job spec YAML → `JobSpec`;
 //! - [`output`] and [`json`]: tables and `-o json`.
 
+pub mod admin;
 pub mod certs;
 pub mod cli;
 pub mod commands;
@@ -66,7 +68,8 @@ async fn dispatch(ctx: &Context, command: &Command) -> anyhow::Result<u8> {
         Command::Reject(a) => scheduling::reject(ctx, a).await,
         Command::Approvals(a) => scheduling::approvals(ctx, a).await,
         Command::Limits(a) => scheduling::limits(ctx, a).await,
-        Command::Tokens(a) => up::tokens::command(a),
+        Command::Tokens(a) => admin::tokens(ctx, a).await,
+        Command::Audit(a) => admin::audit(ctx, a).await,
         Command::Certs(a) => certs::command(a),
     }
 }

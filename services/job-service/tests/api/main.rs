@@ -3,6 +3,7 @@
 //! set) PostgreSQL.
 
 mod approvals;
+mod audit;
 mod create;
 mod lifecycle;
 mod limits;

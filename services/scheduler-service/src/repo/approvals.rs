@@ -256,11 +256,12 @@ pub async fn get_hold(db: &Db) -> Result<Option<Hold>> {
     .transpose()
 }
 
-pub async fn set_hold(db: &Db, hold: Option<&Hold>) -> Result<()> {
+/// Sets or clears the hold, in the caller's transaction.
+pub async fn set_hold(conn: &mut AnyConnection, hold: Option<&Hold>) -> Result<()> {
     match hold {
         None => {
             sqlx::query("DELETE FROM scheduler_flags WHERE name = 'hold'")
-                .execute(&db.write)
+                .execute(&mut *conn)
                 .await?;
         }
         Some(h) => {
@@ -272,7 +273,7 @@ pub async fn set_hold(db: &Db, hold: Option<&Hold>) -> Result<()> {
             .bind(&h.reason)
             .bind(&h.by)
             .bind(h.since)
-            .execute(&db.write)
+            .execute(&mut *conn)
             .await?;
         }
     }

@@ -8,7 +8,9 @@ use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::proto::metrics::v1 as metrics;
 use trainmesh_common::proto::scheduler::v1 as sched;
 
+mod admin;
 mod scheduling;
+pub use admin::*;
 pub use scheduling::*;
 
 /// How many lines of a job's `error_message` `get` shows.

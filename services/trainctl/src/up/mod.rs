@@ -306,6 +306,7 @@ fn print_summary(
     }
     out.push_str("  trainctl submit examples/jobs/ok.yaml --wait\n");
     out.push_str(&format!("  {}\n", grpcurl_line(args, layout, &job_addr)));
+    out.push_str("  trainctl tokens create --user alice --org ml --role user --ttl 30d\n");
     out.push_str("press Ctrl-C to stop\n");
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes())?;

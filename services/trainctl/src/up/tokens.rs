@@ -45,7 +45,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<TokenFiles> {
         }
         let store = TokenStore::load_file(&files.tokens)?;
         let admin = read_token(&files.admin)?;
-        files.admin_listed = store.authenticate(&admin).is_some();
+        files.admin_listed = store.authenticate(&admin).is_ok();
         return Ok(files);
     }
     let admin = generate_token();
@@ -63,8 +63,7 @@ pub fn ensure(dir: &Path) -> anyhow::Result<TokenFiles> {
 }
 
 /// `trainctl tokens init DIR`.
-pub fn command(args: &crate::cli::TokensArgs) -> anyhow::Result<u8> {
-    let crate::cli::TokensAction::Init { dir } = &args.action;
+pub fn init(dir: &Path) -> anyhow::Result<u8> {
     std::fs::create_dir_all(dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     let files = ensure(dir)?;
