@@ -265,6 +265,7 @@ async fn audit_log_says_who_did_what_and_when(postgres: bool) {
             "1h",
         ])
         .env_remove("TRAINMESH_TOKEN")
+        .envs(mesh.client_env())
         .stdin(Stdio::null())
         .output()
         .await
@@ -320,11 +321,13 @@ async fn trainctl_creates_lists_and_revokes_tokens() {
     .await;
     let run = |args: Vec<String>| {
         let job = mesh.addr("job-service");
+        let tls = mesh.client_env();
         async move {
             let out = tokio::process::Command::new(bin_dir().join("trainctl"))
                 .args(["--job-endpoint", &job, "--token", ADMIN_TOKEN])
                 .args(&args)
                 .env_remove("TRAINMESH_TOKEN")
+                .envs(tls)
                 .stdin(Stdio::null())
                 .output()
                 .await

@@ -123,7 +123,13 @@ async fn plaintext_off_loopback_is_refused_naming_the_flag() {
         ("metrics-service", vec!["--listen", "[::]:0"]),
         (
             "runner",
-            vec!["--health-listen", "0.0.0.0:0", "--gpus", "none"],
+            vec![
+                "--health-listen",
+                "0.0.0.0:0",
+                "--gpus",
+                "none",
+                "--allow-root-jobs",
+            ],
         ),
     ] {
         let (code, stderr) = run_to_exit(binary, &args, &[]).await;
