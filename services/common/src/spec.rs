@@ -28,6 +28,8 @@ pub mod limits {
     pub const MAX_IMAGE_BYTES: usize = 1024;
     pub const MAX_ARGS: usize = 4096;
     pub const MAX_ENV: usize = 1024;
+    pub const MAX_SECRET_ENV: usize = 64;
+    pub const MAX_SECRET_NAME_BYTES: usize = 253;
     pub const MAX_HYPERPARAMETERS: usize = 1024;
     /// One argument, env value or hyperparameter.
     pub const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -188,6 +190,7 @@ pub fn validate(spec: pb::JobSpec) -> Result<ValidSpec, FieldError> {
     image(&spec.image)?;
     command(&spec.command)?;
     env(&spec.env)?;
+    secret_env(&spec.secret_env, &spec.env)?;
     max_len("spec.working_dir", &spec.working_dir, MAX_PATH_BYTES)?;
     no_nul("spec.working_dir", &spec.working_dir)?;
     let shape = shape(&spec)?;
@@ -282,6 +285,49 @@ fn env(env: &HashMap<String, String>) -> Result<(), FieldError> {
         }
         no_nul(&field, v)?;
         max_len(&field, v, MAX_VALUE_BYTES)?;
+    }
+    Ok(())
+}
+
+/// Variable names as in `env`, and not also there; secret names are file
+/// names and Kubernetes Secret keys (`[A-Za-z0-9._-]`, not `.` or `..`).
+fn secret_env(
+    secrets: &HashMap<String, String>,
+    env: &HashMap<String, String>,
+) -> Result<(), FieldError> {
+    if secrets.len() > MAX_SECRET_ENV {
+        return Err(fe(
+            "spec.secret_env",
+            format!("at most {MAX_SECRET_ENV} variables are allowed"),
+        ));
+    }
+    for (k, secret) in sorted(secrets) {
+        let field = format!("spec.secret_env[\"{}\"]", k.escape_debug());
+        if !is_env_name(k) || k.to_ascii_uppercase().starts_with("TRAINMESH_") {
+            return Err(fe(
+                field,
+                "names must match [A-Za-z_][A-Za-z0-9_]* and not start with `TRAINMESH_`",
+            ));
+        }
+        if env.contains_key(k) {
+            return Err(fe(field, "is also set in spec.env"));
+        }
+        let name_ok = !secret.is_empty()
+            && secret.len() <= MAX_SECRET_NAME_BYTES
+            && secret != "."
+            && secret != ".."
+            && secret
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !name_ok {
+            return Err(fe(
+                field,
+                format!(
+                    "the secret's name must be 1-{MAX_SECRET_NAME_BYTES} of [A-Za-z0-9._-] \
+                     (not `.` or `..`)"
+                ),
+            ));
+        }
     }
     Ok(())
 }

@@ -231,3 +231,27 @@ fn env_names() {
     assert!(!is_env_name("A-B"));
     assert!(!is_env_name("9A"));
 }
+
+#[test]
+fn secret_env_names_a_secret_not_a_value() {
+    let mut s = base();
+    s.secret_env
+        .insert("WANDB_API_KEY".into(), "wandb.key".into());
+    validate(s.clone()).unwrap();
+    for (name, secret, field) in [
+        (
+            "WANDB_API_KEY",
+            "../etc/passwd",
+            "spec.secret_env[\"WANDB_API_KEY\"]",
+        ),
+        ("WANDB_API_KEY", "..", "spec.secret_env[\"WANDB_API_KEY\"]"),
+        ("TRAINMESH_X", "k", "spec.secret_env[\"TRAINMESH_X\"]"),
+        ("1X", "k", "spec.secret_env[\"1X\"]"),
+    ] {
+        let mut s = base();
+        s.secret_env.insert(name.into(), secret.into());
+        assert_eq!(field_of(s), field);
+    }
+    s.env.insert("WANDB_API_KEY".into(), "plain".into());
+    assert_eq!(field_of(s), "spec.secret_env[\"WANDB_API_KEY\"]");
+}

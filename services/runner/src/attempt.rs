@@ -58,6 +58,9 @@ pub struct AttemptContext {
     pub max_backoff: Duration,
     /// How much of each attempt's log is kept on disk.
     pub attempt_log: LogLimits,
+    /// Where the values of jobs' secret variables are read (one file per
+    /// secret); `None`: this runner holds no secrets.
+    pub secrets_dir: Option<PathBuf>,
     /// True once the runner is shutting down: reports then give up sooner.
     pub shutting_down: watch::Receiver<bool>,
 }
@@ -136,6 +139,40 @@ pub async fn run(
 }
 
 /// Creates the attempt directory afresh and starts its log writer.
+/// Puts the value of each secret variable into `env`, read from
+/// `dir/<secret name>` (one trailing newline dropped). The names were
+/// checked with the spec: no path separators, not `.` or `..`.
+fn read_secrets(
+    dir: Option<&std::path::Path>,
+    secrets: &BTreeMap<String, String>,
+    env: &mut BTreeMap<String, String>,
+) -> Result<(), Error> {
+    for (variable, name) in secrets {
+        let unavailable = |reason: String| Error::Secret {
+            variable: variable.clone(),
+            name: name.clone(),
+            reason,
+        };
+        let Some(dir) = dir else {
+            return Err(unavailable(
+                "the runner has no secrets directory (--secrets-dir)".into(),
+            ));
+        };
+        let path = dir.join(name);
+        let value = std::fs::read_to_string(&path)
+            .map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+        let value = value
+            .strip_suffix('\n')
+            .map(|v| v.strip_suffix('\r').unwrap_or(v))
+            .unwrap_or(&value);
+        if value.contains('\0') {
+            return Err(unavailable("its value holds a NUL byte".into()));
+        }
+        env.insert(variable.clone(), value.to_owned());
+    }
+    Ok(())
+}
+
 async fn prepare_dir(
     dir: &std::path::Path,
     limits: LogLimits,
@@ -221,6 +258,16 @@ impl Attempt {
             "TRAINMESH_CORRELATION_ID".into(),
             self.launch.correlation_id.clone(),
         );
+        let by_reference = self.ctx.backend.secrets_by_reference();
+        let secrets = if by_reference {
+            Ok(())
+        } else {
+            read_secrets(
+                self.ctx.secrets_dir.as_deref(),
+                &self.launch.secret_env,
+                &mut env,
+            )
+        };
         let req = LaunchRequest {
             key,
             owner: self.launch.owner.clone(),
@@ -243,9 +290,18 @@ impl Attempt {
                     .launch
                     .termination_grace
                     .unwrap_or(self.ctx.default_termination_grace),
+                secret_refs: if by_reference {
+                    self.launch.secret_env.clone()
+                } else {
+                    BTreeMap::new()
+                },
             },
         };
-        let mut workload = match self.ctx.backend.launch(req).await {
+        let launched = match secrets {
+            Ok(()) => self.ctx.backend.launch(req).await,
+            Err(e) => Err(e),
+        };
+        let mut workload = match launched {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, command = ?self.launch.command, "attempt could not be started");

@@ -204,6 +204,11 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_RUNNER_ALLOW_ROOT_JOBS")]
     pub allow_root_jobs: bool,
 
+    /// Process and docker backends: a directory with one file per secret a
+    /// job may name in `secret_env` (the file holds the value).
+    #[arg(long, env = "TRAINMESH_RUNNER_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
+
     /// Grace between SIGTERM and SIGKILL when the job's spec sets none.
     #[arg(
         long,
@@ -316,6 +321,8 @@ pub struct Config {
     pub job_user: Option<JobUser>,
     /// Process backend: jobs may run as root.
     pub allow_root_jobs: bool,
+    /// Where secret variables' values are read; `None`: no secrets.
+    pub secrets_dir: Option<PathBuf>,
     /// Variables passed from the runner's environment to every job (the
     /// rest of the runner's environment — tokens, endpoints — is not).
     pub inherit_env: Vec<String>,
@@ -390,6 +397,7 @@ impl Config {
             default_working_dir: None,
             job_user: None,
             allow_root_jobs: false,
+            secrets_dir: None,
             inherit_env: DEFAULT_INHERITED_ENV
                 .iter()
                 .map(|s| (*s).to_owned())
@@ -511,6 +519,7 @@ impl Args {
             Some(job_user::AUTO) => job_user::auto(&c.work_dir, &mut c.allow_root_jobs)?,
             Some(spec) => Some(JobUser::parse(spec)?),
         };
+        c.secrets_dir = self.secrets_dir;
         c.client_tls = self.common.client_tls()?;
         c.health_tls = self.common.server_tls.load()?;
         c.validate()?;

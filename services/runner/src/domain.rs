@@ -140,6 +140,8 @@ pub struct Launch {
     pub labels: BTreeMap<String, String>,
     /// Worker replicas besides the one master.
     pub workers: u32,
+    /// Variable -> name of a secret the runner's side holds.
+    pub secret_env: BTreeMap<String, String>,
 }
 
 impl TryFrom<Assignment> for Launch {
@@ -183,6 +185,7 @@ impl TryFrom<Assignment> for Launch {
             termination_grace,
             labels: spec.labels.into_iter().collect(),
             workers,
+            secret_env: spec.secret_env.into_iter().collect(),
         })
     }
 }

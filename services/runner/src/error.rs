@@ -23,6 +23,13 @@ pub enum Error {
     #[error("working directory `{path}` is not usable: {reason}")]
     WorkingDir { path: String, reason: String },
 
+    #[error("secret `{name}` for ${variable} is not available on this runner: {reason}")]
+    Secret {
+        variable: String,
+        name: String,
+        reason: String,
+    },
+
     #[error("gpu index {index} is not in this runner's inventory")]
     UnknownGpu { index: i32 },
 
@@ -100,6 +107,9 @@ impl Error {
             Error::InvalidAssignment(_) => {
                 job_error::setup_error("InvalidAssignment", self.to_string(), false)
             }
+            Error::Secret { .. } => {
+                job_error::setup_error("SecretUnavailable", self.to_string(), false)
+            }
             Error::WorkingDir { .. } => {
                 job_error::setup_error("InvalidWorkingDir", self.to_string(), false)
             }
@@ -144,6 +154,7 @@ impl ServiceError for Error {
             Error::InvalidAssignment(_) => ErrorCode::InvalidArgument,
             Error::Exec { .. }
             | Error::WorkingDir { .. }
+            | Error::Secret { .. }
             | Error::UnknownGpu { .. }
             | Error::ImagePull { .. }
             | Error::NoNvidiaRuntime { .. }

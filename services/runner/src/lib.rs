@@ -162,6 +162,7 @@ pub async fn run_with_health_listener(
         flush_timeout: config.flush_timeout,
         max_backoff: config.max_backoff,
         attempt_log: config.attempt_log,
+        secrets_dir: config.secrets_dir.clone(),
         shutting_down: stop_rx.clone(),
     });
     tokio::spawn(async move {

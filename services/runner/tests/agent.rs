@@ -501,3 +501,65 @@ async fn jobs_run_as_the_job_user_and_cannot_read_the_runners_files() {
     .await;
     runner.shutdown().await.unwrap();
 }
+
+/// A secret variable's value comes from the runner's secrets directory;
+/// a secret the runner does not hold fails the attempt as a setup error
+/// naming it, before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_variables_are_read_on_the_runner_and_a_missing_one_is_named() {
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("wandb.key"), "s3cr3t-value\n").unwrap();
+    let m = mesh().await;
+    let endpoint = m.addr.to_string();
+    let dir = secrets.path().to_path_buf();
+    let runner = Runner::start(move |w| {
+        let mut c = config(&endpoint, w);
+        c.secrets_dir = Some(dir);
+        c
+    });
+    let mut a = assignment(&[
+        "/bin/sh",
+        "-c",
+        r#"if [ "$WANDB_API_KEY" = "s3cr3t-value" ]; then echo match; else echo mismatch; fi"#,
+    ]);
+    a.spec
+        .as_mut()
+        .unwrap()
+        .secret_env
+        .insert("WANDB_API_KEY".into(), "wandb.key".into());
+    let job_id = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&job_id).await;
+    assert_eq!(last.state, AttemptState::Succeeded as i32);
+    let lines: Vec<String> = m
+        .fake
+        .log_lines(&job_id)
+        .into_iter()
+        .map(|l| l.text)
+        .collect();
+    assert!(lines.iter().any(|l| l == "match"), "{lines:?}");
+
+    let mut a = assignment(&["/bin/sh", "-c", "echo started"]);
+    a.spec
+        .as_mut()
+        .unwrap()
+        .secret_env
+        .insert("HF_TOKEN".into(), "huggingface".into());
+    let missing = a.job_id.clone();
+    m.fake.assign(a);
+    let last = m.fake.final_report(&missing).await;
+    assert_eq!(last.state, AttemptState::Failed as i32);
+    let err = last.error.unwrap();
+    assert_eq!(err.category, "setup");
+    assert!(
+        err.message.contains("`huggingface`") && err.message.contains("HF_TOKEN"),
+        "{}",
+        err.message
+    );
+    assert!(!m
+        .fake
+        .log_lines(&missing)
+        .iter()
+        .any(|l| l.text == "started"));
+    runner.shutdown().await.unwrap();
+}

@@ -28,6 +28,9 @@ pub struct JobSpecFile {
     pub command: Vec<String>,
     #[serde(default)]
     pub env: StringMap,
+    /// Variable -> name of a secret held where the job runs.
+    #[serde(default)]
+    pub secret_env: StringMap,
     #[serde(default)]
     pub working_dir: String,
     pub resources: Option<ResourcesFile>,
@@ -269,6 +272,7 @@ impl From<JobSpecFile> for pb::JobSpec {
             image: f.image,
             command: f.command,
             env: f.env.into_proto(),
+            secret_env: f.secret_env.into_proto(),
             working_dir: f.working_dir,
             resources: f.resources.map(|r| pb::Resources {
                 gpus: r.gpus,

@@ -73,12 +73,22 @@ pub struct JobDetails {
     /// Grace between SIGTERM and SIGKILL, resolved against the runner's
     /// default.
     pub termination_grace: Duration,
+    /// Variables the orchestrator fills from its own secrets (variable ->
+    /// secret name), for backends that take secrets by reference; other
+    /// backends get the values in `env`.
+    pub secret_refs: BTreeMap<String, String>,
 }
 
 /// Starts workloads.
 pub trait Backend: Send + Sync + 'static {
     /// "process", "docker", "kubernetes": what the runner registers as.
     fn kind(&self) -> &'static str;
+
+    /// Whether the job's secret variables are handed over by name
+    /// ([`JobDetails::secret_refs`]) rather than read by the runner.
+    fn secrets_by_reference(&self) -> bool {
+        false
+    }
 
     /// Starts the workload. `Ok` means it is running.
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Box<dyn Workload>, Error>>;

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, LocalObjectReference,
-    PodSpec, PodTemplateSpec, ResourceRequirements, Toleration, Volume, VolumeMount,
+    Affinity, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    LocalObjectReference, PodSpec, PodTemplateSpec, ResourceRequirements, SecretKeySelector,
+    Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -364,11 +365,28 @@ pub fn environment(req: &LaunchRequest) -> Vec<EnvVar> {
         env.remove("NVIDIA_VISIBLE_DEVICES");
         env.remove("CUDA_VISIBLE_DEVICES");
     }
+    let secrets = req.details.secret_refs.iter().map(|(name, key)| EnvVar {
+        name: name.clone(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: JOB_SECRETS.into(),
+                key: key.clone(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    });
     env.into_iter()
         .map(|(name, value)| EnvVar {
             name,
             value: Some(value),
             value_from: None,
         })
+        .chain(secrets)
         .collect()
 }
+
+/// The Secret, in the jobs' namespace, whose keys are the secrets jobs may
+/// name in `secret_env`.
+pub const JOB_SECRETS: &str = "trainmesh-job-secrets";

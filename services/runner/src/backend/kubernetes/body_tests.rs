@@ -38,6 +38,19 @@ fn assert_pod_template(t: &Value, container_name: &str) {
         "/var/run/trainmesh/metrics.jsonl"
     );
     assert!(!env.contains_key("NVIDIA_VISIBLE_DEVICES"));
+    // A secret variable is taken from the jobs' Secret by the kubelet: its
+    // value never passes through the runner or the object it posts.
+    let secret = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "WANDB_API_KEY")
+        .expect("the secret variable");
+    assert!(secret.get("value").is_none(), "{secret}");
+    assert_eq!(
+        secret["valueFrom"]["secretKeyRef"],
+        json!({"name": "trainmesh-job-secrets", "key": "wandb", "optional": false})
+    );
     let dshm = spec["volumes"]
         .as_array()
         .unwrap()

@@ -176,6 +176,10 @@ impl Backend for KubernetesBackend {
         "kubernetes"
     }
 
+    fn secrets_by_reference(&self) -> bool {
+        true
+    }
+
     fn launch(&self, req: LaunchRequest) -> BoxFuture<'_, Result<Box<dyn Workload>, Error>> {
         Box::pin(async move {
             let w = self.start(req).await?;

@@ -120,6 +120,7 @@ pub fn request(dir: &Path, output: OutputSink, workers: u32) -> LaunchRequest {
             workers,
             deadline: Some(Duration::from_secs(86400)),
             termination_grace: Duration::from_secs(30),
+            secret_refs: BTreeMap::from([("WANDB_API_KEY".to_owned(), "wandb".to_owned())]),
         },
     }
 }
@@ -133,16 +134,17 @@ pub fn requests(log: &std::sync::Mutex<Vec<Recorded>>) -> Vec<Recorded> {
     log.lock().unwrap().clone()
 }
 
+/// The container's plain variables (secret references are left out).
 pub fn env_of(container: &Value) -> BTreeMap<String, String> {
     container["env"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| {
-            (
+        .filter_map(|e| {
+            Some((
                 e["name"].as_str().unwrap().to_owned(),
-                e["value"].as_str().unwrap().to_owned(),
-            )
+                e["value"].as_str()?.to_owned(),
+            ))
         })
         .collect()
 }
