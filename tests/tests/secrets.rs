@@ -59,7 +59,8 @@ async fn a_secret_variable_reaches_the_job_and_no_file_of_the_mesh() {
             "-c".into(),
             // The job proves it got the value without the spec or its log
             // holding it: its hash is compared.
-            r#"printf %s "$WANDB_API_KEY" | sha256sum"#.into(),
+            // Printing it anyway: the runner redacts it from the log.
+            r#"printf %s "$WANDB_API_KEY" | sha256sum; echo "key: $WANDB_API_KEY""#.into(),
         ],
         ..Default::default()
     };
@@ -70,6 +71,7 @@ async fn a_secret_variable_reaches_the_job_and_no_file_of_the_mesh() {
     let want = hex::encode(sha2::Sha256::digest(VALUE.as_bytes()));
     let log = job_log(&mesh, &job.id).await;
     assert!(log.iter().any(|l| l.starts_with(&want)), "{log:?}");
+    assert!(log.iter().any(|l| l == "key: [secret wandb]"), "{log:?}");
     // What job-service shows of the spec is the secret's name.
     let shown = done.spec.expect("spec");
     assert_eq!(shown.secret_env["WANDB_API_KEY"], "wandb");

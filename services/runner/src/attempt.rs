@@ -140,13 +140,15 @@ pub async fn run(
 
 /// Creates the attempt directory afresh and starts its log writer.
 /// Puts the value of each secret variable into `env`, read from
-/// `dir/<secret name>` (one trailing newline dropped). The names were
+/// `dir/<secret name>` (one trailing newline dropped), and returns the
+/// (secret name, value) pairs, for the log to redact. The names were
 /// checked with the spec: no path separators, not `.` or `..`.
 fn read_secrets(
     dir: Option<&std::path::Path>,
     secrets: &BTreeMap<String, String>,
     env: &mut BTreeMap<String, String>,
-) -> Result<(), Error> {
+) -> Result<Vec<(String, String)>, Error> {
+    let mut values = Vec::new();
     for (variable, name) in secrets {
         let unavailable = |reason: String| Error::Secret {
             variable: variable.clone(),
@@ -169,8 +171,9 @@ fn read_secrets(
             return Err(unavailable("its value holds a NUL byte".into()));
         }
         env.insert(variable.clone(), value.to_owned());
+        values.push((name.clone(), value.to_owned()));
     }
-    Ok(())
+    Ok(values)
 }
 
 async fn prepare_dir(
@@ -260,13 +263,18 @@ impl Attempt {
         );
         let by_reference = self.ctx.backend.secrets_by_reference();
         let secrets = if by_reference {
-            Ok(())
+            Ok(Vec::new())
         } else {
             read_secrets(
                 self.ctx.secrets_dir.as_deref(),
                 &self.launch.secret_env,
                 &mut env,
             )
+        };
+        let output = self.sink.clone().unwrap_or_else(OutputSink::closed);
+        let output = match &secrets {
+            Ok(values) => output.redacting(values),
+            Err(_) => output,
         };
         let req = LaunchRequest {
             key,
@@ -280,7 +288,7 @@ impl Attempt {
             resources: self.launch.resources,
             attempt_dir: self.dir.clone(),
             metrics_file: metrics_file.clone(),
-            output: self.sink.clone().unwrap_or_else(OutputSink::closed),
+            output,
             details: JobDetails {
                 labels: self.launch.labels.clone(),
                 gpus: u32::try_from(self.launch.gpus_requested).unwrap_or(0),
@@ -298,8 +306,12 @@ impl Attempt {
             },
         };
         let launched = match secrets {
-            Ok(()) => self.ctx.backend.launch(req).await,
-            Err(e) => Err(e),
+            Ok(_) => self.ctx.backend.launch(req).await,
+            Err(e) => {
+                // Its copy of the log's sink would keep the log open.
+                drop(req);
+                Err(e)
+            }
         };
         let mut workload = match launched {
             Ok(w) => w,

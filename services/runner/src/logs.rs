@@ -31,17 +31,55 @@ const TAIL_LINE_CHARS: usize = 2000;
 /// Where a workload's output lines go. Cheap to clone; the log is complete
 /// when every clone is dropped.
 #[derive(Clone, Debug)]
-pub struct OutputSink(mpsc::Sender<String>);
+pub struct OutputSink {
+    tx: mpsc::Sender<String>,
+    /// (a secret's value, what is written instead).
+    redact: Arc<[(String, String)]>,
+}
+
+/// Secret values shorter than this are not redacted: they would match
+/// ordinary words and numbers in the log.
+pub const MIN_REDACTED_BYTES: usize = 6;
 
 impl OutputSink {
+    fn new(tx: mpsc::Sender<String>) -> Self {
+        Self {
+            tx,
+            redact: Arc::new([]),
+        }
+    }
+
     /// A sink whose lines go nowhere.
     pub fn closed() -> Self {
-        OutputSink(mpsc::channel(1).0)
+        Self::new(mpsc::channel(1).0)
+    }
+
+    /// This sink, writing `[secret NAME]` wherever a line holds one of the
+    /// `(name, value)` secrets: what a job prints of its secrets stays out
+    /// of its log, on disk and in job-service.
+    pub fn redacting(self, secrets: &[(String, String)]) -> Self {
+        let mut redact: Vec<(String, String)> = secrets
+            .iter()
+            .filter(|(_, value)| value.len() >= MIN_REDACTED_BYTES)
+            .map(|(name, value)| (value.clone(), format!("[secret {name}]")))
+            .collect();
+        // A secret that contains another is replaced first, whole.
+        redact.sort_by_key(|(value, _)| std::cmp::Reverse(value.len()));
+        Self {
+            tx: self.tx,
+            redact: redact.into(),
+        }
     }
 
     pub async fn line(&self, text: impl Into<String>) {
+        let mut text = text.into();
+        for (value, instead) in self.redact.iter() {
+            if text.contains(value.as_str()) {
+                text = text.replace(value.as_str(), instead);
+            }
+        }
         // Fails only when the writer is gone, i.e. the attempt is over.
-        let _ = self.0.send(text.into()).await;
+        let _ = self.tx.send(text).await;
     }
 }
 
@@ -144,7 +182,7 @@ impl LogWriter {
             }
         });
         Ok((
-            OutputSink(tx),
+            OutputSink::new(tx),
             LogWriter {
                 progress,
                 files,
@@ -258,6 +296,21 @@ impl Appender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn secrets_are_redacted_longest_first_and_short_ones_left() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let sink = OutputSink::new(tx).redacting(&[
+            ("short".into(), "abc".into()),
+            ("key".into(), "tm-secret-1".into()),
+            ("longer".into(), "tm-secret-123".into()),
+        ]);
+        sink.line("a=tm-secret-123 b=tm-secret-1 c=abc").await;
+        assert_eq!(
+            rx.recv().await.unwrap(),
+            "a=[secret longer] b=[secret key] c=abc"
+        );
+    }
 
     #[test]
     fn clean_line_strips_endings_and_keeps_the_last_redraw() {

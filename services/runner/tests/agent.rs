@@ -520,7 +520,7 @@ async fn secret_variables_are_read_on_the_runner_and_a_missing_one_is_named() {
     let mut a = assignment(&[
         "/bin/sh",
         "-c",
-        r#"if [ "$WANDB_API_KEY" = "s3cr3t-value" ]; then echo match; else echo mismatch; fi"#,
+        r#"if [ "$WANDB_API_KEY" = "s3cr3t-value" ]; then echo match; else echo mismatch; fi; echo "key=$WANDB_API_KEY""#,
     ]);
     a.spec
         .as_mut()
@@ -538,6 +538,15 @@ async fn secret_variables_are_read_on_the_runner_and_a_missing_one_is_named() {
         .map(|l| l.text)
         .collect();
     assert!(lines.iter().any(|l| l == "match"), "{lines:?}");
+    // What the job prints of its secret is redacted in its log.
+    assert!(
+        lines.iter().any(|l| l == "key=[secret wandb.key]"),
+        "{lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("s3cr3t-value")),
+        "{lines:?}"
+    );
 
     let mut a = assignment(&["/bin/sh", "-c", "echo started"]);
     a.spec
