@@ -138,7 +138,6 @@ pub async fn run(
     .await
 }
 
-/// Creates the attempt directory afresh and starts its log writer.
 /// Puts the value of each secret variable into `env`, read from
 /// `dir/<secret name>` (one trailing newline dropped), and returns the
 /// (secret name, value) pairs, for the log to redact. The names were
@@ -176,6 +175,7 @@ fn read_secrets(
     Ok(values)
 }
 
+/// Creates the attempt directory afresh and starts its log writer.
 async fn prepare_dir(
     dir: &std::path::Path,
     limits: LogLimits,
