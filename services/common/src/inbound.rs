@@ -1,6 +1,6 @@
 //! Limits on what a caller sends and holds open, as server layers.
 //!
-//! - [`OversizeLayer`]: tonic answers a request larger than the server's
+//! - [`oversize_layer`]: tonic answers a request larger than the server's
 //!   message limit with OUT_OF_RANGE; a caller cannot tell that from a
 //!   value out of range, so it becomes RESOURCE_EXHAUSTED naming the limit.
 //!   (Malformed protobuf is INVALID_ARGUMENT through the generated code's
@@ -29,63 +29,22 @@ pub const DEFAULT_MAX_STREAMS_PER_CALLER: usize = 64;
 
 const TOO_LARGE: &str = "Error, decoded message length too large";
 
-/// See the module documentation.
-#[derive(Clone, Debug)]
-pub struct OversizeLayer {
+/// See the module documentation: a response mapping, nothing more.
+pub fn oversize_layer(
     limit: usize,
-}
-
-impl OversizeLayer {
-    pub fn new(limit: usize) -> Self {
-        Self { limit }
-    }
-}
-
-impl<S> tower::Layer<S> for OversizeLayer {
-    type Service = Oversize<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        Oversize {
-            inner,
-            limit: self.limit,
+) -> tower::util::MapResponseLayer<impl Fn(http::Response<Body>) -> http::Response<Body> + Clone> {
+    tower::util::MapResponseLayer::new(move |resp: http::Response<Body>| {
+        // A request refused before its handler ran is answered with the
+        // status in the headers ("trailers only"); every other response
+        // is passed on after one header comparison.
+        if resp.headers().get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
+            return resp;
         }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Oversize<S> {
-    inner: S,
-    limit: usize,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for Oversize<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limit = self.limit;
-        Box::pin(async move {
-            let resp = inner.call(req).await?;
-            // A request refused before its handler ran is answered with the
-            // status in the headers ("trailers only").
-            match Status::from_header_map(resp.headers()) {
-                Some(s) if is_too_large(&s) => Ok(oversized(limit, &s).into_http()),
-                _ => Ok(resp),
-            }
-        })
-    }
+        match Status::from_header_map(resp.headers()) {
+            Some(s) if is_too_large(&s) => oversized(limit, &s).into_http(),
+            _ => resp,
+        }
+    })
 }
 
 fn is_too_large(s: &Status) -> bool {

@@ -28,7 +28,7 @@ use tonic::Status;
 use crate::auth::{AuthLayer, TokenStore};
 use crate::correlation::CorrelationLayer;
 use crate::db::Db;
-use crate::inbound::{streaming_methods, OversizeLayer, StreamCapLayer};
+use crate::inbound::{oversize_layer, streaming_methods, StreamCapLayer};
 use crate::tls::ServerTls;
 
 #[derive(Clone, Debug)]
@@ -187,7 +187,7 @@ pub async fn serve(
             streaming_methods(&[trainmesh_proto::FILE_DESCRIPTOR_SET]),
         ))
         .layer(ShedLayer::new(opts.max_concurrent_requests))
-        .layer(OversizeLayer::new(opts.max_message_bytes))
+        .layer(oversize_layer(opts.max_message_bytes))
         .into_inner();
 
     tracing::info!(service = name, %addr, tls = opts.tls.is_tls(), "serving");

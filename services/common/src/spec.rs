@@ -62,7 +62,6 @@ pub const PLATFORM_LABEL_PREFIX: &str = "trainmesh.io/";
 /// runner in this release).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Shape {
-    pub gpus_per_replica: u32,
     /// GPUs over every replica; at most [`MAX_GPUS`].
     pub gpus: u32,
     /// Case-insensitive substring of the GPU model, trimmed; empty: any.
@@ -70,7 +69,6 @@ pub struct Shape {
     /// Per replica.
     pub cpu_milli: i64,
     pub memory_mib: i64,
-    pub shm_mib: i64,
     /// Replicas besides the master.
     pub workers: u32,
 }
@@ -388,13 +386,11 @@ fn shape(spec: &pb::JobSpec) -> Result<Shape, FieldError> {
         ));
     }
     Ok(Shape {
-        gpus_per_replica,
         gpus: total as u32,
         gpu_type: r.gpu_type.trim().to_owned(),
         // Bounded above, so the product and its sums cannot overflow.
         cpu_milli: (r.cpu * 1000.0).round() as i64,
         memory_mib: r.memory_mib,
-        shm_mib: r.shm_mib,
         workers,
     })
 }
