@@ -24,8 +24,11 @@ pub struct CommonArgs {
     #[arg(long, env = "TRAINMESH_TOKENS", value_delimiter = ',')]
     pub tokens: Vec<String>,
 
-    /// File holding this service's own token for calls to other services.
-    /// Default: DATA_DIR/service.token.
+    /// File holding this process's own token for calls to other services:
+    /// each service has its own (user = the service's name, role
+    /// `service`), each runner too (user = the runner's name, role
+    /// `runner`). Default: DATA_DIR/NAME.token, e.g. job-service.token or
+    /// runner.token.
     #[arg(long, env = "TRAINMESH_SERVICE_TOKEN_FILE")]
     pub service_token_file: Option<PathBuf>,
 
@@ -98,13 +101,15 @@ impl CommonArgs {
         ]
     }
 
-    pub fn service_token(&self) -> anyhow::Result<String> {
+    /// The token `name` (a service's or `runner`) presents to its peers.
+    pub fn service_token(&self, name: &str) -> anyhow::Result<String> {
         let path = self
             .service_token_file
             .clone()
-            .unwrap_or_else(|| self.data_dir.join("service.token"));
-        let t = std::fs::read_to_string(&path)
-            .map_err(|e| anyhow::anyhow!("cannot read service token {}: {e}", path.display()))?;
+            .unwrap_or_else(|| self.data_dir.join(format!("{name}.token")));
+        let t = std::fs::read_to_string(&path).map_err(|e| {
+            anyhow::anyhow!("cannot read the token of {name} {}: {e}", path.display())
+        })?;
         Ok(t.trim().to_owned())
     }
 
@@ -113,8 +118,8 @@ impl CommonArgs {
     /// may be missing: the service then starts, calls to peers are refused
     /// (`what` says which), and outboxes keep their messages until a token
     /// is configured.
-    pub fn optional_service_token(&self, what: &str) -> anyhow::Result<Option<String>> {
-        match self.service_token() {
+    pub fn optional_service_token(&self, name: &str, what: &str) -> anyhow::Result<Option<String>> {
+        match self.service_token(name) {
             Ok(t) => Ok(Some(t)),
             Err(e) if self.service_token_file.is_some() => Err(e),
             Err(e) => {

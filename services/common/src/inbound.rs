@@ -208,7 +208,10 @@ where
         // Services (diagnosis reading logs, say) stream on behalf of many
         // users and are trusted not to leak streams.
         let user = match req.extensions().get::<Caller>() {
-            Some(c) if !c.has(Role::Service) && self.cap.streaming.contains(req.uri().path()) => {
+            Some(c)
+                if !(c.has(Role::Service) || c.has(Role::Runner))
+                    && self.cap.streaming.contains(req.uri().path()) =>
+            {
                 c.user.clone()
             }
             _ => return Box::pin(inner.call(req)),

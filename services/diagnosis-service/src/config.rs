@@ -116,9 +116,10 @@ impl Args {
     pub async fn into_config(self) -> anyhow::Result<Config> {
         // Without the token, DiagnoseJob answers UNAVAILABLE but stored
         // diagnoses can still be read, so a missing token is not fatal.
-        let service_token = self
-            .common
-            .optional_service_token("DiagnoseJob cannot read jobs")?;
+        let service_token = self.common.optional_service_token(
+            trainmesh_common::auth::service::DIAGNOSIS,
+            "DiagnoseJob cannot read jobs",
+        )?;
         Ok(Config {
             tokens: self.common.token_store().await?,
             server: self.common.server_options()?,

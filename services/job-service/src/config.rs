@@ -76,9 +76,10 @@ impl Args {
         let database_url = self
             .common
             .database_url(self.database_url.as_deref(), "jobs.db");
-        let service_token = self
-            .common
-            .optional_service_token("calls to the scheduler will be refused")?;
+        let service_token = self.common.optional_service_token(
+            trainmesh_common::auth::service::JOB,
+            "calls to the scheduler will be refused",
+        )?;
         let data_roots = if self.data_roots.is_empty() {
             ["datasets", "outputs"]
                 .iter()

@@ -108,6 +108,7 @@ fn database_url(common: &CommonArgs, explicit: Option<&str>) -> String {
 impl Args {
     pub async fn into_config(self) -> anyhow::Result<Config> {
         let token = self.common.optional_service_token(
+            trainmesh_common::auth::service::METRICS,
             "users' calls are refused until job-service can be asked who owns a job",
         )?;
         let channel = trainmesh_common::client::channel_with(

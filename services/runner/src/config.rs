@@ -466,7 +466,7 @@ impl Config {
 
 impl Args {
     pub fn into_config(self) -> anyhow::Result<Config> {
-        let token = self.common.service_token()?;
+        let token = self.common.service_token("runner")?;
         let work_dir = self
             .work_dir
             .unwrap_or_else(|| self.common.data_dir.join("runner"));

@@ -197,9 +197,10 @@ impl Args {
             None => Arc::new(SystemClock),
         };
         let tokens = self.common.token_store().await?;
-        let service_token = self
-            .common
-            .optional_service_token("status updates to job-service will be refused")?;
+        let service_token = self.common.optional_service_token(
+            trainmesh_common::auth::service::SCHEDULER,
+            "status updates to job-service will be refused",
+        )?;
         Ok(Config {
             database_url: self
                 .common

@@ -155,7 +155,7 @@ impl NewToken {
         if r.roles.is_empty() {
             return Err(FieldError::new(
                 "roles",
-                "needs at least one of user, approver, admin, service",
+                format!("needs at least one of {}", Role::names()),
             ));
         }
         let mut roles = Vec::new();
@@ -163,7 +163,7 @@ impl NewToken {
             let role = Role::parse(s).ok_or_else(|| {
                 FieldError::new(
                     format!("roles[{i}]"),
-                    format!("`{s}` is not a role (user, approver, admin, service)"),
+                    format!("`{s}` is not a role ({})", Role::names()),
                 )
             })?;
             if !roles.contains(&role) {

@@ -33,12 +33,32 @@ pub enum Role {
     User,
     Approver,
     Admin,
-    /// Other trainmesh services and runners: internal RPCs only accept this.
+    /// One of the four trainmesh services; the token's user names which
+    /// ([`service`]). Each internal RPC accepts only the service that owns
+    /// the call.
     Service,
+    /// A runner; the token's user is the runner's name. It may act only as
+    /// that runner and only for the attempts placed on it.
+    Runner,
+    /// A join token: it may only trade a runner's name for that runner's
+    /// own credential (`TokenService.JoinRunner`), once per name.
+    Join,
 }
 
 impl Role {
-    pub const ALL: [Role; 4] = [Role::User, Role::Approver, Role::Admin, Role::Service];
+    pub const ALL: [Role; 6] = [
+        Role::User,
+        Role::Approver,
+        Role::Admin,
+        Role::Service,
+        Role::Runner,
+        Role::Join,
+    ];
+
+    /// "user, approver, admin, service, runner", for error messages.
+    pub fn names() -> String {
+        Self::ALL.map(Role::as_str).join(", ")
+    }
 
     pub fn parse(s: &str) -> Option<Role> {
         match s.trim() {
@@ -46,6 +66,8 @@ impl Role {
             "approver" => Some(Role::Approver),
             "admin" => Some(Role::Admin),
             "service" => Some(Role::Service),
+            "runner" => Some(Role::Runner),
+            "join" => Some(Role::Join),
             _ => None,
         }
     }
@@ -56,6 +78,8 @@ impl Role {
             Role::Approver => "approver",
             Role::Admin => "admin",
             Role::Service => "service",
+            Role::Runner => "runner",
+            Role::Join => "join",
         }
     }
 }
@@ -68,15 +92,56 @@ pub struct Caller {
     pub roles: Vec<Role>,
 }
 
+/// The names service credentials carry as their user: each service calls
+/// its peers as itself, and each internal RPC names the one service that
+/// may call it.
+pub mod service {
+    pub const JOB: &str = "job-service";
+    pub const SCHEDULER: &str = "scheduler-service";
+    pub const METRICS: &str = "metrics-service";
+    pub const DIAGNOSIS: &str = "diagnosis-service";
+    pub const ALL: [&str; 4] = [JOB, SCHEDULER, METRICS, DIAGNOSIS];
+}
+
 impl Caller {
-    /// Admins hold every human role; `service` is never implied.
+    /// Admins hold every human role; `service`, `runner` and `join` are
+    /// never implied.
     pub fn has(&self, role: Role) -> bool {
-        self.roles.contains(&role) || (role != Role::Service && self.roles.contains(&Role::Admin))
+        self.roles.contains(&role)
+            || (matches!(role, Role::User | Role::Approver) && self.roles.contains(&Role::Admin))
     }
 
-    /// May read and change any user's jobs.
+    /// May read any user's jobs (and change them, for admins; a service
+    /// changes jobs only through the internal RPC it owns).
     pub fn sees_everything(&self) -> bool {
         self.has(Role::Admin) || self.has(Role::Service)
+    }
+
+    /// The runner this caller is, when it is one.
+    pub fn runner(&self) -> Option<&str> {
+        self.has(Role::Runner).then_some(self.user.as_str())
+    }
+
+    /// Only the service `name` may make this call.
+    pub fn require_service(&self, name: &str) -> Result<(), Status> {
+        if self.has(Role::Service) && self.user == name {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "only {name} may make this call; `{}` may not",
+                self.user
+            )))
+        }
+    }
+
+    /// Only a runner may make this call; returns its name.
+    pub fn require_runner(&self) -> Result<&str, Status> {
+        self.runner().ok_or_else(|| {
+            Status::permission_denied(format!(
+                "only a runner (a token with the `runner` role) may make this call; `{}` is not one",
+                self.user
+            ))
+        })
     }
 
     pub fn require(&self, role: Role) -> Result<(), Status> {
@@ -170,5 +235,29 @@ mod tests {
         assert!(admin.has(Role::Approver));
         assert!(!admin.has(Role::Service));
         assert!(admin.require(Role::Service).is_err());
+        assert!(admin.require_runner().is_err());
+        assert!(admin.require_service(service::JOB).is_err());
+    }
+
+    #[test]
+    fn a_service_may_only_make_its_own_calls() {
+        let scheduler = Caller {
+            user: service::SCHEDULER.into(),
+            org: "system".into(),
+            roles: vec![Role::Service],
+        };
+        assert!(scheduler.require_service(service::SCHEDULER).is_ok());
+        let err = scheduler.require_service(service::JOB).unwrap_err();
+        assert!(err.message().contains("only job-service"), "{err:?}");
+        assert!(scheduler.require_runner().is_err());
+        // A runner named like a service is still not that service.
+        let runner = Caller {
+            user: service::JOB.into(),
+            org: "system".into(),
+            roles: vec![Role::Runner],
+        };
+        assert!(runner.require_service(service::JOB).is_err());
+        assert_eq!(runner.require_runner().unwrap(), service::JOB);
+        assert!(!runner.sees_everything());
     }
 }
