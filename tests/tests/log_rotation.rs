@@ -49,6 +49,7 @@ async fn a_service_log_rotates_at_its_size_and_keeps_that_many_files() {
             step += 1;
             let mut metrics = metrics.clone();
             let req = WriteMetricsRequest {
+                attempt: 0,
                 job_id: job.clone(),
                 points: vec![MetricPoint {
                     key: "loss".into(),

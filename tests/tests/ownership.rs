@@ -17,6 +17,7 @@ use trainmesh_tests::{Mesh, ADMIN_TOKEN, ALICE_TOKEN, BOB_TOKEN, SERVICE_TOKEN};
 
 fn write(job_id: &str, step: i64) -> WriteMetricsRequest {
     WriteMetricsRequest {
+        attempt: 0,
         job_id: job_id.to_owned(),
         points: vec![MetricPoint {
             key: "loss".into(),

@@ -397,6 +397,7 @@ async fn write_batch(mesh: &Mesh, job_id: &str) -> Result<(), tonic::Status> {
         .collect();
     metrics_client(mesh)
         .write_metrics(WriteMetricsRequest {
+            attempt: 0,
             job_id: job_id.into(),
             points,
             json_records: Vec::new(),

@@ -99,8 +99,20 @@ pub struct TestTokens {
     pub bob: &'static str,
     pub approver: &'static str,
     pub admin: &'static str,
-    pub service: &'static str,
+    /// Each service's own credential (user = its name, role `service`).
+    pub job_service: &'static str,
+    pub scheduler: &'static str,
+    pub metrics: &'static str,
+    pub diagnosis: &'static str,
+    /// Runners `node-1` and `node-2` (role `runner`).
+    pub runner: &'static str,
+    pub runner_b: &'static str,
 }
+
+/// The names of the runners [`TestTokens::runner`] and
+/// [`TestTokens::runner_b`] are.
+pub const TEST_RUNNER: &str = "node-1";
+pub const TEST_RUNNER_B: &str = "node-2";
 
 pub fn test_tokens() -> TestTokens {
     test_tokens_in(TokenStore::default())
@@ -121,14 +133,33 @@ pub fn test_tokens_in(mut store: TokenStore) -> TestTokens {
         mk("carol", "ml", &[Role::User, Role::Approver]),
     );
     store.insert("admin-token", mk("admin", "ops", &[Role::Admin]));
-    store.insert("service-token", mk("trainmesh", "system", &[Role::Service]));
+    use crate::auth::service;
+    let services = [
+        ("job-service-token", service::JOB),
+        ("scheduler-token", service::SCHEDULER),
+        ("metrics-token", service::METRICS),
+        ("diagnosis-token", service::DIAGNOSIS),
+    ];
+    for (token, name) in services {
+        store.insert(token, mk(name, "system", &[Role::Service]));
+    }
+    store.insert("runner-token", mk(TEST_RUNNER, "system", &[Role::Runner]));
+    store.insert(
+        "runner-b-token",
+        mk(TEST_RUNNER_B, "system", &[Role::Runner]),
+    );
     TestTokens {
         store: Arc::new(store),
         alice: "alice-token",
         bob: "bob-token",
         approver: "approver-token",
         admin: "admin-token",
-        service: "service-token",
+        job_service: services[0].0,
+        scheduler: services[1].0,
+        metrics: services[2].0,
+        diagnosis: services[3].0,
+        runner: "runner-token",
+        runner_b: "runner-b-token",
     }
 }
 

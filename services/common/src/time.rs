@@ -19,6 +19,13 @@ pub fn to_timestamp(micros: i64) -> prost_types::Timestamp {
     }
 }
 
+/// RFC 3339 in UTC with milliseconds, for messages people read.
+pub fn rfc3339_micros(micros: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(micros)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{micros} µs after the epoch"))
+}
+
 /// `None` for 0, which the databases use for "not set".
 pub fn to_opt_timestamp(micros: i64) -> Option<prost_types::Timestamp> {
     (micros != 0).then(|| to_timestamp(micros))

@@ -413,6 +413,7 @@ pub struct StatusUpdate {
     pub state: JobState,
     pub attempt_state: Option<AttemptState>,
     pub runner_id: String,
+    pub runner_name: String,
     pub exit_code: Option<i32>,
     pub error: Option<pb::JobError>,
     pub failure_cause: Option<pb::FailureCause>,
@@ -439,6 +440,8 @@ impl TryFrom<pb::UpdateJobStatusRequest> for StatusUpdate {
         if r.runner_id.len() > 256 {
             return Err(FieldError::new("runner_id", "is longer than 256 bytes"));
         }
+        trainmesh_common::text::display_text("runner_name", &r.runner_name, 256)?;
+        let runner_name = r.runner_name;
         let failure_cause = match pb::FailureCause::try_from(r.failure_cause) {
             Ok(pb::FailureCause::Unspecified) => None,
             Ok(c) => Some(c),
@@ -455,6 +458,7 @@ impl TryFrom<pb::UpdateJobStatusRequest> for StatusUpdate {
             state: JobState::from_proto("state", r.state)?,
             attempt_state: AttemptState::from_proto("attempt_state", r.attempt_state)?,
             runner_id: r.runner_id,
+            runner_name,
             exit_code: r.exit_code,
             error: r.error.map(sanitize_error),
             failure_cause,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use trainmesh_common::auth::{caller, Role};
+use trainmesh_common::auth::{caller, service};
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::server::ShutdownWatch;
 use trainmesh_common::stream::{until_shutdown, BoxStream};
@@ -36,6 +36,7 @@ fn attempt_to_proto(a: &AttemptRecord) -> pb::Attempt {
     pb::Attempt {
         number: i32::try_from(a.number).unwrap_or(i32::MAX),
         runner_id: a.runner_id.clone(),
+        runner_name: a.runner_name.clone(),
         state: a.state.to_proto() as i32,
         create_time: ts(a.create_time),
         start_time: ts(a.start_time),
@@ -329,7 +330,7 @@ impl pb::job_internal_service_server::JobInternalService for JobInternalApi {
         &self,
         req: Request<pb::UpdateJobStatusRequest>,
     ) -> Result<Response<pb::UpdateJobStatusResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        caller(&req)?.require_service(service::SCHEDULER)?;
         let update = StatusUpdate::try_from(req.into_inner())?;
         let view = self.svc.update_status(update).await?;
         Ok(Response::new(pb::UpdateJobStatusResponse {
@@ -341,9 +342,13 @@ impl pb::job_internal_service_server::JobInternalService for JobInternalApi {
         &self,
         req: Request<pb::AppendJobLogsRequest>,
     ) -> Result<Response<pb::AppendJobLogsResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        let who = caller(&req)?;
+        let runner = who.require_runner()?;
         let r = req.into_inner();
-        let last_number = self.svc.append_logs(&r.job_id, r.attempt, r.lines).await?;
+        let last_number = self
+            .svc
+            .append_logs(runner, &r.job_id, r.attempt, r.lines)
+            .await?;
         Ok(Response::new(pb::AppendJobLogsResponse { last_number }))
     }
 
@@ -351,7 +356,7 @@ impl pb::job_internal_service_server::JobInternalService for JobInternalApi {
         &self,
         req: Request<pb::AttachDiagnosisRequest>,
     ) -> Result<Response<pb::AttachDiagnosisResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        caller(&req)?.require_service(service::DIAGNOSIS)?;
         let r = req.into_inner();
         let d = r.diagnosis.ok_or_else(|| {
             Status::from(trainmesh_common::error::FieldError::new(

@@ -74,6 +74,7 @@ impl JobService {
             state: JobState::Failed,
             attempt_state: None,
             runner_id: String::new(),
+            runner_name: String::new(),
             exit_code: None,
             error: Some(pb::JobError {
                 r#type: "JobRefused".into(),
@@ -252,6 +253,7 @@ impl JobService {
         let mut a = existing.unwrap_or(AttemptRecord {
             number,
             runner_id: String::new(),
+            runner_name: String::new(),
             state: AttemptState::Scheduled,
             create_time: at,
             start_time: 0,
@@ -261,6 +263,9 @@ impl JobService {
         });
         if !u.runner_id.is_empty() {
             a.runner_id = u.runner_id.clone();
+        }
+        if !u.runner_name.is_empty() {
+            a.runner_name = u.runner_name.clone();
         }
         a.state = u
             .attempt_state
@@ -317,8 +322,10 @@ impl JobService {
 
     /// AppendJobLogs: stores lines idempotently; returns the number after
     /// which the sender may continue.
+    /// Appends the lines `runner` shipped for an attempt placed on it.
     pub async fn append_logs(
         &self,
+        runner: &str,
         raw_id: &str,
         attempt: i32,
         lines: Vec<pb::LogLine>,
@@ -348,6 +355,12 @@ impl JobService {
         {
             return Err(Error::JobNotFound(id.to_string()));
         }
+        placed_on(
+            runner,
+            id,
+            attempt,
+            repo::get_attempt(&mut tx, id, i64::from(attempt)).await?,
+        )?;
         let out = repo::append_logs(
             &mut tx,
             id,
@@ -379,4 +392,24 @@ fn clean_log_text(mut text: String) -> String {
         text = text.replace('\0', "\u{fffd}");
     }
     text
+}
+
+/// Refuses what a runner sends for an attempt that was not placed on it.
+/// An attempt job-service has not heard of yet is a retry: the scheduler's
+/// word that it was placed may still be on its way.
+fn placed_on(runner: &str, job: JobId, attempt: i32, known: Option<AttemptRecord>) -> Result<()> {
+    match known {
+        None => Err(Error::Retry(format!(
+            "attempt {attempt} of job `{job}` is not known here yet; retry"
+        ))),
+        Some(a) if a.runner_name == runner => Ok(()),
+        Some(a) => Err(Error::PermissionDenied(format!(
+            "attempt {attempt} of job `{job}` was not placed on runner `{runner}`{}",
+            if a.runner_name.is_empty() {
+                String::new()
+            } else {
+                format!(" but on `{}`", a.runner_name)
+            }
+        ))),
+    }
 }

@@ -182,6 +182,8 @@ impl Point {
 #[derive(Clone, Debug)]
 pub struct WriteBatch {
     pub job_id: JobId,
+    /// The attempt that produced the points; 0 when not said.
+    pub attempt: i32,
     pub points: Vec<Point>,
 }
 
@@ -190,6 +192,9 @@ impl TryFrom<pb::WriteMetricsRequest> for WriteBatch {
 
     fn try_from(req: pb::WriteMetricsRequest) -> Result<Self, Self::Error> {
         let job_id = JobId::parse_field("job_id", &req.job_id)?;
+        if req.attempt < 0 {
+            return Err(FieldError::new("attempt", "must not be negative"));
+        }
         if req.points.len() > MAX_POINTS_PER_BATCH {
             return Err(too_many("points", req.points.len()));
         }
@@ -231,7 +236,11 @@ impl TryFrom<pb::WriteMetricsRequest> for WriteBatch {
                 ));
             }
         }
-        Ok(Self { job_id, points })
+        Ok(Self {
+            job_id,
+            attempt: req.attempt,
+            points,
+        })
     }
 }
 

@@ -20,6 +20,12 @@ pub enum Error {
     /// job-service could not say whose job it is.
     #[error("cannot check the job's owner with job-service: {0}")]
     JobService(String),
+    /// The caller may see the job but not make this change.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Not known yet (job-service has not heard of the attempt): retry.
+    #[error("{0}")]
+    NotYet(String),
     /// A stored row that this version cannot read (e.g. an unknown value kind).
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -32,7 +38,8 @@ impl ServiceError for Error {
             Error::Cap(_) => ErrorCode::ResourceExhausted,
             Error::Db(e) => db_error_code(e),
             Error::JobNotFound(_) => ErrorCode::NotFound,
-            Error::JobService(_) => ErrorCode::Unavailable,
+            Error::JobService(_) | Error::NotYet(_) => ErrorCode::Unavailable,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::Corrupt(_) => ErrorCode::Internal,
         }
     }

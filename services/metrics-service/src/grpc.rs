@@ -1,7 +1,8 @@
 //! gRPC adapter: proto ⇄ domain, the owner check, errors → `Status`.
 //!
-//! Users write and read only their own jobs' metrics (job ownership lives in
-//! job-service; see [`crate::owners`]); services and admins any job's.
+//! Users write and read only their own jobs' metrics, runners write those
+//! of the attempts placed on them, services and admins read any job's (who
+//! owns and ran a job lives in job-service; see [`crate::owners`]).
 
 use std::sync::Arc;
 
@@ -48,6 +49,15 @@ impl MetricsGrpc {
             None => Ok(()),
         }
     }
+
+    async fn may_write(&self, caller: &Caller, batch: &WriteBatch) -> Result<(), Status> {
+        match &self.owners {
+            Some(owners) => Ok(owners
+                .check_write(caller, batch.job_id, batch.attempt)
+                .await?),
+            None => Ok(()),
+        }
+    }
 }
 
 fn points(points: &[Point]) -> Vec<pb::MetricPoint> {
@@ -71,7 +81,7 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
     ) -> Result<Response<pb::WriteMetricsResponse>, Status> {
         let caller = auth::caller(&req)?;
         let batch = WriteBatch::try_from(req.into_inner())?;
-        self.may_use(&caller, batch.job_id).await?;
+        self.may_write(&caller, &batch).await?;
         let out = self.svc.write(batch).await?;
         Ok(Response::new(pb::WriteMetricsResponse {
             accepted: count(out.accepted),
@@ -114,7 +124,7 @@ impl pb::metrics_service_server::MetricsService for MetricsGrpc {
                     ),
                 )
             })?;
-            let written = match self.may_use(&caller, batch.job_id).await {
+            let written = match self.may_write(&caller, &batch).await {
                 Ok(()) => self.svc.write(batch).await.map_err(Status::from),
                 Err(status) => Err(status),
             };

@@ -298,6 +298,7 @@ mod tests {
                     .collect();
                 svc.write(WriteBatch {
                     job_id: job,
+                    attempt: 0,
                     points,
                 })
                 .await

@@ -17,6 +17,7 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn batch(job: &str, points: Vec<pb::MetricPoint>) -> pb::WriteMetricsRequest {
     pb::WriteMetricsRequest {
+        attempt: 0,
         job_id: job.into(),
         points,
         json_records: vec![],
@@ -77,7 +78,7 @@ async fn a_batch_past_the_points_cap_is_refused_whole_and_stored_points_retry_fi
             }
         })
         .await;
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         let j = job();
         assert_eq!(
             write(&mut c, batch(&j, steps("loss", 0..6))).await.unwrap(),
@@ -132,7 +133,7 @@ async fn a_batch_with_keys_past_the_keys_cap_is_refused_whole() {
             }
         })
         .await;
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         let j = job();
         let pts = |keys: &[&str], step| keys.iter().map(|k| point(k, step, 1.0)).collect();
         assert_eq!(
@@ -181,7 +182,7 @@ async fn concurrent_writers_of_one_job_never_pass_the_caps() {
         let (by_points, by_keys) = (job(), job());
         let mut tasks = Vec::new();
         for w in 0..WRITERS {
-            let mut c = server.client(testing::test_tokens().service);
+            let mut c = server.client(testing::test_tokens().admin);
             let (p, k) = (by_points.clone(), by_keys.clone());
             tasks.push(tokio::spawn(async move {
                 let mut accepted = (0, 0);
@@ -205,7 +206,7 @@ async fn concurrent_writers_of_one_job_never_pass_the_caps() {
             let (p, k) = t.await.unwrap();
             accepted = (accepted.0 + p, accepted.1 + k);
         }
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         // Whole batches of three stop at the last multiple of three under
         // the cap, whoever wrote them.
         assert_eq!(stored(&mut c, &by_points).await, 99, "{}", db.label);
@@ -226,7 +227,7 @@ async fn stream_write_metrics_obeys_the_caps_and_keeps_earlier_batches() {
             }
         })
         .await;
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         let j = job();
         let msgs: Vec<_> = [0..3, 3..6, 6..7]
             .into_iter()
@@ -265,7 +266,7 @@ async fn latest_page(
 async fn latest_values_come_in_pages_and_filter_by_prefix() {
     for db in testing::all_dbs().await {
         let server = Server::start(&db).await;
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         let j = job();
         let mut all: Vec<String> = (0..25).map(|i| format!("k{i:03}")).collect();
         all.extend(["a_b".to_string(), "axb".to_string()]);
@@ -367,7 +368,7 @@ async fn watches_and_streamed_writes_end_unavailable_at_shutdown() {
     use futures::StreamExt;
     for db in testing::all_dbs().await {
         let server = Server::start(&db).await;
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         let j = job();
         let mut watch = c
             .watch_metrics(pb::WatchMetricsRequest {
@@ -385,7 +386,7 @@ async fn watches_and_streamed_writes_end_unavailable_at_shutdown() {
         })
         .await
         .unwrap();
-        let mut writer = server.client(testing::test_tokens().service);
+        let mut writer = server.client(testing::test_tokens().admin);
         let call = tokio::spawn(async move {
             writer
                 .stream_write_metrics(tokio_stream::wrappers::ReceiverStream::new(rx))

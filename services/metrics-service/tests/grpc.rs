@@ -16,7 +16,7 @@ use trainmesh_common::testing;
 async fn flat_and_nested_records_are_flattened_and_latest_follows() {
     for db in testing::all_dbs().await {
         let server = Server::start(&db).await;
-        let mut c = server.client(testing::test_tokens().service);
+        let mut c = server.client(testing::test_tokens().admin);
         let j = job();
         let resp = c
             .write_metrics(records(
@@ -76,6 +76,7 @@ async fn a_retried_batch_changes_nothing() {
         let j = job();
         // 1000 points: more than one multi-row statement.
         let batch = pb::WriteMetricsRequest {
+            attempt: 0,
             job_id: j.clone(),
             points: (0..1000)
                 .map(|s| point("loss", s, 1.0 / (s + 1) as f64))
@@ -169,6 +170,7 @@ async fn nan_and_inf_round_trip_flagged_non_finite() {
         let mut c = server.client(testing::test_tokens().alice);
         let j = job();
         c.write_metrics(pb::WriteMetricsRequest {
+            attempt: 0,
             job_id: j.clone(),
             points: vec![
                 point("p.nan", 1, f64::NAN),
@@ -226,6 +228,7 @@ async fn bad_batches_are_refused_naming_the_field_and_store_nothing() {
             (records("not-a-uuid", &[good]), "job_id"),
             (
                 pb::WriteMetricsRequest {
+                    attempt: 0,
                     job_id: j.clone(),
                     points: (0..1001).map(|s| point("loss", s, 1.0)).collect(),
                     json_records: vec![],
@@ -234,6 +237,7 @@ async fn bad_batches_are_refused_naming_the_field_and_store_nothing() {
             ),
             (
                 pb::WriteMetricsRequest {
+                    attempt: 0,
                     job_id: j.clone(),
                     points: vec![point("ok", 1, 1.0), point(&"k".repeat(251), 1, 1.0)],
                     json_records: vec![],
@@ -254,6 +258,7 @@ async fn bad_batches_are_refused_naming_the_field_and_store_nothing() {
             ),
             (
                 pb::WriteMetricsRequest {
+                    attempt: 0,
                     job_id: j.clone(),
                     points: vec![],
                     json_records: (0..20)
@@ -271,6 +276,7 @@ async fn bad_batches_are_refused_naming_the_field_and_store_nothing() {
         }
         let long = c
             .write_metrics(pb::WriteMetricsRequest {
+                attempt: 0,
                 job_id: j.clone(),
                 points: vec![point(&format!("verylongkey{}", "k".repeat(250)), 1, 1.0)],
                 json_records: vec![],
@@ -301,6 +307,7 @@ async fn query_downsampling_keeps_min_and_max() {
                 })
                 .collect();
             c.write_metrics(pb::WriteMetricsRequest {
+                attempt: 0,
                 job_id: j.clone(),
                 points,
                 json_records: vec![],

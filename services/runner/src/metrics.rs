@@ -158,6 +158,7 @@ impl MetricsShipper {
             job_id: self.key.job_id.to_string(),
             points: Vec::new(),
             json_records: batch.records.clone(),
+            attempt: self.key.attempt,
         };
         self.client
             .clone()

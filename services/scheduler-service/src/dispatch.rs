@@ -142,17 +142,16 @@ impl Scheduler {
             let Some(entry) = entries.get(&p.job_id) else {
                 continue;
             };
-            let is_live = match live.get(&p.runner_id) {
-                Some(l) => *l,
+            let name = match live.get(&p.runner_id) {
+                Some(l) => l,
                 None => {
                     // A draining runner takes nothing, however recent the plan.
                     let l =
                         repo::runner_takes_work(&mut tx, self.db.backend, p.runner_id, now).await?;
-                    live.insert(p.runner_id, l);
-                    l
+                    live.entry(p.runner_id).or_insert(l)
                 }
             };
-            if is_live {
+            if name.is_some() {
                 wanted.push((p, entry));
             }
         }
@@ -188,6 +187,11 @@ impl Scheduler {
                 let mut update = status(EntryState::Scheduled, d.attempt, now);
                 update.attempt_state = AttemptStatus::Scheduled.proto() as i32;
                 update.runner_id = p.runner_id.to_string();
+                update.runner_name = live
+                    .get(&p.runner_id)
+                    .cloned()
+                    .flatten()
+                    .unwrap_or_default();
                 update.job_id = p.job_id.to_string();
                 update.scheduler_sequence = d.status_seq;
                 (entry.correlation_id.as_str(), update)

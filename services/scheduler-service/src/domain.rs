@@ -303,6 +303,8 @@ pub struct Registration {
     pub capacity_proto: Vec<u8>,
     pub capacity: RunnerCapacity,
     pub labels: BTreeMap<String, String>,
+    /// The runner's installation key; empty from runners that send none.
+    pub instance: String,
 }
 
 impl TryFrom<runner_pb::RegisterRunnerRequest> for Registration {
@@ -320,6 +322,7 @@ impl TryFrom<runner_pb::RegisterRunnerRequest> for Registration {
             capacity_proto: prost::Message::encode_to_vec(&cap),
             capacity,
             labels: req.labels.into_iter().collect(),
+            instance: req.instance.trim().to_owned(),
         })
     }
 }

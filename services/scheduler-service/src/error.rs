@@ -18,6 +18,21 @@ pub enum Error {
     #[error("runner `{0}` is not registered or its lease expired; register again")]
     RunnerNotFound(RunnerId),
 
+    /// Another installation's live runner holds the name.
+    #[error(
+        "runner name `{name}` is held by another live runner (another machine or work \
+         directory) until its lease ends at {until}; two runners cannot share a name"
+    )]
+    NameTaken { name: String, until: String },
+
+    /// A runner's credential used for another runner's registration.
+    #[error("runner `{caller}` may not act for runner `{runner_id}`, registered as `{name}`")]
+    OtherRunner {
+        caller: String,
+        runner_id: RunnerId,
+        name: String,
+    },
+
     /// A report from a runner that does not hold the attempt (fencing).
     #[error("runner `{runner_id}` does not hold attempt {attempt} of job `{job_id}`: {why}")]
     NotHolder {
@@ -55,7 +70,8 @@ impl ServiceError for Error {
                 ErrorCode::NotFound
             }
             Error::NotHolder { .. } | Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
-            Error::OtherUsersQueue(_) => ErrorCode::PermissionDenied,
+            Error::OtherUsersQueue(_) | Error::OtherRunner { .. } => ErrorCode::PermissionDenied,
+            Error::NameTaken { .. } => ErrorCode::AlreadyExists,
             Error::Conflict(_) => ErrorCode::Unavailable,
             Error::Db(e) => db_error_code(e),
             Error::Corrupt(_) => ErrorCode::Internal,

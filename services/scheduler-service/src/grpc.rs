@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use tonic::{Request, Response, Status};
-use trainmesh_common::auth::{caller, Role};
+use trainmesh_common::auth::{caller, service, Role};
 use trainmesh_common::error::FieldError;
 use trainmesh_common::proto::job::v1::JobSpec;
 use trainmesh_common::proto::runner::v1 as runner_pb;
@@ -135,7 +135,7 @@ impl pb::scheduler_internal_service_server::SchedulerInternalService for Grpc {
         &self,
         req: Request<pb::EnqueueJobRequest>,
     ) -> Result<Response<pb::EnqueueJobResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        caller(&req)?.require_service(service::JOB)?;
         let req = req.into_inner();
         let raw_id = req.job_id.clone();
         let entry = match NewEntry::try_from(req) {
@@ -158,7 +158,7 @@ impl pb::scheduler_internal_service_server::SchedulerInternalService for Grpc {
         &self,
         req: Request<pb::CancelQueuedJobRequest>,
     ) -> Result<Response<pb::CancelQueuedJobResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        caller(&req)?.require_service(service::JOB)?;
         let req = req.into_inner();
         let job_id = JobId::parse_field("job_id", &req.job_id)?;
         let state = self.sched.cancel(job_id, &req.reason).await?;
@@ -174,8 +174,16 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         &self,
         req: Request<runner_pb::RegisterRunnerRequest>,
     ) -> Result<Response<runner_pb::RegisterRunnerResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        let who = caller(&req)?;
+        let name = who.require_runner()?;
         let reg = Registration::try_from(req.into_inner())?;
+        if reg.name != name {
+            return Err(Status::permission_denied(format!(
+                "runner `{name}` may not register as `{}`: a runner's credential names the \
+                 runner it is",
+                reg.name
+            )));
+        }
         let r = self.sched.register(reg).await?;
         Ok(Response::new(runner_pb::RegisterRunnerResponse {
             runner_id: r.runner_id.to_string(),
@@ -188,9 +196,9 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         &self,
         req: Request<runner_pb::HeartbeatRequest>,
     ) -> Result<Response<runner_pb::HeartbeatResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        let who = caller(&req)?;
         let req = req.into_inner();
-        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        let runner_id = self.own_runner(&who, &req.runner_id).await?;
         let active = attempts_of("active", &req.active)?;
         let out = self.sched.heartbeat(runner_id, &active).await?;
         Ok(Response::new(runner_pb::HeartbeatResponse {
@@ -203,9 +211,9 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         &self,
         req: Request<runner_pb::DrainRunnerRequest>,
     ) -> Result<Response<runner_pb::DrainRunnerResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        let who = caller(&req)?;
         let req = req.into_inner();
-        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        let runner_id = self.own_runner(&who, &req.runner_id).await?;
         let active = attempts_of("active", &req.active)?;
         let requeued = self.sched.drain(runner_id, &active).await?;
         Ok(Response::new(runner_pb::DrainRunnerResponse {
@@ -217,8 +225,8 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         &self,
         req: Request<runner_pb::DeregisterRunnerRequest>,
     ) -> Result<Response<runner_pb::DeregisterRunnerResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
-        let runner_id = RunnerId::parse_field("runner_id", &req.get_ref().runner_id)?;
+        let who = caller(&req)?;
+        let runner_id = self.own_runner(&who, &req.get_ref().runner_id).await?;
         let requeued = self.sched.deregister(runner_id).await?;
         Ok(Response::new(runner_pb::DeregisterRunnerResponse {
             requeued: attempt_refs(requeued),
@@ -229,9 +237,9 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         &self,
         req: Request<runner_pb::AcquireAssignmentsRequest>,
     ) -> Result<Response<runner_pb::AcquireAssignmentsResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        let who = caller(&req)?;
         let req = req.into_inner();
-        let runner_id = RunnerId::parse_field("runner_id", &req.runner_id)?;
+        let runner_id = self.own_runner(&who, &req.runner_id).await?;
         if req.max_assignments < 0 {
             return Err(FieldError::new("max_assignments", "must not be negative").into());
         }
@@ -273,8 +281,11 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
         &self,
         req: Request<runner_pb::ReportAttemptStatusRequest>,
     ) -> Result<Response<runner_pb::ReportAttemptStatusResponse>, Status> {
-        caller(&req)?.require(Role::Service)?;
+        let who = caller(&req)?;
         let report = AttemptReport::try_from(req.into_inner())?;
+        self.sched
+            .check_runner(who.require_runner()?, report.runner_id)
+            .await?;
         let changed = self.sched.report(report).await?;
         Ok(Response::new(runner_pb::ReportAttemptStatusResponse {
             changed,
@@ -283,6 +294,19 @@ impl runner_pb::runner_service_server::RunnerService for Grpc {
 }
 
 impl Grpc {
+    /// The registration a runner's call names, once the caller is shown to
+    /// be the runner that made it.
+    async fn own_runner(
+        &self,
+        who: &trainmesh_common::auth::Caller,
+        runner_id: &str,
+    ) -> Result<RunnerId, Status> {
+        let name = who.require_runner()?;
+        let id = RunnerId::parse_field("runner_id", runner_id)?;
+        self.sched.check_runner(name, id).await?;
+        Ok(id)
+    }
+
     /// ApproveJob and RejectJob: the approver role, then a compare-and-set
     /// on the pending approval.
     async fn decide(

@@ -46,6 +46,12 @@ impl Scheduler {
     pub async fn register(&self, reg: Registration) -> Result<Registered> {
         let id = RunnerId::new();
         let now = self.now();
+        if let Some(until) = repo::live_rival(&self.db, &reg.name, &reg.instance, now).await? {
+            return Err(Error::NameTaken {
+                name: reg.name,
+                until: trainmesh_common::time::rfc3339_micros(until),
+            });
+        }
         let expires = now.saturating_add(micros(self.settings.lease_ttl));
         repo::insert_runner(&self.db, id, &reg, now, expires).await?;
         tracing::info!(
@@ -63,6 +69,43 @@ impl Scheduler {
             lease_ttl: self.settings.lease_ttl,
             heartbeat_interval: self.settings.heartbeat_interval,
         })
+    }
+
+    /// Refuses a call that `caller` (a runner's name, from its credential)
+    /// makes for a registration of another runner.
+    pub async fn check_runner(&self, caller: &str, id: RunnerId) -> Result<()> {
+        /// Registrations accumulate slowly (one per runner start or lost
+        /// lease); past this many the cache starts over.
+        const MAX_CACHED: usize = 4096;
+        let cached = self
+            .runner_names
+            .lock()
+            .expect("poisoned")
+            .get(&id)
+            .cloned();
+        let name = match cached {
+            Some(n) => n,
+            None => {
+                let n = repo::runner_name(&self.db, id)
+                    .await?
+                    .ok_or(Error::RunnerNotFound(id))?;
+                let mut names = self.runner_names.lock().expect("poisoned");
+                if names.len() >= MAX_CACHED {
+                    names.clear();
+                }
+                names.insert(id, n.clone());
+                n
+            }
+        };
+        if name == caller {
+            Ok(())
+        } else {
+            Err(Error::OtherRunner {
+                caller: caller.to_owned(),
+                runner_id: id,
+                name,
+            })
+        }
     }
 
     /// Renews the lease and returns the attempts the runner must stop: those

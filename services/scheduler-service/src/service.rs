@@ -59,6 +59,9 @@ pub struct Scheduler {
     pub(crate) dispatch_wake: Arc<Notify>,
     /// Wakes a runner's long-poll when something is assigned to it.
     runner_wake: Mutex<HashMap<RunnerId, Arc<Notify>>>,
+    /// The name each registration was made under (it never changes), so a
+    /// runner's calls are checked against its credential without a read.
+    pub(crate) runner_names: Mutex<HashMap<RunnerId, String>>,
     /// Long-poll calls a dispatch can hand assignments to directly.
     pub(crate) waiters: crate::handoff::Waiters,
     pub(crate) leader: Leader,
@@ -169,6 +172,7 @@ impl Scheduler {
             relay,
             dispatch_wake: Arc::new(Notify::new()),
             runner_wake: Mutex::new(HashMap::new()),
+            runner_names: Mutex::new(HashMap::new()),
             waiters: crate::handoff::Waiters::default(),
             leader: Leader::new(),
         }

@@ -32,10 +32,21 @@ fn log_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 async fn binary_logs_the_jobs_correlation_id_as_json() {
     let dir = tempfile::tempdir().unwrap();
     TokensFile::default()
-        .with("svc-secret", "trainmesh", "system", &[Role::Service])
+        .with("job-secret", "job-service", "system", &[Role::Service])
+        .with(
+            "scheduler-secret",
+            "scheduler-service",
+            "system",
+            &[Role::Service],
+        )
+        .with("runner-secret", "node", "system", &[Role::Runner])
         .write(&dir.path().join("tokens.yaml"))
         .unwrap();
-    std::fs::write(dir.path().join("service.token"), "svc-secret\n").unwrap();
+    std::fs::write(
+        dir.path().join("scheduler-service.token"),
+        "scheduler-secret\n",
+    )
+    .unwrap();
 
     let jobs = FakeJobService::default();
     let (job_listener, job_addr) = listener().await;
@@ -74,9 +85,9 @@ async fn binary_logs_the_jobs_correlation_id_as_json() {
         addr_file.exists().then_some(())
     })
     .await;
-    let ch = channel(&endpoint, Some("svc-secret")).unwrap();
-    let mut runners = RunnerServiceClient::new(ch.clone());
-    let mut internal = SchedulerInternalServiceClient::new(ch);
+    let mut runners = RunnerServiceClient::new(channel(&endpoint, Some("runner-secret")).unwrap());
+    let mut internal =
+        SchedulerInternalServiceClient::new(channel(&endpoint, Some("job-secret")).unwrap());
 
     let runner_id = wait_for("binary to serve", DEADLINE, || {
         let mut runners = runners.clone();
@@ -87,6 +98,7 @@ async fn binary_logs_the_jobs_correlation_id_as_json() {
                     backend: "process".into(),
                     capacity: Some(capacity(1, common::H100)),
                     labels: Default::default(),
+                    instance: String::new(),
                 })
                 .await
                 .ok()
@@ -153,7 +165,7 @@ async fn binary_logs_the_jobs_correlation_id_as_json() {
         .lock()
         .unwrap()
         .iter()
-        .all(|c| c.authorization.as_deref() == Some("Bearer svc-secret")));
+        .all(|c| c.authorization.as_deref() == Some("Bearer scheduler-secret")));
 
     for message in ["job queued", "job dispatched", "job finished"] {
         wait_for(
@@ -197,10 +209,21 @@ async fn binary_logs_the_jobs_correlation_id_as_json() {
 async fn binary_expires_approvals_when_the_offset_file_moves_the_clock() {
     let dir = tempfile::tempdir().unwrap();
     TokensFile::default()
-        .with("svc-secret", "trainmesh", "system", &[Role::Service])
+        .with("job-secret", "job-service", "system", &[Role::Service])
+        .with(
+            "scheduler-secret",
+            "scheduler-service",
+            "system",
+            &[Role::Service],
+        )
+        .with("runner-secret", "node", "system", &[Role::Runner])
         .write(&dir.path().join("tokens.yaml"))
         .unwrap();
-    std::fs::write(dir.path().join("service.token"), "svc-secret\n").unwrap();
+    std::fs::write(
+        dir.path().join("scheduler-service.token"),
+        "scheduler-secret\n",
+    )
+    .unwrap();
     let rules = dir.path().join("rules.yaml");
     std::fs::write(
         &rules,
@@ -241,7 +264,7 @@ async fn binary_expires_approvals_when_the_offset_file_moves_the_clock() {
         addr_file.exists().then_some(())
     })
     .await;
-    let ch = channel(&format!("file:{}", addr_file.display()), Some("svc-secret")).unwrap();
+    let ch = channel(&format!("file:{}", addr_file.display()), Some("job-secret")).unwrap();
     let internal = SchedulerInternalServiceClient::new(ch);
     let job = new_job_id();
     let r = wait_for("binary to serve", DEADLINE, || {

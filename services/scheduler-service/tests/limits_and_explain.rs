@@ -107,7 +107,7 @@ async fn set_limits_is_admin_only_and_get_limits_names_the_binding_scope() {
         // Unset values clear the row.
         set(&h, limits(LimitScope::Org, "ml")).await;
         let r = h
-            .public(t.service)
+            .public(t.scheduler)
             .get_limits(GetLimitsRequest {
                 user: "alice".into(),
                 org: "ml".into(),

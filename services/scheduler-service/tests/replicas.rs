@@ -27,10 +27,11 @@ async fn fake_runner(h: &Harness, log: Log, stop: Arc<std::sync::atomic::AtomicB
     let mut client = h.runners();
     let runner_id = client
         .register_runner(RegisterRunnerRequest {
-            name: "fake".into(),
+            name: trainmesh_common::testing::TEST_RUNNER.into(),
             backend: "process".into(),
             capacity: Some(capacity(2, common::H100)),
             labels: Default::default(),
+            instance: "fake".into(),
         })
         .await
         .expect("register")

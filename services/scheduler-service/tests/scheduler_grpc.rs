@@ -98,7 +98,7 @@ async fn status_updates_reach_job_service_in_order() {
         assert_eq!(rec[1].req.attempt_state, AttemptState::Scheduled as i32);
         assert_eq!(rec[3].req.exit_code, Some(0));
         for r in &rec {
-            assert_eq!(r.authorization.as_deref(), Some("Bearer service-token"));
+            assert_eq!(r.authorization.as_deref(), Some("Bearer scheduler-token"));
             assert_eq!(
                 r.correlation_id.as_deref(),
                 Some(format!("cid-{job}").as_str())

@@ -82,6 +82,7 @@ impl JobRecord {
 pub struct AttemptRecord {
     pub number: i64,
     pub runner_id: String,
+    pub runner_name: String,
     pub state: AttemptState,
     pub create_time: i64,
     pub start_time: i64,
@@ -369,12 +370,14 @@ fn attempt_from_row(r: &AnyRow) -> Result<(String, AttemptRecord)> {
             end_time: r.try_get(6)?,
             exit_code: r.try_get(7)?,
             error: decode_opt(r.try_get(8)?)?,
+            runner_name: r.try_get(9)?,
         },
     ))
 }
 
 const ATTEMPT_COLUMNS: &str =
-    "job_id, number, runner_id, state, create_time, start_time, end_time, exit_code, error";
+    "job_id, number, runner_id, state, create_time, start_time, end_time, exit_code, error, \
+     runner_name";
 
 /// Attempts of each of `ids`, in attempt order.
 pub async fn attempts_of(
@@ -424,8 +427,9 @@ pub async fn get_attempt(
 pub async fn upsert_attempt(conn: &mut AnyConnection, id: JobId, a: &AttemptRecord) -> Result<()> {
     sqlx::query(
         "INSERT INTO attempts (job_id, number, runner_id, state, create_time, start_time, \
-         end_time, exit_code, error) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         end_time, exit_code, error, runner_name) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
          ON CONFLICT (job_id, number) DO UPDATE SET runner_id = excluded.runner_id, \
+         runner_name = excluded.runner_name, \
          state = excluded.state, start_time = excluded.start_time, \
          end_time = excluded.end_time, exit_code = excluded.exit_code, error = excluded.error",
     )
@@ -438,6 +442,7 @@ pub async fn upsert_attempt(conn: &mut AnyConnection, id: JobId, a: &AttemptReco
     .bind(a.end_time)
     .bind(a.exit_code)
     .bind(a.error.as_ref().map(Message::encode_to_vec))
+    .bind(&a.runner_name)
     .execute(&mut *conn)
     .await?;
     Ok(())

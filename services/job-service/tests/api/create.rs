@@ -364,33 +364,55 @@ async fn bob_cannot_see_or_touch_alices_job() {
             pb::JobState::Pending
         );
         get(&mut app.jobs(app.tokens.admin), &job.id).await.unwrap();
-        get(&mut app.jobs(app.tokens.service), &job.id)
+        get(&mut app.jobs(app.tokens.metrics), &job.id)
             .await
             .unwrap();
     }
 }
 
 #[tokio::test]
-async fn internal_rpcs_need_the_service_role() {
+async fn internal_rpcs_need_the_service_or_runner_that_owns_them() {
     for db in all_dbs().await {
         let app = App::start(&db).await;
         let job = create(&mut app.alice(), spec("x")).await;
-        for token in [app.tokens.alice, app.tokens.admin] {
-            let mut c =
-                pb::job_internal_service_client::JobInternalServiceClient::new(app.channel(token));
+        // People, and the services and runners that do not own the call.
+        for token in [
+            app.tokens.alice,
+            app.tokens.admin,
+            app.tokens.job_service,
+            app.tokens.metrics,
+            app.tokens.runner,
+        ] {
+            let mut c = app.internal_as(token);
             let res = c
                 .update_job_status(update(&job.id, pb::JobState::Queued, 1))
                 .await;
             assert_code(res, Code::PermissionDenied);
-            let res = c
+        }
+        for token in [
+            app.tokens.alice,
+            app.tokens.admin,
+            app.tokens.scheduler,
+            app.tokens.diagnosis,
+        ] {
+            let res = app
+                .internal_as(token)
                 .append_job_logs(pb::AppendJobLogsRequest {
                     job_id: job.id.clone(),
                     attempt: 1,
-                    lines: vec![],
+                    lines: lines(1..=1),
                 })
                 .await;
             assert_code(res, Code::PermissionDenied);
-            let res = c
+        }
+        for token in [
+            app.tokens.alice,
+            app.tokens.admin,
+            app.tokens.scheduler,
+            app.tokens.runner,
+        ] {
+            let res = app
+                .internal_as(token)
                 .attach_diagnosis(pb::AttachDiagnosisRequest {
                     job_id: job.id.clone(),
                     diagnosis: Some(Default::default()),
@@ -402,6 +424,39 @@ async fn internal_rpcs_need_the_service_role() {
             state(&get(&mut app.alice(), &job.id).await.unwrap()),
             pb::JobState::Pending
         );
+    }
+}
+
+#[tokio::test]
+async fn a_runner_ships_logs_only_for_attempts_placed_on_it() {
+    for db in all_dbs().await {
+        let app = App::start(&db).await;
+        let job = create(&mut app.alice(), spec("x")).await;
+        let ship = |token: &'static str| {
+            let mut c = app.internal_as(token);
+            let job = job.id.clone();
+            async move {
+                c.append_job_logs(pb::AppendJobLogsRequest {
+                    job_id: job,
+                    attempt: 1,
+                    lines: lines(1..=2),
+                })
+                .await
+            }
+        };
+        // Not placed yet: the scheduler's word may still be on its way.
+        let err = assert_code(ship(app.tokens.runner).await, Code::Unavailable);
+        assert!(err.message().contains("not known here yet"), "{err:?}");
+        make_running(&app, &job.id).await;
+        let err = assert_code(ship(app.tokens.runner_b).await, Code::PermissionDenied);
+        assert!(
+            err.message()
+                .contains("not placed on runner `node-2` but on `node-1`"),
+            "{err:?}"
+        );
+        ship(app.tokens.runner).await.unwrap();
+        let j = get(&mut app.alice(), &job.id).await.unwrap();
+        assert_eq!(j.attempts[0].runner_name, "node-1", "{}", app.label);
     }
 }
 

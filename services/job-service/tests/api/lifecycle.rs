@@ -439,7 +439,7 @@ async fn attached_diagnosis_is_shown_on_the_job() {
             error: "CUDA out of memory".into(),
             solution: "lower the batch size".into(),
         };
-        app.internal()
+        app.internal_as(app.tokens.diagnosis)
             .attach_diagnosis(pb::AttachDiagnosisRequest {
                 job_id: job.id.clone(),
                 diagnosis: Some(d.clone()),
@@ -449,7 +449,7 @@ async fn attached_diagnosis_is_shown_on_the_job() {
         let j = get(&mut app.alice(), &job.id).await.unwrap();
         assert_eq!(j.diagnosis, Some(d), "{}", app.label);
         let res = app
-            .internal()
+            .internal_as(app.tokens.diagnosis)
             .attach_diagnosis(pb::AttachDiagnosisRequest {
                 job_id: uuid::Uuid::now_v7().to_string(),
                 diagnosis: Some(Default::default()),

@@ -233,7 +233,7 @@ async fn submit_over_the_user_limit_is_refused_naming_it() {
         let asked = peer.asked();
         assert_eq!(asked[0].0.user, "alice");
         assert_eq!(asked[0].0.org, "ml");
-        assert_eq!(asked[0].1, "Bearer service-token");
+        assert_eq!(asked[0].1, "Bearer job-service-token");
         assert_eq!(
             asked.iter().filter(|(r, _)| r.user == "alice").count(),
             1,

@@ -197,7 +197,7 @@ async fn job_created_while_the_scheduler_is_down_is_delivered_when_it_comes_up()
         assert_eq!(req.spec.as_ref(), Some(&s));
         assert_eq!(req.correlation_id, "cid-outbox-1");
         assert!(req.submit_time.is_some());
-        assert_eq!(authorization, &format!("Bearer {}", app.tokens.service));
+        assert_eq!(authorization, &format!("Bearer {}", app.tokens.job_service));
         assert_eq!(correlation_id, "cid-outbox-1");
 
         // Delivered once: a later job arrives, the first is not repeated.

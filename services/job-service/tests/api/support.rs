@@ -35,7 +35,7 @@ pub struct App {
 pub fn config(db: &TestDb, dir: &tempfile::TempDir) -> Config {
     let tokens = testing::test_tokens();
     let mut c = Config::new(tokens.store.clone(), db.url.clone());
-    c.service_token = Some(tokens.service.to_owned());
+    c.service_token = Some(tokens.job_service.to_owned());
     c.scheduler_endpoint = format!("file:{}", dir.path().join("no-scheduler.addr").display());
     c.diagnosis_endpoint = None;
     let base = std::fs::canonicalize(dir.path()).unwrap();
@@ -92,8 +92,18 @@ impl App {
         JobServiceClient::new(self.channel(token))
     }
 
+    /// The internal API as the scheduler calls it.
     pub fn internal(&self) -> JobInternalServiceClient<Channel> {
-        JobInternalServiceClient::new(self.channel(self.tokens.service))
+        self.internal_as(self.tokens.scheduler)
+    }
+
+    /// The internal API as runner `node-1` calls it.
+    pub fn as_runner(&self) -> JobInternalServiceClient<Channel> {
+        self.internal_as(self.tokens.runner)
+    }
+
+    pub fn internal_as(&self, token: &str) -> JobInternalServiceClient<Channel> {
+        JobInternalServiceClient::new(self.channel(token))
     }
 
     pub fn alice(&self) -> JobServiceClient<Channel> {
@@ -176,13 +186,15 @@ pub async fn apply(app: &App, req: pb::UpdateJobStatusRequest) -> Result<pb::Job
         .expect("job"))
 }
 
-/// QUEUED(1) → SCHEDULED(2, attempt 1 on runner-1) → RUNNING(3).
+/// QUEUED(1) → SCHEDULED(2, attempt 1 on runner-1, named node-1) →
+/// RUNNING(3).
 pub async fn make_running(app: &App, job: &str) {
     use pb::JobState::*;
     apply(app, update(job, Queued, 1)).await.unwrap();
     let mut s = update(job, Scheduled, 2);
     s.attempt = 1;
     s.runner_id = "runner-1".into();
+    s.runner_name = trainmesh_common::testing::TEST_RUNNER.into();
     apply(app, s).await.unwrap();
     let mut r = update(job, Running, 3);
     r.attempt = 1;
@@ -246,7 +258,7 @@ pub fn lines(range: std::ops::RangeInclusive<i64>) -> Vec<pb::LogLine> {
 
 /// Appends lines to attempt 1 as the runner does; returns the last number.
 pub async fn append(app: &App, job: &str, ls: Vec<pb::LogLine>) -> i64 {
-    app.internal()
+    app.as_runner()
         .append_job_logs(pb::AppendJobLogsRequest {
             job_id: job.into(),
             attempt: 1,

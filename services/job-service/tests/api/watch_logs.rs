@@ -329,7 +329,7 @@ async fn logs_tail_whole_and_follow() {
             .await;
         assert_invalid(res, "tail_lines");
         let res = app
-            .internal()
+            .as_runner()
             .append_job_logs(pb::AppendJobLogsRequest {
                 job_id: job.id.clone(),
                 attempt: 0,

@@ -69,6 +69,7 @@ pub fn point(key: &str, step: i64, value: f64) -> pb::MetricPoint {
 
 pub fn records(job_id: &str, lines: &[&str]) -> pb::WriteMetricsRequest {
     pb::WriteMetricsRequest {
+        attempt: 0,
         job_id: job_id.into(),
         points: vec![],
         json_records: lines.iter().map(|s| s.to_string()).collect(),

@@ -24,8 +24,8 @@ pub async fn insert_runner(
         serde_json::to_string(&reg.labels).map_err(|e| Error::Corrupt(format!("labels: {e}")))?;
     sqlx::query(
         "INSERT INTO runners (runner_id, name, backend, capacity, gpus_total, labels, state, \
-         registered_at, lease_expires_at, last_heartbeat_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, 'live', $7, $8, $7)",
+         registered_at, lease_expires_at, last_heartbeat_at, instance) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'live', $7, $8, $7, $9)",
     )
     .bind(id.to_string())
     .bind(&reg.name)
@@ -35,9 +35,35 @@ pub async fn insert_runner(
     .bind(labels)
     .bind(now)
     .bind(lease_expires_at)
+    .bind(&reg.instance)
     .execute(&db.write)
     .await?;
     Ok(())
+}
+
+/// The lease end of a live registration under `name` from another
+/// installation than `instance` (any, when `instance` is empty).
+pub async fn live_rival(db: &Db, name: &str, instance: &str, now: i64) -> Result<Option<i64>> {
+    let row = sqlx::query(
+        "SELECT MAX(lease_expires_at) FROM runners WHERE name = $1 AND state <> 'dead' \
+         AND lease_expires_at > $2 AND (instance <> $3 OR instance = '')",
+    )
+    .bind(name)
+    .bind(now)
+    .bind(instance)
+    .fetch_one(&db.read)
+    .await?;
+    Ok(row.try_get::<Option<i64>, _>(0)?)
+}
+
+/// The name a registration was made under (registrations never change
+/// name), or `None` for an id never registered.
+pub async fn runner_name(db: &Db, id: RunnerId) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT name FROM runners WHERE runner_id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&db.read)
+        .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
 /// Renews a live lease; returns the previous heartbeat time and whether
@@ -120,20 +146,20 @@ pub async fn runner_takes_work(
     backend: Backend,
     id: RunnerId,
     now: i64,
-) -> Result<bool> {
+) -> Result<Option<String>> {
     let lock = match backend {
         Backend::Postgres => " FOR SHARE",
         Backend::Sqlite => "",
     };
     let row = sqlx::query(&format!(
-        "SELECT runner_id FROM runners WHERE runner_id = $1 AND state = 'live' \
+        "SELECT name FROM runners WHERE runner_id = $1 AND state = 'live' \
          AND lease_expires_at > $2{lock}"
     ))
     .bind(id.to_string())
     .bind(now)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(row.is_some())
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
 /// Marks a runner with a live lease as draining; false when it is unknown,

@@ -123,7 +123,7 @@ impl Harness {
         let clock = OffsetClock::default();
         let mut config = Config::new(url, tokens.store.clone());
         config.job_endpoint = job_addr.to_string();
-        config.service_token = Some(tokens.service.to_owned());
+        config.service_token = Some(tokens.scheduler.to_owned());
         config.sweep_interval = Duration::from_millis(50);
         config.clock = Arc::new(clock.clone());
         tweak(&mut config);
@@ -162,15 +162,20 @@ impl Harness {
     }
 
     pub fn internal(&self) -> SchedulerInternalServiceClient<Channel> {
-        SchedulerInternalServiceClient::new(self.channel(testing::test_tokens().service))
+        SchedulerInternalServiceClient::new(self.channel(testing::test_tokens().job_service))
     }
 
     pub fn internal_as(&self, token: &str) -> SchedulerInternalServiceClient<Channel> {
         SchedulerInternalServiceClient::new(self.channel(token))
     }
 
+    /// RunnerService as runner `node-1`.
     pub fn runners(&self) -> RunnerServiceClient<Channel> {
-        RunnerServiceClient::new(self.channel(testing::test_tokens().service))
+        self.runners_as(testing::test_tokens().runner)
+    }
+
+    pub fn runners_as(&self, token: &str) -> RunnerServiceClient<Channel> {
+        RunnerServiceClient::new(self.channel(token))
     }
 
     pub fn public(&self, token: &str) -> SchedulerServiceClient<Channel> {
@@ -297,10 +302,13 @@ impl Harness {
     pub async fn register_model(&self, gpus: i32, model: &str) -> String {
         self.runners()
             .register_runner(RegisterRunnerRequest {
-                name: "node-1".into(),
+                name: testing::TEST_RUNNER.into(),
                 backend: "process".into(),
                 capacity: Some(capacity(gpus, model)),
                 labels: Default::default(),
+                // One installation may hold several registrations of its
+                // name; the tests stand for one runner that re-registers.
+                instance: "harness".into(),
             })
             .await
             .expect("register")
