@@ -18,7 +18,7 @@ use trainmesh_proto::runner::v1::{
     HeartbeatResponse, RegisterRunnerRequest, ReportAttemptStatusRequest,
 };
 
-use crate::{Mesh, SERVICE_TOKEN};
+use crate::{runner_token, Mesh};
 
 /// Attempts the runner holds (listed in its heartbeats), each with whether
 /// its final report is under way.
@@ -51,13 +51,14 @@ pub fn cpu_capacity(cpu: f64, memory_mib: i64) -> Capacity {
 impl FakeRunner {
     /// Registers with the scheduler instance `scheduler` as `name`.
     pub async fn register(mesh: &Mesh, scheduler: &str, name: &str, capacity: Capacity) -> Self {
-        let mut client = mesh.runner_service(scheduler, SERVICE_TOKEN);
+        let mut client = mesh.runner_service(scheduler, &runner_token(name));
         let resp = client
             .register_runner(RegisterRunnerRequest {
                 name: name.into(),
                 backend: "process".into(),
                 capacity: Some(capacity),
                 labels: Default::default(),
+                instance: format!("fake-{name}"),
             })
             .await
             .unwrap_or_else(|e| panic!("register fake runner {name}: {e}"))

@@ -64,7 +64,38 @@ pub const KEEP_ENV: &str = "TRAINMESH_TEST_KEEP_DIR";
 pub const SCHEDULER_2: &str = "scheduler-service-2";
 
 pub const ADMIN_TOKEN: &str = "tm_test_admin";
-pub const SERVICE_TOKEN: &str = "tm_test_service";
+/// Each service's own credential (user = the service's name).
+pub const JOB_SERVICE_TOKEN: &str = "tm_test_job-service";
+pub const SCHEDULER_TOKEN: &str = "tm_test_scheduler-service";
+pub const METRICS_TOKEN: &str = "tm_test_metrics-service";
+pub const DIAGNOSIS_TOKEN: &str = "tm_test_diagnosis-service";
+/// The credential of the mesh's own runner, `test-runner`.
+pub const RUNNER_TOKEN: &str = "tm_test_runner_test-runner";
+
+/// The runner names a mesh has credentials for (tokens are read when the
+/// services start): [`runner_token`]`(name)` each.
+pub const RUNNER_NAMES: [&str; 11] = [
+    "test-runner",
+    "runner-a",
+    "runner-b",
+    "docker-runner",
+    "goes-silent",
+    "fake-r1-0",
+    "fake-r1-1",
+    "fake-r1-2",
+    "fake-r2-0",
+    "fake-r2-1",
+    "fake-r2-2",
+];
+
+/// The credential of runner `name` (one of [`RUNNER_NAMES`]).
+pub fn runner_token(name: &str) -> String {
+    assert!(
+        RUNNER_NAMES.contains(&name),
+        "runner `{name}` has no credential in test meshes: add it to RUNNER_NAMES"
+    );
+    format!("tm_test_runner_{name}")
+}
 pub const ALICE_TOKEN: &str = "tm_test_alice";
 pub const BOB_TOKEN: &str = "tm_test_bob";
 /// carol: a user with the `approver` role.
@@ -225,17 +256,27 @@ impl Mesh {
 
         let mut tokens = TokensFile::default()
             .with(ADMIN_TOKEN, "admin", "ops", &[Role::Admin])
-            .with(SERVICE_TOKEN, "trainmesh", "system", &[Role::Service])
             .with(APPROVER_TOKEN, "carol", "ml", &[Role::User, Role::Approver]);
         for user in USERS {
             tokens = tokens.with(&user_token(user), user, "ml", &[Role::User]);
         }
+        for name in trainmesh_common::auth::service::ALL {
+            let token = format!("tm_test_{name}");
+            tokens = tokens.with(&token, name, "system", &[Role::Service]);
+            std::fs::write(root.join(format!("{name}.token")), &token).expect("service token");
+        }
+        for name in RUNNER_NAMES {
+            let token = runner_token(name);
+            tokens = tokens.with(&token, name, "system", &[Role::Runner]);
+            std::fs::write(root.join(format!("runner-{name}.token")), &token)
+                .expect("runner token");
+        }
+        assert_eq!(user_token("job-service"), JOB_SERVICE_TOKEN);
         assert_eq!(user_token("alice"), ALICE_TOKEN);
         assert_eq!(user_token("bob"), BOB_TOKEN);
         tokens
             .write(&root.join("tokens.yaml"))
             .expect("tokens file");
-        std::fs::write(root.join("service.token"), SERVICE_TOKEN).expect("service token");
         std::fs::write(root.join("admin.token"), ADMIN_TOKEN).expect("admin token");
 
         let replicas = opts.scheduler_replicas.max(1);
@@ -394,8 +435,15 @@ impl Mesh {
     }
 
     fn spawn_runner(&mut self, instance: &str, name: &str, scheduler: &str, extra: &[&str]) {
+        runner_token(name);
         let mut args = vec![
-            "--scheduler-endpoint".to_string(),
+            "--service-token-file".to_string(),
+            self.dir
+                .path()
+                .join(format!("runner-{name}.token"))
+                .display()
+                .to_string(),
+            "--scheduler-endpoint".into(),
             self.endpoint(scheduler),
             "--job-endpoint".into(),
             self.endpoint("job-service"),
@@ -411,6 +459,12 @@ impl Mesh {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(bin_dir(), instance, "runner", args);
+    }
+
+    /// Starts a runner process registering as `name` with its own work
+    /// directory, without waiting for it to register.
+    pub fn spawn_runner_named(&mut self, instance: &str, name: &str, extra: &[&str]) {
+        self.spawn_runner(instance, name, "scheduler-service", extra);
     }
 
     /// Starts one more runner process (instance and registration name
@@ -705,6 +759,28 @@ impl Mesh {
     /// RunnerService of one scheduler instance.
     pub fn runner_service(&self, instance: &str, token: &str) -> RunnerServiceClient<Channel> {
         RunnerServiceClient::new(self.channel(instance, Some(token)))
+    }
+
+    /// JobInternalService (job-service).
+    pub fn job_internal(
+        &self,
+        token: &str,
+    ) -> trainmesh_proto::job::v1::job_internal_service_client::JobInternalServiceClient<Channel>
+    {
+        trainmesh_proto::job::v1::job_internal_service_client::JobInternalServiceClient::new(
+            self.channel("job-service", Some(token)),
+        )
+    }
+
+    /// SchedulerInternalService (the first scheduler).
+    pub fn scheduler_internal(
+        &self,
+        token: &str,
+    ) -> trainmesh_proto::scheduler::v1::scheduler_internal_service_client::SchedulerInternalServiceClient<Channel>
+    {
+        trainmesh_proto::scheduler::v1::scheduler_internal_service_client::SchedulerInternalServiceClient::new(
+            self.channel("scheduler-service", Some(token)),
+        )
     }
 
     pub fn metrics(&self, token: &str) -> MetricsServiceClient<Channel> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use trainmesh_common::testing::wait_for;
 use trainmesh_proto::metrics::v1::{MetricPoint, WriteMetricsRequest};
-use trainmesh_tests::{Mesh, MeshOptions, SERVICE_TOKEN};
+use trainmesh_tests::{Mesh, MeshOptions, ADMIN_TOKEN};
 
 const MAX_BYTES: u64 = 4096;
 
@@ -39,7 +39,7 @@ async fn a_service_log_rotates_at_its_size_and_keeps_that_many_files() {
 
     // Each write logs a few lines; write until the file that held the
     // service's first lines has been rotated out of the kept ones.
-    let metrics = mesh.metrics(SERVICE_TOKEN);
+    let metrics = mesh.metrics(ADMIN_TOKEN);
     let job = uuid::Uuid::new_v4().to_string();
     let mut step = 0i64;
     wait_for(

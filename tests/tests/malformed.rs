@@ -296,7 +296,7 @@ async fn every_rpc_answers_random_requests_without_a_server_fault_postgres() {
 
 async fn random_requests(postgres: bool) {
     use rand::SeedableRng;
-    use trainmesh_tests::{ADMIN_TOKEN, SERVICE_TOKEN};
+    use trainmesh_tests::{ADMIN_TOKEN, JOB_SERVICE_TOKEN, RUNNER_TOKEN};
     let mesh = Mesh::start_with(MeshOptions {
         no_runner: true,
         postgres,
@@ -331,7 +331,8 @@ async fn random_requests(postgres: bool) {
         Some(ALICE_TOKEN),
         Some(BOB_TOKEN),
         Some(ADMIN_TOKEN),
-        Some(SERVICE_TOKEN),
+        Some(JOB_SERVICE_TOKEN),
+        Some(RUNNER_TOKEN),
     ];
     let methods = every_method();
     assert!(methods.len() > 40, "{methods:?}");

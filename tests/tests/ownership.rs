@@ -13,7 +13,10 @@ use trainmesh_proto::metrics::v1::{
     WatchMetricsRequest, WriteMetricsRequest,
 };
 use trainmesh_tests::jobs::{python_job, submit, wait_state};
-use trainmesh_tests::{Mesh, ADMIN_TOKEN, ALICE_TOKEN, BOB_TOKEN, SERVICE_TOKEN};
+use trainmesh_tests::{
+    runner_token, Mesh, ADMIN_TOKEN, ALICE_TOKEN, BOB_TOKEN, DIAGNOSIS_TOKEN, JOB_SERVICE_TOKEN,
+    RUNNER_TOKEN, SCHEDULER_TOKEN,
+};
 
 fn write(job_id: &str, step: i64) -> WriteMetricsRequest {
     WriteMetricsRequest {
@@ -101,11 +104,27 @@ async fn users_reach_only_their_own_jobs_metrics_logs_and_diagnoses() {
         std::time::Duration::from_secs(60),
     )
     .await;
-    // The runner's identity writes any job's metrics.
-    mesh.metrics(SERVICE_TOKEN)
-        .write_metrics(write(&job.id, 1))
+    // The runner the attempt ran on writes its metrics; another runner and
+    // the services may not.
+    let mut own = write(&job.id, 1);
+    own.attempt = 1;
+    mesh.metrics(RUNNER_TOKEN)
+        .write_metrics(own.clone())
         .await
         .expect("the runner writes");
+    for token in [
+        runner_token("runner-b").as_str(),
+        JOB_SERVICE_TOKEN,
+        SCHEDULER_TOKEN,
+        DIAGNOSIS_TOKEN,
+    ] {
+        let err = mesh
+            .metrics(token)
+            .write_metrics(own.clone())
+            .await
+            .expect_err("only the attempt's runner writes");
+        assert_eq!(err.code(), Code::PermissionDenied, "{token}: {err:?}");
+    }
 
     for (rpc, code) in metrics_codes(&mesh, ALICE_TOKEN, &job.id).await {
         assert_eq!(code, Code::Ok, "alice {rpc}");

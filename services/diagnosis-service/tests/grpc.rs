@@ -31,7 +31,7 @@ struct FakeJobs {
 
 impl FakeJobs {
     fn check_service_token<T>(req: &Request<T>) -> Result<(), Status> {
-        let expected = format!("Bearer {}", testing::test_tokens().service);
+        let expected = format!("Bearer {}", testing::test_tokens().diagnosis);
         match req
             .metadata()
             .get("authorization")
@@ -212,7 +212,7 @@ impl Diag {
             tokens.store.clone(),
             db.url.clone(),
             job_endpoint,
-            Some(tokens.service.to_owned()),
+            Some(tokens.diagnosis.to_owned()),
         );
         configure(&mut config);
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -456,7 +456,7 @@ async fn failed_job_with_cuda_oom_is_diagnosed_stored_and_kept_from_other_users(
             })
             .await
             .unwrap();
-        let mut service = server.client(tokens.service);
+        let mut service = server.client(tokens.job_service);
         let again = service
             .diagnose_job(diagnose_req(&job_id))
             .await

@@ -174,6 +174,7 @@ impl Agent {
     pub fn new(
         config: Config,
         capacity: Capacity,
+        instance: String,
         ctx: Arc<AttemptContext>,
         backend_kind: &str,
         health: Health,
@@ -187,6 +188,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            instance,
         };
         let active: ActiveMap = Arc::new(Mutex::new(HashMap::new()));
         let lease = Arc::new(Lease::new(active.clone(), health.clone()));

@@ -18,6 +18,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod health;
+pub mod instance;
 pub mod inventory;
 pub mod job_error;
 pub mod logs;
@@ -73,6 +74,7 @@ pub async fn run_with_health_listener(
     // Absolute, because jobs get paths under it in their environment and
     // run in other directories.
     let work_dir = std::fs::canonicalize(&config.work_dir)?;
+    let instance = instance::key(&work_dir)?;
 
     let capacity = inventory::capacity(
         &config.gpus,
@@ -185,7 +187,7 @@ pub async fn run_with_health_listener(
             },
         ))
     });
-    let result = agent::Agent::new(config, capacity, ctx, backend.kind(), status)
+    let result = agent::Agent::new(config, capacity, instance, ctx, backend.kind(), status)
         .run(stop_rx)
         .await;
     drop(done_tx);

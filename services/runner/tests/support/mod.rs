@@ -15,7 +15,6 @@ use std::time::Duration;
 use runner::{Config, GpuSetting};
 use tokio::sync::{oneshot, Notify};
 use tonic::{Request, Response, Status};
-use trainmesh_common::auth::Role;
 use trainmesh_common::proto::job::v1::job_internal_service_server::{
     JobInternalService, JobInternalServiceServer,
 };
@@ -157,8 +156,12 @@ impl Fake {
     }
 }
 
+/// The fakes take calls from a runner's credential only, as the real
+/// services do.
 pub fn service<T>(req: &Request<T>) -> Result<(), Status> {
-    trainmesh_common::auth::caller(req)?.require(Role::Service)
+    trainmesh_common::auth::caller(req)?
+        .require_runner()
+        .map(|_| ())
 }
 
 pub fn cid() -> Option<String> {
@@ -417,11 +420,11 @@ pub async fn mesh() -> Mesh {
 
 pub fn config(endpoint: &str, work_dir: &std::path::Path) -> Config {
     let mut c = Config::new(
-        "test-runner",
+        trainmesh_common::testing::TEST_RUNNER,
         endpoint,
         endpoint,
         endpoint,
-        test_tokens().service,
+        test_tokens().runner,
         work_dir,
     );
     c.gpus = GpuSetting::Count(2);
