@@ -56,14 +56,7 @@ pub async fn run(global: &GlobalArgs, args: &UpArgs) -> anyhow::Result<u8> {
             eprintln!("added {}", path.display());
         }
     }
-    for path in &tokens.unlisted {
-        eprintln!(
-            "warning: the token in {} is not listed in {} as its identity; calls with it will \
-             be refused",
-            path.display(),
-            tokens.tokens.display()
-        );
-    }
+    tokens::warn(&tokens);
 
     let mut signals = Signals::new()?;
     let (mut sup, mut exits) = Supervisor::new();

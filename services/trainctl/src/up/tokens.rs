@@ -141,6 +141,11 @@ pub struct TokenFiles {
     /// Kept token files that tokens.yaml does not list as their identity
     /// (edited by hand): the mesh starts, but those tokens will be refused.
     pub unlisted: Vec<PathBuf>,
+    /// Users of `service` entries named after no service: the one token
+    /// earlier versions shared (`trainmesh`, in service.token). No internal
+    /// call accepts them any more, but the role still reads every user's
+    /// jobs, so whoever runs this is told.
+    pub stray_services: Vec<String>,
 }
 
 impl TokenFiles {
@@ -203,6 +208,7 @@ fn create(tokens: &Path, ids: &[Identity]) -> anyhow::Result<TokenFiles> {
         tokens_outcome: Outcome::Wrote,
         created: true,
         unlisted: Vec::new(),
+        stray_services: Vec::new(),
     })
 }
 
@@ -240,6 +246,14 @@ fn complete(tokens: &Path, ids: &[Identity]) -> anyhow::Result<TokenFiles> {
         tokens_outcome: Outcome::Kept,
         created: false,
         unlisted,
+        stray_services: listed
+            .tokens
+            .iter()
+            .filter(|e| {
+                e.roles.contains(&Role::Service) && !service::ALL.contains(&e.user.as_str())
+            })
+            .map(|e| e.user.clone())
+            .collect(),
     };
     if added.is_empty() {
         return Ok(result);
@@ -311,6 +325,12 @@ pub fn init(dir: &Path, runners: &[String]) -> anyhow::Result<u8> {
         println!("{} {}", outcome.verb(), path.display());
     }
     println!("{} {}", files.tokens_outcome.verb(), files.tokens.display());
+    warn(&files);
+    Ok(0)
+}
+
+/// Says what in the directory is not as `ensure` would have made it.
+pub fn warn(files: &TokenFiles) {
     for path in &files.unlisted {
         eprintln!(
             "warning: the token in {} is not listed in {} as its identity; calls with it will \
@@ -319,7 +339,15 @@ pub fn init(dir: &Path, runners: &[String]) -> anyhow::Result<u8> {
             files.tokens.display()
         );
     }
-    Ok(0)
+    for user in &files.stray_services {
+        eprintln!(
+            "warning: {} lists a `service` token for `{user}`, which is no service's name \
+             (earlier versions shared one, service.token): no internal call accepts it now, \
+             but it can still read every user's jobs; remove that entry (and the file holding \
+             the token) once nothing of an earlier version uses it",
+            files.tokens.display()
+        );
+    }
 }
 
 /// The token in `path`, or `None` when there is no such file.
@@ -449,6 +477,7 @@ mod tests {
 
         let second = ensure(dir.path(), &["r"]).unwrap();
         assert!(!second.created && second.admin_listed() && second.unlisted.is_empty());
+        assert!(second.stray_services.is_empty());
         assert_eq!(second.tokens_outcome, Outcome::Kept);
         assert!(second.files.iter().all(|(_, o)| *o == Outcome::Kept));
         let after: Vec<String> = second.files.iter().map(|(p, _)| token(p)).collect();
@@ -508,6 +537,7 @@ mod tests {
         let (admin, shared) = old_dir(dir.path());
         let f = ensure(dir.path(), &["local"]).unwrap();
         assert!(!f.created && f.admin_listed() && f.unlisted.is_empty());
+        assert_eq!(f.stray_services, ["trainmesh"]);
         assert_eq!(f.files[0], (f.admin.clone(), Outcome::Kept));
         assert_eq!(f.written().count(), 6, "{:?}", f.files);
         assert_eq!(token(&f.admin), admin);
