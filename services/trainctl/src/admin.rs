@@ -13,7 +13,7 @@ use crate::{json, output};
 
 pub async fn tokens(ctx: &Context, args: &TokensArgs) -> anyhow::Result<u8> {
     match &args.action {
-        TokensAction::Init { dir } => crate::up::tokens::init(dir),
+        TokensAction::Init { dir, runners } => crate::up::tokens::init(dir, runners),
         TokensAction::Create(a) => create(ctx, a).await,
         TokensAction::List(a) => list(ctx, a).await,
         TokensAction::Revoke { id } => revoke(ctx, id).await,

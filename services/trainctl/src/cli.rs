@@ -130,8 +130,8 @@ pub enum Command {
     Limits(LimitsArgs),
     /// Tokens: `create`, `list` and `revoke` manage them at run time
     /// (admin); `init DIR` writes the bootstrap credentials of a deployed
-    /// mesh (an admin token, a service token and the tokens file that lists
-    /// their hashes).
+    /// mesh (an admin token, one token per service and per runner, a join
+    /// token, and the tokens file that lists their hashes).
     Tokens(TokensArgs),
     /// The audit log (admin): approvals, rejections, limit changes, queue
     /// holds, admins' cancels of other users' jobs and token changes, from
@@ -177,13 +177,25 @@ pub struct TokensArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum TokensAction {
-    /// Write DIR/admin.token, DIR/service.token and DIR/tokens.yaml (owner
-    /// read-only), unless DIR/tokens.yaml exists: then they are kept.
-    /// Services read tokens.yaml (--tokens) and service.token
-    /// (--service-token-file); people use admin.token.
+    /// Write, each readable by its owner only: DIR/admin.token (user
+    /// admin, for people), DIR/SERVICE.token for job-service,
+    /// scheduler-service, metrics-service and diagnosis-service (user =
+    /// the service), DIR/runner-NAME.token for each --runner (user NAME,
+    /// role runner), DIR/runner-join.token (role join: a runner without a
+    /// credential trades its name for its own with it), and DIR/tokens.yaml
+    /// listing their hashes. When DIR/tokens.yaml exists, every file and
+    /// entry is kept and only missing tokens are added (this also upgrades
+    /// a DIR with the single service.token of earlier versions). Services
+    /// read tokens.yaml (--tokens) and their own token
+    /// (--service-token-file); runners theirs (--service-token-file);
+    /// people use admin.token.
     Init {
         /// Directory to write to; created if missing.
         dir: std::path::PathBuf,
+        /// A runner to write a credential for (repeatable): its --name, of
+        /// ASCII letters, digits and `._-`.
+        #[arg(long = "runner", value_name = "NAME", value_parser = parse_runner_name)]
+        runners: Vec<String>,
     },
     /// Create a token (admin) and print it, once: only its hash is kept.
     /// Example: `trainctl tokens create --user alice --org ml --role user
@@ -207,7 +219,10 @@ pub struct CreateTokenArgs {
     /// The user's org (for org limits).
     #[arg(long)]
     pub org: String,
-    /// A role: user, approver, admin or service (repeatable).
+    /// A role: user, approver, admin, service, runner or join
+    /// (repeatable). A runner's credential: `--user NAME --org system
+    /// --role runner` (NAME is its --name); a join token: `--user
+    /// runner-join --org system --role join`.
     #[arg(long = "role", required = true)]
     pub roles: Vec<String>,
     /// Lifetime, like 30d, 12h, 90m or 3600s; without it the token does
@@ -518,6 +533,14 @@ pub fn parse_limit(s: &str) -> Result<LimitValue, String> {
 }
 
 /// `90s`, `30m`, `12h`, `30d`, `2w`, or plain seconds; more than zero.
+/// `tokens init --runner NAME`: refused while parsing, so a bad name
+/// writes nothing.
+fn parse_runner_name(s: &str) -> Result<String, String> {
+    crate::up::tokens::check_runner_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
@@ -753,6 +776,21 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["trainctl", "tokens", "revoke", "tok_1"]).is_ok());
         assert!(Cli::try_parse_from(["trainctl", "tokens", "init", "/tmp/x"]).is_ok());
+        let cli = Cli::try_parse_from([
+            "trainctl", "tokens", "init", "/tmp/x", "--runner", "gpu-1", "--runner", "gpu-2",
+        ])
+        .unwrap();
+        let Command::Tokens(TokensArgs {
+            action: TokensAction::Init { runners, .. },
+        }) = cli.command
+        else {
+            panic!("expected tokens init");
+        };
+        assert_eq!(runners, ["gpu-1", "gpu-2"]);
+        let err = Cli::try_parse_from(["trainctl", "tokens", "init", "/tmp/x", "--runner", "a/b"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("runner name `a/b`"), "{err}");
         let cli = Cli::try_parse_from([
             "trainctl",
             "audit",

@@ -20,7 +20,7 @@ use trainmesh_common::proto::scheduler::v1 as sched;
 use trainmesh_common::tls::ClientTls;
 
 use crate::cli::{GlobalArgs, UpArgs};
-use plan::{Layout, RUNNER, SERVICES};
+use plan::{Layout, RUNNER, RUNNER_NAME, SERVICES};
 use supervisor::{Exit, Supervisor};
 
 /// Lines of a child's log shown when it fails.
@@ -48,17 +48,15 @@ pub async fn run(global: &GlobalArgs, args: &UpArgs) -> anyhow::Result<u8> {
         check_ports_free(args)?;
     }
     let client_tls = tls::prepare(args, &layout)?;
-    let tokens = tokens::ensure(&layout.data_dir)?;
+    let tokens = tokens::ensure(&layout.data_dir, &[RUNNER_NAME])?;
     if tokens.created {
         eprintln!("created tokens in {}", layout.data_dir.display());
+    } else {
+        for path in tokens.written() {
+            eprintln!("added {}", path.display());
+        }
     }
-    if !tokens.admin_listed {
-        eprintln!(
-            "warning: the token in {} is not listed in {}; calls with it will be refused",
-            tokens.admin.display(),
-            tokens.tokens.display()
-        );
-    }
+    tokens::warn(&tokens);
 
     let mut signals = Signals::new()?;
     let (mut sup, mut exits) = Supervisor::new();

@@ -16,6 +16,11 @@ pub const SERVICES: [Service; 4] = [
     Service::Diagnosis,
 ];
 pub const RUNNER: &str = "runner";
+/// The name `up`'s runner registers under. Fixed rather than the hostname,
+/// so its credential (`DATA_DIR/runner-local.token`) and what the scheduler
+/// knows of it stay the same when the machine is renamed or the data dir
+/// moves to another machine.
+pub const RUNNER_NAME: &str = "local";
 
 /// Every binary `up` starts, in start order.
 pub fn binary_names() -> Vec<&'static str> {
@@ -281,13 +286,22 @@ pub fn runner_child(args: &UpArgs, layout: &Layout, bin_dir: &Path) -> ChildSpec
         // and databases (see the runner's --job-user).
         "--job-user".into(),
         "auto".into(),
+        "--name".into(),
+        RUNNER_NAME.into(),
     ];
     flags.extend(peer_flags(args, layout, &RUNNER_PEERS));
+    let mut env = env_for(args, layout, RUNNER);
+    // The services find their credentials at the default path in the data
+    // dir (DATA_DIR/<service>.token); the runner's is named after it.
+    env.push((
+        "TRAINMESH_SERVICE_TOKEN_FILE".into(),
+        super::tokens::runner_token_file(&layout.data_dir, RUNNER_NAME).into(),
+    ));
     ChildSpec {
         name: RUNNER.into(),
         program: bin_dir.join(RUNNER),
         args: flags,
-        env: env_for(args, layout, RUNNER),
+        env,
         env_remove: ENV_REMOVE.iter().map(|s| s.to_string()).collect(),
         output: layout.output_file(RUNNER),
     }
@@ -370,6 +384,8 @@ mod tests {
                 "handback",
                 "--job-user",
                 "auto",
+                "--name",
+                "local",
                 "--scheduler-endpoint",
                 "127.0.0.1:50052",
                 "--job-endpoint",
@@ -378,6 +394,39 @@ mod tests {
                 "127.0.0.1:50053"
             ]
         );
+        assert_eq!(
+            env_of(&r, "TRAINMESH_SERVICE_TOKEN_FILE").unwrap(),
+            "/data/tm/runner-local.token"
+        );
+        assert!(r
+            .env_remove
+            .contains(&"TRAINMESH_SERVICE_TOKEN_FILE".to_string()));
+    }
+
+    #[test]
+    fn services_use_their_own_default_token_in_the_data_dir() {
+        let a = up_args(&[]);
+        let tokens = super::super::tokens::identities(Path::new("/data/tm"), &[RUNNER_NAME]);
+        for s in SERVICES {
+            let spec = service_child(&a, &layout(), Path::new("/b"), s);
+            // No override: the service reads DATA_DIR/<name>.token, which
+            // `ensure` writes for it.
+            assert_eq!(env_of(&spec, "TRAINMESH_SERVICE_TOKEN_FILE"), None);
+            assert_eq!(env_of(&spec, "TRAINMESH_DATA_DIR").unwrap(), "/data/tm");
+            let default = Path::new("/data/tm").join(format!("{}.token", s.binary()));
+            assert!(
+                tokens
+                    .iter()
+                    .any(|id| id.file == default && id.user == s.binary()),
+                "{}",
+                default.display()
+            );
+        }
+        let runner = runner_child(&a, &layout(), Path::new("/b"));
+        let file = env_of(&runner, "TRAINMESH_SERVICE_TOKEN_FILE").unwrap();
+        assert!(tokens
+            .iter()
+            .any(|id| id.file == Path::new(&file) && id.user == RUNNER_NAME));
     }
 
     #[test]
