@@ -231,7 +231,7 @@ fn scheduler_config(
 ) -> scheduler_service::Config {
     let mut c = scheduler_service::Config::new(url, tokens.store.clone());
     c.job_endpoint = job_endpoint;
-    c.service_token = Some(tokens.service.to_owned());
+    c.service_token = Some(tokens.scheduler.to_owned());
     c.max_running_per_user = opts.max_running_per_user;
     c
 }
@@ -239,7 +239,7 @@ fn scheduler_config(
 fn job_config(url: String, tokens: &TestTokens, scheduler_endpoint: String) -> job_service::Config {
     let mut c = job_service::Config::new(tokens.store.clone(), url);
     c.scheduler_endpoint = scheduler_endpoint;
-    c.service_token = Some(tokens.service.to_owned());
+    c.service_token = Some(tokens.job_service.to_owned());
     // Nothing in the benchmark fails on purpose; no diagnosis peer runs.
     c.diagnosis_endpoint = None;
     c

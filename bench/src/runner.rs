@@ -78,10 +78,13 @@ impl Fleet {
             let reg = client
                 .clone()
                 .register_runner(RegisterRunnerRequest {
-                    name: format!("bench-runner-{i}"),
+                    // One credential (one runner name) for the whole fleet:
+                    // registrations from one installation may share a name.
+                    name: trainmesh_common::testing::TEST_RUNNER.into(),
                     backend: "process".into(),
                     capacity: Some(capacity(&spec)),
-                    labels: Default::default(),
+                    labels: [("fleet-index".to_string(), i.to_string())].into(),
+                    instance: "bench-fleet".into(),
                 })
                 .await?
                 .into_inner();

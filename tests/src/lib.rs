@@ -435,15 +435,22 @@ impl Mesh {
     }
 
     fn spawn_runner(&mut self, instance: &str, name: &str, scheduler: &str, extra: &[&str]) {
-        runner_token(name);
-        let mut args = vec![
-            "--service-token-file".to_string(),
-            self.dir
-                .path()
-                .join(format!("runner-{name}.token"))
-                .display()
-                .to_string(),
-            "--scheduler-endpoint".into(),
+        let mut args = Vec::new();
+        // Unless the test names the credential itself (a runner that joins,
+        // say), the runner's is the one the mesh made for its name.
+        if !extra.contains(&"--service-token-file") {
+            runner_token(name);
+            args.extend([
+                "--service-token-file".to_string(),
+                self.dir
+                    .path()
+                    .join(format!("runner-{name}.token"))
+                    .display()
+                    .to_string(),
+            ]);
+        }
+        args.extend([
+            "--scheduler-endpoint".to_string(),
             self.endpoint(scheduler),
             "--job-endpoint".into(),
             self.endpoint("job-service"),
@@ -456,7 +463,7 @@ impl Mesh {
             // The tests' jobs write into the tests' private directories, as
             // the user running the tests.
             "--allow-root-jobs".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         self.spawn(bin_dir(), instance, "runner", args);
     }

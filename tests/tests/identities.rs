@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use tonic::Code;
 use trainmesh_common::testing::wait_for;
+use trainmesh_proto::auth::v1::{CreateTokenRequest, ListTokensRequest};
 use trainmesh_proto::job::v1::{
-    AppendJobLogsRequest, AttemptState, JobState, LogLine, UpdateJobStatusRequest,
+    AppendJobLogsRequest, AttemptState, CancelJobRequest, CreateJobRequest, JobState, LogLine,
+    UpdateJobStatusRequest,
 };
 use trainmesh_proto::metrics::v1::WriteMetricsRequest;
 use trainmesh_proto::runner::v1::{HeartbeatRequest, ReportAttemptStatusRequest};
@@ -15,7 +17,7 @@ use trainmesh_proto::scheduler::v1::EnqueueJobRequest;
 use trainmesh_tests::fake_runner::{cpu_capacity, FakeRunner};
 use trainmesh_tests::jobs::{python_job, submit, wait_state};
 use trainmesh_tests::{
-    runner_token, Mesh, ALICE_TOKEN, JOB_SERVICE_TOKEN, METRICS_TOKEN, RUNNER_TOKEN,
+    runner_token, Mesh, ADMIN_TOKEN, ALICE_TOKEN, JOB_SERVICE_TOKEN, METRICS_TOKEN, RUNNER_TOKEN,
     SCHEDULER_TOKEN,
 };
 
@@ -151,6 +153,27 @@ async fn a_runner_acts_only_for_itself_and_a_service_only_for_its_own_calls() {
             .await,
     );
 
+    for token in [METRICS_TOKEN, SCHEDULER_TOKEN, RUNNER_TOKEN] {
+        denied(
+            "a service or runner cancels a user's job",
+            mesh.jobs(token)
+                .cancel_job(CancelJobRequest {
+                    job_id: job.id.clone(),
+                    ..Default::default()
+                })
+                .await,
+        );
+        denied(
+            "a service or runner submits a job",
+            mesh.jobs(token)
+                .create_job(CreateJobRequest {
+                    spec: Some(python_job("forged", "print(1)", &[])),
+                    idempotency_key: String::new(),
+                })
+                .await,
+        );
+    }
+
     // None of it touched the job: it still runs on A, and A still acts.
     let j = trainmesh_tests::jobs::get_job(&mesh, &job.id).await;
     assert_eq!(j.state, JobState::Running as i32, "{j:?}");
@@ -183,5 +206,99 @@ async fn a_runner_acts_only_for_itself_and_a_service_only_for_its_own_calls() {
             .log_text("impostor")
             .contains("\"registered with the scheduler\""),
         "the impostor registered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_joins_once_and_keeps_its_credential() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut mesh = Mesh::start().await;
+    let join = mesh
+        .tokens(ADMIN_TOKEN)
+        .create_token(CreateTokenRequest {
+            user: "runner-join".into(),
+            org: "system".into(),
+            roles: vec!["join".into()],
+            description: "nodes of the test".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a join token")
+        .into_inner()
+        .secret;
+    let dir = mesh.runner_work_dir("joiner-creds");
+    std::fs::create_dir_all(&dir).unwrap();
+    let join_file = dir.join("join.token");
+    std::fs::write(&join_file, &join).unwrap();
+    let credential = dir.join("runner.token");
+    let flags = [
+        "--join-token-file".to_string(),
+        join_file.display().to_string(),
+        "--service-token-file".into(),
+        credential.display().to_string(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    mesh.spawn_runner_named("joiner", "gpu-node-7", &flags);
+    mesh.wait_runner_registered("joiner").await;
+    let mode = std::fs::metadata(&credential).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the credential is the runner's alone");
+    let stored = std::fs::read_to_string(&credential).unwrap();
+    assert_ne!(stored.trim(), join.trim());
+
+    // The credential is bound to the name, and stored like any token.
+    let listed = mesh
+        .tokens(ADMIN_TOKEN)
+        .list_tokens(ListTokensRequest {
+            user: "gpu-node-7".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].roles, ["runner"]);
+
+    // The join token does nothing else, and a second machine cannot join
+    // under the taken name.
+    denied(
+        "a join token submits a job",
+        mesh.jobs(&join)
+            .create_job(CreateJobRequest {
+                spec: Some(python_job("forged", "print(1)", &[])),
+                idempotency_key: String::new(),
+            })
+            .await,
+    );
+    let again = mesh
+        .tokens(&join)
+        .join_runner(trainmesh_proto::auth::v1::JoinRunnerRequest {
+            name: "gpu-node-7".into(),
+        })
+        .await
+        .expect_err("one credential per name");
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+
+    // Started again, the runner uses the credential it kept.
+    mesh.kill("joiner").await;
+    let before = mesh
+        .log_text("joiner")
+        .matches("joined: credential stored")
+        .count();
+    assert_eq!(before, 1);
+    mesh.spawn_runner_named("joiner", "gpu-node-7", &flags);
+    wait_for("the joiner to register again", Duration::from_secs(60), || {
+        let log = mesh.log_text("joiner");
+        async move {
+            (log.matches("\"registered with the scheduler\"").count() >= 2).then_some(())
+        }
+    })
+    .await;
+    assert_eq!(
+        mesh.log_text("joiner")
+            .matches("joined: credential stored")
+            .count(),
+        1,
+        "the runner joined only once"
     );
 }

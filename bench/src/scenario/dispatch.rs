@@ -58,7 +58,9 @@ async fn measure(args: &Args, backend: Backend, s: &SchedulerAlone) -> anyhow::R
     let users = args.users.max(1);
     let addr = s.scheduler.addr.to_string();
     let clients = (0..ENQUEUE_CHANNELS)
-        .map(|_| channel(&addr, Some(s.tokens.service)).map(SchedulerInternalServiceClient::new))
+        .map(|_| {
+            channel(&addr, Some(s.tokens.job_service)).map(SchedulerInternalServiceClient::new)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut rows = Vec::new();
 
@@ -129,7 +131,7 @@ async fn measure(args: &Args, backend: Backend, s: &SchedulerAlone) -> anyhow::R
     let t0 = Instant::now();
     let fleet = Fleet::start(
         s.scheduler.addr,
-        s.tokens.service,
+        s.tokens.runner,
         runners,
         RunnerSpec {
             gpus: GPUS_PER_RUNNER,

@@ -34,7 +34,7 @@ pub async fn run(args: &Args, backend: Backend) -> anyhow::Result<Vec<Row>> {
                 .await?;
                 let fleet = Fleet::start(
                     mesh.scheduler.addr,
-                    mesh.tokens.service,
+                    mesh.tokens.runner,
                     1,
                     RunnerSpec {
                         gpus: 8,

@@ -101,12 +101,16 @@ impl CommonArgs {
         ]
     }
 
+    /// Where the token of `name` (a service's or `runner`) is read from.
+    pub fn service_token_path(&self, name: &str) -> PathBuf {
+        self.service_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(format!("{name}.token")))
+    }
+
     /// The token `name` (a service's or `runner`) presents to its peers.
     pub fn service_token(&self, name: &str) -> anyhow::Result<String> {
-        let path = self
-            .service_token_file
-            .clone()
-            .unwrap_or_else(|| self.data_dir.join(format!("{name}.token")));
+        let path = self.service_token_path(name);
         let t = std::fs::read_to_string(&path).map_err(|e| {
             anyhow::anyhow!("cannot read the token of {name} {}: {e}", path.display())
         })?;

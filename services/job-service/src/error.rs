@@ -14,6 +14,8 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
     #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
     PermissionDenied(String),
     #[error("{0}")]
     Unimplemented(String),
@@ -37,6 +39,7 @@ impl ServiceError for Error {
             Error::Invalid(_) => ErrorCode::InvalidArgument,
             Error::JobNotFound(_) | Error::TokenNotFound(_) => ErrorCode::NotFound,
             Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
+            Error::AlreadyExists(_) => ErrorCode::AlreadyExists,
             Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
             Error::Unimplemented(_) => ErrorCode::Unimplemented,
             Error::ResourceExhausted(_) => ErrorCode::ResourceExhausted,

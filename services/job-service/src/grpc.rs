@@ -154,6 +154,7 @@ impl pb::job_service_server::JobService for JobApi {
         req: Request<pb::CreateJobRequest>,
     ) -> Result<Response<pb::CreateJobResponse>, Status> {
         let who = caller(&req)?;
+        who.require_person()?;
         let r = req.into_inner();
         let (view, existing) = self.svc.create(&who, r.spec, &r.idempotency_key).await?;
         Ok(Response::new(pb::CreateJobResponse {
@@ -201,6 +202,7 @@ impl pb::job_service_server::JobService for JobApi {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let who = caller(&req)?;
+        who.require_person()?;
         let r = req.into_inner();
         let view = self.svc.cancel(&who, &r.job_id, &r.reason).await?;
         Ok(Response::new(pb::CancelJobResponse {
@@ -213,6 +215,7 @@ impl pb::job_service_server::JobService for JobApi {
         req: Request<pb::RetryJobRequest>,
     ) -> Result<Response<pb::RetryJobResponse>, Status> {
         let who = caller(&req)?;
+        who.require_person()?;
         let view = self.svc.retry(&who, &req.get_ref().job_id).await?;
         Ok(Response::new(pb::RetryJobResponse {
             job: Some(view_to_proto(view)),
@@ -224,6 +227,7 @@ impl pb::job_service_server::JobService for JobApi {
         req: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<pb::DeleteJobResponse>, Status> {
         let who = caller(&req)?;
+        who.require_person()?;
         self.svc.delete(&who, &req.get_ref().job_id).await?;
         Ok(Response::new(pb::DeleteJobResponse {}))
     }

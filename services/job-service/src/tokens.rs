@@ -1,5 +1,6 @@
-//! `trainmesh.auth.v1.TokenService` (admin only): tokens created, listed
-//! and revoked in the token database that every service reads. Each
+//! `trainmesh.auth.v1.TokenService`: tokens created, listed and revoked
+//! (admin only) in the token database that every service reads, and
+//! runners' credentials traded for a join token. Each
 //! change is written with its audit record in one transaction of that
 //! database, and takes effect in this service at once (the others reload
 //! within a second).
@@ -63,6 +64,52 @@ impl TokenApi {
         self.tokens.apply(&row).await;
         tracing::info!(token = %row.id, user = %row.user, by = %who.user, "token created");
         Ok(pb::CreateTokenResponse {
+            token: Some(row.proto()),
+            secret,
+        })
+    }
+
+    /// A runner's own credential for `name`, once per name.
+    async fn join(&self, who: &Caller, name: &str) -> Result<pb::JoinRunnerResponse> {
+        let now = now_micros();
+        let ask = pb::CreateTokenRequest {
+            user: name.to_owned(),
+            org: who.org.clone(),
+            roles: vec![Role::Runner.as_str().to_owned()],
+            description: format!("runner credential, joined with a token of `{}`", who.user),
+            ..Default::default()
+        };
+        let new = NewToken::parse(&ask, now).map_err(|e| FieldError::new("name", e.description))?;
+        let db = self.db()?;
+        let live = managed::list(db, &new.user, None, MAX_PAGE_SIZE)
+            .await?
+            .into_iter()
+            .find(|t| {
+                t.roles.iter().any(|r| r == Role::Runner.as_str())
+                    && t.revoked_at.is_none()
+                    && t.expires_at.is_none_or(|at| at > now)
+            });
+        if let Some(t) = live {
+            return Err(Error::AlreadyExists(format!(
+                "runner `{}` has already joined (credential `{}`); a name has one credential \
+                 at a time: revoke it (`trainctl tokens revoke {}`) to let another machine \
+                 take the name",
+                new.user, t.id, t.id
+            )));
+        }
+        let mut tx = db.begin_write().await?;
+        let (row, secret) = managed::create(&mut tx, &new, &who.user, now).await?;
+        AuditRecord::new(&who.user, AuditAction::CreateToken, &row.id)
+            .detail("user", &row.user)
+            .detail("org", &row.org)
+            .detail("roles", row.roles.join(","))
+            .detail("description", &row.description)
+            .write(&mut tx, AuditTable::TOKENS, now)
+            .await?;
+        tx.commit().await?;
+        self.tokens.apply(&row).await;
+        tracing::info!(token = %row.id, runner = %row.user, by = %who.user, "runner joined");
+        Ok(pb::JoinRunnerResponse {
             token: Some(row.proto()),
             secret,
         })
@@ -142,5 +189,14 @@ impl pb::token_service_server::TokenService for TokenApi {
         let who = caller(&req)?;
         who.require(Role::Admin)?;
         Ok(Response::new(self.revoke(&who, &req.get_ref().id).await?))
+    }
+
+    async fn join_runner(
+        &self,
+        req: Request<pb::JoinRunnerRequest>,
+    ) -> Result<Response<pb::JoinRunnerResponse>, Status> {
+        let who = caller(&req)?;
+        who.require(Role::Join)?;
+        Ok(Response::new(self.join(&who, &req.get_ref().name).await?))
     }
 }

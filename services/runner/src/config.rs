@@ -139,9 +139,17 @@ pub struct Args {
     )]
     pub metrics_endpoint: String,
 
-    /// Name this runner registers under. Default: the hostname.
+    /// Name this runner registers under. Default: the hostname. Its
+    /// credential (`--service-token-file`) must be one for this name.
     #[arg(long, env = "TRAINMESH_RUNNER_NAME")]
     pub name: Option<String>,
+
+    /// A join token (role `join`): when the runner's credential file does
+    /// not exist yet, the runner trades this for its own credential
+    /// (`TokenService.JoinRunner` on job-service) and writes it there, owner
+    /// only, for every later start.
+    #[arg(long, env = "TRAINMESH_JOIN_TOKEN_FILE")]
+    pub join_token_file: Option<PathBuf>,
 
     /// process, docker or kubernetes.
     #[arg(long, env = "TRAINMESH_RUNNER_BACKEND", default_value = "process")]
@@ -291,7 +299,7 @@ pub struct Config {
     pub scheduler_endpoint: String,
     pub job_endpoint: String,
     pub metrics_endpoint: String,
-    /// The service token sent on every call.
+    /// The runner's own credential, sent on every call.
     pub token: String,
     /// How calls to the services connect.
     pub client_tls: ClientTls,

@@ -21,6 +21,7 @@ pub mod health;
 pub mod instance;
 pub mod inventory;
 pub mod job_error;
+pub mod join;
 pub mod logs;
 pub mod metrics;
 pub mod procfs;

@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
     let args = runner::config::Args::parse();
     runtime.block_on(async {
         let _telemetry = trainmesh_common::telemetry::init("runner")?;
+        runner::join::ensure_credential(&args).await?;
         let config = args.into_config()?;
         runner::run(config, trainmesh_common::server::shutdown_signal()).await
     })

@@ -122,6 +122,21 @@ impl Caller {
         self.has(Role::Runner).then_some(self.user.as_str())
     }
 
+    /// Only a person (a `user`, `approver` or `admin` token) may make this
+    /// call: services and runners read jobs but never submit or change
+    /// them through the public API.
+    pub fn require_person(&self) -> Result<(), Status> {
+        if self.has(Role::User) || self.has(Role::Approver) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "this call is for people (a token with the `user` role); `{}` is a service, a \
+                 runner or a join token",
+                self.user
+            )))
+        }
+    }
+
     /// Only the service `name` may make this call.
     pub fn require_service(&self, name: &str) -> Result<(), Status> {
         if self.has(Role::Service) && self.user == name {
