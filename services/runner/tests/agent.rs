@@ -92,7 +92,7 @@ echo bye >&2"#;
         panic!("first call should register: {:?}", calls[0]);
     };
     let cap = reg.capacity.clone().unwrap();
-    assert_eq!(reg.name, "test-runner");
+    assert_eq!(reg.name, trainmesh_common::testing::TEST_RUNNER);
     assert_eq!(reg.backend, "process");
     assert_eq!(cap.gpus.len(), 2);
     assert_eq!(cap.cpu, 4.0);
