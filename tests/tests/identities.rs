@@ -36,7 +36,7 @@ async fn a_runner_acts_only_for_itself_and_a_service_only_for_its_own_calls() {
         ALICE_TOKEN,
         python_job(
             "held",
-            "import time\nprint('started', flush=True)\ntime.sleep(600)",
+            "import signal\nprint('started', flush=True)\nsignal.pause()",
             &[],
         ),
     )

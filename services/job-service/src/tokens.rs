@@ -44,9 +44,24 @@ impl TokenApi {
     ) -> Result<pb::CreateTokenResponse> {
         let now = now_micros();
         let new = NewToken::parse(r, now)?;
-        let db = self.db()?;
-        let mut tx = db.begin_write().await?;
-        let (row, secret) = managed::create(&mut tx, &new, &who.user, now).await?;
+        let (row, secret) = self.store_new(who, &new, now).await?;
+        tracing::info!(token = %row.id, user = %row.user, by = %who.user, "token created");
+        Ok(pb::CreateTokenResponse {
+            token: Some(row.proto()),
+            secret,
+        })
+    }
+
+    /// Stores a new token with its audit record, in one transaction, and
+    /// makes it work here at once.
+    async fn store_new(
+        &self,
+        who: &Caller,
+        new: &NewToken,
+        now: i64,
+    ) -> Result<(TokenRow, String)> {
+        let mut tx = self.db()?.begin_write().await?;
+        let (row, secret) = managed::create(&mut tx, new, &who.user, now).await?;
         AuditRecord::new(&who.user, AuditAction::CreateToken, &row.id)
             .detail("user", &row.user)
             .detail("org", &row.org)
@@ -62,11 +77,7 @@ impl TokenApi {
             .await?;
         tx.commit().await?;
         self.tokens.apply(&row).await;
-        tracing::info!(token = %row.id, user = %row.user, by = %who.user, "token created");
-        Ok(pb::CreateTokenResponse {
-            token: Some(row.proto()),
-            secret,
-        })
+        Ok((row, secret))
     }
 
     /// A runner's own credential for `name`, once per name.
@@ -97,17 +108,7 @@ impl TokenApi {
                 new.user, t.id, t.id
             )));
         }
-        let mut tx = db.begin_write().await?;
-        let (row, secret) = managed::create(&mut tx, &new, &who.user, now).await?;
-        AuditRecord::new(&who.user, AuditAction::CreateToken, &row.id)
-            .detail("user", &row.user)
-            .detail("org", &row.org)
-            .detail("roles", row.roles.join(","))
-            .detail("description", &row.description)
-            .write(&mut tx, AuditTable::TOKENS, now)
-            .await?;
-        tx.commit().await?;
-        self.tokens.apply(&row).await;
+        let (row, secret) = self.store_new(who, &new, now).await?;
         tracing::info!(token = %row.id, runner = %row.user, by = %who.user, "runner joined");
         Ok(pb::JoinRunnerResponse {
             token: Some(row.proto()),
