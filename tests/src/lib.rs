@@ -272,6 +272,13 @@ impl Mesh {
                 .expect("runner token");
         }
         assert_eq!(user_token("job-service"), JOB_SERVICE_TOKEN);
+        // job-service seals the env values a job marks secret with it, the
+        // runners open them (both read DATA_DIR/secrets.key).
+        std::fs::write(
+            root.join("secrets.key"),
+            trainmesh_common::sealed::SecretsKey::generate_hex(),
+        )
+        .expect("secrets key");
         assert_eq!(user_token("alice"), ALICE_TOKEN);
         assert_eq!(user_token("bob"), BOB_TOKEN);
         tokens

@@ -32,6 +32,13 @@ pub struct CommonArgs {
     #[arg(long, env = "TRAINMESH_SERVICE_TOKEN_FILE")]
     pub service_token_file: Option<PathBuf>,
 
+    /// The mesh's secrets key (64 hex characters), with which job-service
+    /// seals the env values a job marks secret and runners open them. Only
+    /// job-service and the runners use it. Default: DATA_DIR/secrets.key
+    /// when that file exists.
+    #[arg(long, env = "TRAINMESH_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
+
     /// Calls in flight before new ones are refused with RESOURCE_EXHAUSTED.
     #[arg(
         long,
@@ -99,6 +106,16 @@ impl CommonArgs {
             self.data_dir.join("tokens.yaml").display().to_string(),
             crate::db::sqlite_url(&self.data_dir, "auth.db"),
         ]
+    }
+
+    /// The secrets key: a file named with `--secrets-key-file` must be
+    /// readable; without one, `DATA_DIR/secrets.key` if it exists.
+    pub fn secrets_key(&self) -> anyhow::Result<Option<Arc<crate::sealed::SecretsKey>>> {
+        let key = match &self.secrets_key_file {
+            Some(path) => Some(crate::sealed::SecretsKey::load(path)?),
+            None => crate::sealed::SecretsKey::load_optional(&self.data_dir.join("secrets.key"))?,
+        };
+        Ok(key.map(Arc::new))
     }
 
     /// Where the token of `name` (a service's or `runner`) is read from.

@@ -39,6 +39,7 @@ pub mod id;
 pub mod inbound;
 pub mod log_file;
 pub mod outbox;
+pub mod sealed;
 pub mod server;
 pub mod spec;
 pub mod storage;

@@ -189,6 +189,7 @@ pub fn validate(spec: pb::JobSpec) -> Result<ValidSpec, FieldError> {
     command(&spec.command)?;
     env(&spec.env)?;
     secret_env(&spec.secret_env, &spec.env)?;
+    secret_env_keys(&spec.secret_env_keys, &spec.env)?;
     max_len("spec.working_dir", &spec.working_dir, MAX_PATH_BYTES)?;
     no_nul("spec.working_dir", &spec.working_dir)?;
     let shape = shape(&spec)?;
@@ -283,6 +284,38 @@ fn env(env: &HashMap<String, String>) -> Result<(), FieldError> {
         }
         no_nul(&field, v)?;
         max_len(&field, v, MAX_VALUE_BYTES)?;
+    }
+    Ok(())
+}
+
+/// Each names a variable of `env`, once; a sealed value is only where it is
+/// listed (anywhere else it would reach the job sealed).
+fn secret_env_keys(keys: &[String], env: &HashMap<String, String>) -> Result<(), FieldError> {
+    if keys.len() > MAX_SECRET_ENV {
+        return Err(fe(
+            "spec.secret_env_keys",
+            format!("at most {MAX_SECRET_ENV} variables are allowed"),
+        ));
+    }
+    for (i, k) in keys.iter().enumerate() {
+        let field = format!("spec.secret_env_keys[{i}]");
+        if !env.contains_key(k) {
+            return Err(fe(
+                field,
+                format!("`{}` is not set in spec.env", k.escape_debug()),
+            ));
+        }
+        if keys[..i].contains(k) {
+            return Err(fe(field, format!("`{k}` is listed twice")));
+        }
+    }
+    for (k, v) in sorted(env) {
+        if crate::sealed::is_sealed(v) && !keys.contains(k) {
+            return Err(fe(
+                format!("spec.env[\"{}\"]", k.escape_debug()),
+                "holds a sealed value but is not listed in spec.secret_env_keys",
+            ));
+        }
     }
     Ok(())
 }

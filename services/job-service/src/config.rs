@@ -103,6 +103,7 @@ impl Args {
             client_tls: self.common.client_tls()?,
             data_roots,
             max_log_lines_per_attempt: self.max_log_lines_per_attempt,
+            secrets_key: self.common.secrets_key()?,
             watch_heartbeat: Duration::from_secs(self.watch_heartbeat_secs.max(1)),
             stream_poll: Duration::from_secs(1),
             limits_ttl: Duration::from_millis(self.limits_cache_ms),

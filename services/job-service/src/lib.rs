@@ -102,6 +102,8 @@ pub struct Config {
     /// How long a GetLimits answer from the scheduler is used before it is
     /// asked again (queued-jobs limit at submit).
     pub limits_ttl: Duration,
+    /// Seals env values a job marks secret; `None`: such jobs are refused.
+    pub secrets_key: Option<Arc<trainmesh_common::sealed::SecretsKey>>,
 }
 
 impl Config {
@@ -120,6 +122,7 @@ impl Config {
             watch_heartbeat: Duration::from_secs(5),
             stream_poll: Duration::from_secs(1),
             limits_ttl: Duration::from_secs(2),
+            secrets_key: None,
         }
     }
 }
@@ -182,6 +185,7 @@ pub async fn run(
             paths,
             auto_diagnose: config.diagnosis_endpoint.is_some(),
             max_log_lines_per_attempt: config.max_log_lines_per_attempt.max(1),
+            secrets_key: config.secrets_key.clone(),
         },
         Some(limits),
     );

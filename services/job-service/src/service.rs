@@ -48,6 +48,7 @@ pub struct Settings {
     /// Enqueue a "diagnose" outbox message when a job fails.
     pub auto_diagnose: bool,
     pub max_log_lines_per_attempt: i64,
+    pub secrets_key: Option<Arc<trainmesh_common::sealed::SecretsKey>>,
 }
 
 /// Wakes watchers after commits. Only counters are sent, never events, so
@@ -169,6 +170,59 @@ impl JobService {
             .map_err(Error::from)
     }
 
+    /// `spec` with the values it marks secret sealed for `owner`; a value
+    /// that is sealed already stays as it is.
+    fn sealed(&self, owner: &str, mut spec: pb::JobSpec) -> Result<pb::JobSpec> {
+        use trainmesh_common::sealed::{is_sealed, sealed_len};
+        use trainmesh_common::spec::limits::MAX_VALUE_BYTES;
+        if spec.secret_env_keys.is_empty() {
+            return Ok(spec);
+        }
+        let Some(key) = &self.settings.secrets_key else {
+            return Err(Error::FailedPrecondition(
+                "spec.secret_env_keys: this mesh has no secrets key to seal values with; give \
+                 job-service and the runners --secrets-key-file (trainctl tokens init writes one)"
+                    .into(),
+            ));
+        };
+        for name in &spec.secret_env_keys {
+            let Some(value) = spec.env.get_mut(name) else {
+                continue;
+            };
+            if is_sealed(value) {
+                continue;
+            }
+            if sealed_len(value) > MAX_VALUE_BYTES {
+                return Err(FieldError::new(
+                    format!("spec.env[\"{name}\"]"),
+                    format!(
+                        "a secret value may be at most {} bytes (sealing makes it longer)",
+                        (MAX_VALUE_BYTES - sealed_len("")) / 2
+                    ),
+                )
+                .into());
+            }
+            *value = key.seal(owner, name, value);
+        }
+        Ok(spec)
+    }
+
+    /// `spec` with the sealed values it marks secret opened, where they
+    /// open; for comparing a submission with a stored job only.
+    fn opened(&self, owner: &str, mut spec: pb::JobSpec) -> pb::JobSpec {
+        let Some(key) = &self.settings.secrets_key else {
+            return spec;
+        };
+        for name in &spec.secret_env_keys {
+            if let Some(value) = spec.env.get_mut(name) {
+                if let Ok(plain) = key.open(owner, name, value) {
+                    *value = plain;
+                }
+            }
+        }
+        spec
+    }
+
     /// A request that reuses `key` must be the submission that first used
     /// it: the same spec, before or after validation (which resolves paths).
     /// Otherwise the caller would be told their new job exists when it is
@@ -179,11 +233,14 @@ impl JobService {
         job: &JobRecord,
         spec: Option<&pb::JobSpec>,
     ) -> Result<()> {
-        if spec == Some(&job.spec) {
+        // Sealed values differ at every sealing: compare what they hold.
+        let stored = self.opened(&job.owner, job.spec.clone());
+        let spec = spec.map(|s| self.opened(&job.owner, s.clone()));
+        if spec.as_ref() == Some(&stored) {
             return Ok(());
         }
-        if let Ok(valid) = self.validate(spec.cloned()).await {
-            if valid.get() == &job.spec {
+        if let Ok(valid) = self.validate(spec).await {
+            if valid.get() == &stored {
                 return Ok(());
             }
         }
@@ -222,13 +279,9 @@ impl JobService {
         // Kept only to compare with a concurrent submission under the key.
         let raw = if key.is_some() { spec.clone() } else { None };
         let valid = self.validate(spec).await?;
+        let sealed = self.sealed(&caller.user, valid.into_inner())?;
         let (view, replayed) = self
-            .insert_new(
-                &caller.user,
-                &caller.org,
-                valid.into_inner(),
-                key.as_deref(),
-            )
+            .insert_new(&caller.user, &caller.org, sealed, key.as_deref())
             .await?;
         if replayed {
             let k = key.as_deref().unwrap_or_default();

@@ -61,6 +61,8 @@ pub struct AttemptContext {
     /// Where the values of jobs' secret variables are read (one file per
     /// secret); `None`: this runner holds no secrets.
     pub secrets_dir: Option<PathBuf>,
+    /// Opens the env values a job marks secret (sealed by job-service).
+    pub secrets_key: Option<Arc<trainmesh_common::sealed::SecretsKey>>,
     /// True once the runner is shutting down: reports then give up sooner.
     pub shutting_down: watch::Receiver<bool>,
 }
@@ -142,6 +144,37 @@ pub async fn run(
 /// `dir/<secret name>` (one trailing newline dropped), and returns the
 /// (secret name, value) pairs, for the log to redact. The names were
 /// checked with the spec: no path separators, not `.` or `..`.
+/// Opens the sealed values of `keys` in `env` in place; returns them
+/// (named by their variables) for redaction.
+fn open_sealed(
+    key: Option<&trainmesh_common::sealed::SecretsKey>,
+    owner: &str,
+    keys: &[String],
+    env: &mut BTreeMap<String, String>,
+) -> Result<Vec<(String, String)>, Error> {
+    let mut values = Vec::new();
+    for variable in keys {
+        let Some(value) = env.get_mut(variable) else {
+            continue;
+        };
+        let unavailable = |reason: String| Error::Secret {
+            variable: variable.clone(),
+            name: "(its sealed env value)".into(),
+            reason,
+        };
+        let key = key.ok_or_else(|| {
+            unavailable("the runner has no secrets key (--secrets-key-file)".into())
+        })?;
+        let plain = key.open(owner, variable, value).map_err(unavailable)?;
+        if plain.contains('\0') {
+            return Err(unavailable("its value holds a NUL byte".into()));
+        }
+        *value = plain.clone();
+        values.push((variable.clone(), plain));
+    }
+    Ok(values)
+}
+
 fn read_secrets(
     dir: Option<&std::path::Path>,
     secrets: &BTreeMap<String, String>,
@@ -262,7 +295,7 @@ impl Attempt {
             self.launch.correlation_id.clone(),
         );
         let by_reference = self.ctx.backend.secrets_by_reference();
-        let secrets = if by_reference {
+        let referenced = if by_reference {
             Ok(Vec::new())
         } else {
             read_secrets(
@@ -271,6 +304,15 @@ impl Attempt {
                 &mut env,
             )
         };
+        let secrets = referenced.and_then(|mut values| {
+            values.extend(open_sealed(
+                self.ctx.secrets_key.as_deref(),
+                &self.launch.owner,
+                &self.launch.secret_env_keys,
+                &mut env,
+            )?);
+            Ok(values)
+        });
         let output = self.sink.clone().unwrap_or_else(OutputSink::closed);
         let output = match &secrets {
             Ok(values) => output.redacting(values),

@@ -331,6 +331,8 @@ pub struct Config {
     pub allow_root_jobs: bool,
     /// Where secret variables' values are read; `None`: no secrets.
     pub secrets_dir: Option<PathBuf>,
+    /// Opens the env values jobs mark secret; `None`: such jobs fail.
+    pub secrets_key: Option<std::sync::Arc<trainmesh_common::sealed::SecretsKey>>,
     /// Variables passed from the runner's environment to every job (the
     /// rest of the runner's environment — tokens, endpoints — is not).
     pub inherit_env: Vec<String>,
@@ -406,6 +408,7 @@ impl Config {
             job_user: None,
             allow_root_jobs: false,
             secrets_dir: None,
+            secrets_key: None,
             inherit_env: DEFAULT_INHERITED_ENV
                 .iter()
                 .map(|s| (*s).to_owned())
@@ -528,6 +531,7 @@ impl Args {
             Some(spec) => Some(JobUser::parse(spec)?),
         };
         c.secrets_dir = self.secrets_dir;
+        c.secrets_key = self.common.secrets_key()?;
         c.client_tls = self.common.client_tls()?;
         c.health_tls = self.common.server_tls.load()?;
         c.validate()?;

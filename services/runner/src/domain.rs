@@ -142,6 +142,8 @@ pub struct Launch {
     pub workers: u32,
     /// Variable -> name of a secret the runner's side holds.
     pub secret_env: BTreeMap<String, String>,
+    /// Variables of `env` whose values arrive sealed.
+    pub secret_env_keys: Vec<String>,
 }
 
 impl TryFrom<Assignment> for Launch {
@@ -186,6 +188,7 @@ impl TryFrom<Assignment> for Launch {
             labels: spec.labels.into_iter().collect(),
             workers,
             secret_env: spec.secret_env.into_iter().collect(),
+            secret_env_keys: spec.secret_env_keys,
         })
     }
 }

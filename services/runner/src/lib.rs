@@ -166,6 +166,7 @@ pub async fn run_with_health_listener(
         max_backoff: config.max_backoff,
         attempt_log: config.attempt_log,
         secrets_dir: config.secrets_dir.clone(),
+        secrets_key: config.secrets_key.clone(),
         shutting_down: stop_rx.clone(),
     });
     tokio::spawn(async move {

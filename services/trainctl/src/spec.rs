@@ -31,6 +31,9 @@ pub struct JobSpecFile {
     /// Variable -> name of a secret held where the job runs.
     #[serde(default)]
     pub secret_env: StringMap,
+    /// Variables of `env` whose values are secrets: stored only sealed.
+    #[serde(default)]
+    pub secret_env_keys: Vec<String>,
     #[serde(default)]
     pub working_dir: String,
     pub resources: Option<ResourcesFile>,
@@ -273,6 +276,7 @@ impl From<JobSpecFile> for pb::JobSpec {
             command: f.command,
             env: f.env.into_proto(),
             secret_env: f.secret_env.into_proto(),
+            secret_env_keys: f.secret_env_keys,
             working_dir: f.working_dir,
             resources: f.resources.map(|r| pb::Resources {
                 gpus: r.gpus,

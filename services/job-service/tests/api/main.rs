@@ -8,6 +8,7 @@ mod create;
 mod lifecycle;
 mod limits;
 mod outbox;
+mod sealed;
 mod shutdown;
 mod support;
 mod validation;

@@ -146,6 +146,8 @@ pub struct TokenFiles {
     /// call accepts them any more, but the role still reads every user's
     /// jobs, so whoever runs this is told.
     pub stray_services: Vec<String>,
+    /// The secrets key's file and what this call did to it.
+    pub secrets_key: (PathBuf, Outcome),
 }
 
 impl TokenFiles {
@@ -183,12 +185,26 @@ pub fn ensure(dir: &Path, runners: &[&str]) -> anyhow::Result<TokenFiles> {
     let exists = tokens
         .try_exists()
         .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", tokens.display()))?;
-    if exists {
-        complete(&tokens, &ids)
+    let mut files = if exists {
+        complete(&tokens, &ids)?
     } else {
-        create(&tokens, &ids)
-    }
+        create(&tokens, &ids)?
+    };
+    // The key job-service seals secret env values with and runners open
+    // them with; made once, like the tokens.
+    let key = dir.join(SECRETS_KEY);
+    let outcome = if key.exists() {
+        Outcome::Kept
+    } else {
+        write_secret(&key, &trainmesh_common::sealed::SecretsKey::generate_hex())?;
+        Outcome::Wrote
+    };
+    files.secrets_key = (key, outcome);
+    Ok(files)
 }
+
+/// The secrets key's file (`--secrets-key-file`'s default in a data dir).
+pub const SECRETS_KEY: &str = "secrets.key";
 
 fn create(tokens: &Path, ids: &[Identity]) -> anyhow::Result<TokenFiles> {
     let mut file = TokensFile::default();
@@ -209,6 +225,7 @@ fn create(tokens: &Path, ids: &[Identity]) -> anyhow::Result<TokenFiles> {
         created: true,
         unlisted: Vec::new(),
         stray_services: Vec::new(),
+        secrets_key: (PathBuf::new(), Outcome::Kept),
     })
 }
 
@@ -254,6 +271,7 @@ fn complete(tokens: &Path, ids: &[Identity]) -> anyhow::Result<TokenFiles> {
             })
             .map(|e| e.user.clone())
             .collect(),
+        secrets_key: (PathBuf::new(), Outcome::Kept),
     };
     if added.is_empty() {
         return Ok(result);
@@ -325,6 +343,8 @@ pub fn init(dir: &Path, runners: &[String]) -> anyhow::Result<u8> {
         println!("{} {}", outcome.verb(), path.display());
     }
     println!("{} {}", files.tokens_outcome.verb(), files.tokens.display());
+    let (key, outcome) = &files.secrets_key;
+    println!("{} {}", outcome.verb(), key.display());
     warn(&files);
     Ok(0)
 }
@@ -430,6 +450,7 @@ mod tests {
                 "runner-join.token",
                 "runner-node.example.com.token",
                 "scheduler-service.token",
+                "secrets.key",
                 "tokens.yaml",
             ]
         );
@@ -463,7 +484,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = ensure(dir.path(), &["r"]).unwrap();
         assert_eq!(f.files.len(), 7);
-        for p in f.files.iter().map(|(p, _)| p).chain([&f.tokens]) {
+        assert_eq!(f.secrets_key.1, Outcome::Wrote);
+        let key = std::fs::read_to_string(&f.secrets_key.0).unwrap();
+        trainmesh_common::sealed::SecretsKey::from_hex(&key).unwrap();
+        let again = ensure(dir.path(), &["r"]).unwrap();
+        assert_eq!(again.secrets_key.1, Outcome::Kept);
+        assert_eq!(std::fs::read_to_string(&f.secrets_key.0).unwrap(), key);
+        for p in f
+            .files
+            .iter()
+            .map(|(p, _)| p)
+            .chain([&f.tokens, &f.secrets_key.0])
+        {
             assert_eq!(mode(p), 0o600, "{}", p.display());
         }
     }
