@@ -44,6 +44,48 @@ impl JobErrorFacts {
     }
 }
 
+/// One replica (pod) of the last attempt, as its backend last saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaFacts {
+    /// "master" or "worker".
+    pub role: String,
+    pub name: String,
+    pub phase: String,
+    /// Waiting reason or last terminated reason of the main container.
+    pub reason: String,
+    pub message: String,
+    pub exit_code: Option<i32>,
+    pub restarts: i32,
+}
+
+impl ReplicaFacts {
+    fn from_proto(r: &jpb::ReplicaStatus) -> Self {
+        Self {
+            role: r.role.clone(),
+            name: r.name.clone(),
+            phase: r.phase.clone(),
+            reason: r.reason.clone(),
+            message: r.message.clone(),
+            exit_code: r.exit_code,
+            restarts: r.restarts,
+        }
+    }
+
+    pub fn is_master(&self) -> bool {
+        self.role == "master"
+    }
+
+    /// Failed, or not running as it should (waiting with a reason,
+    /// restarted, killed).
+    pub fn abnormal(&self) -> bool {
+        self.phase == "Failed"
+            || self.phase == "Unknown"
+            || self.restarts > 0
+            || self.exit_code.is_some_and(|c| c != 0)
+            || (!self.reason.is_empty() && self.reason != "Completed")
+    }
+}
+
 /// What the rules know about a job.
 #[derive(Clone, Debug)]
 pub struct JobFacts {
@@ -61,6 +103,8 @@ pub struct JobFacts {
     pub shm_mib: i64,
     pub workers: i32,
     pub correlation_id: String,
+    /// Replicas of the last attempt, when its backend reported them.
+    pub replicas: Vec<ReplicaFacts>,
 }
 
 impl JobFacts {
@@ -75,10 +119,9 @@ impl JobFacts {
             category: e.category.clone(),
             hint: e.hint.clone(),
         });
-        let exit_code = job
-            .attempts
-            .iter()
-            .max_by_key(|a| a.number)
+        let last = job.attempts.iter().max_by_key(|a| a.number);
+        let last_error = last.and_then(|a| a.error.as_ref()).or(job.error.as_ref());
+        let exit_code = last
             .and_then(|a| a.exit_code)
             .or_else(|| {
                 error
@@ -102,6 +145,9 @@ impl JobFacts {
             shm_mib: resources.shm_mib,
             workers: spec.replicas.unwrap_or_default().workers,
             correlation_id: job.correlation_id.clone(),
+            replicas: last_error
+                .map(|e| e.replicas.iter().map(ReplicaFacts::from_proto).collect())
+                .unwrap_or_default(),
         })
     }
 

@@ -66,6 +66,7 @@ fn job(state: jpb::JobState, exit_code: Option<i32>, error: Option<JobErrorFacts
         shm_mib: 0,
         workers: 0,
         correlation_id: "cid".into(),
+        replicas: Vec::new(),
     }
 }
 
