@@ -238,10 +238,14 @@ fn bare_syntax_error(lines: &[&str]) -> Option<PythonException> {
 }
 
 /// True when `text` reports a GPU out-of-memory error.
+/// Other libraries have an `OutOfMemoryError` too (Ray's is the host's
+/// memory), so only PyTorch's and the CUDA messages count.
 pub fn is_cuda_oom(text: &str) -> bool {
     text.contains("CUDA out of memory")
-        || text.contains("OutOfMemoryError")
+        || text.contains("torch.cuda.OutOfMemoryError")
+        || text.contains("torch.OutOfMemoryError")
         || text.contains("CUDA error: out of memory")
+        || text.contains("HIP out of memory")
 }
 
 fn last_non_empty_line(log: &str) -> Option<&str> {
