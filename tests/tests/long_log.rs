@@ -63,8 +63,10 @@ async fn a_job_with_half_a_million_lines_is_diagnosed_from_its_last_lines() {
     assert!(!diagnosis.healthy, "{diagnosis:?}");
     assert_eq!(diagnosis.category, "cuda-error", "{}", diagnosis.text);
     assert!(
-        diagnosis.evidence.iter().any(|e| e.line_number > i64::from(LINES)
-            && e.text.contains("illegal memory access")),
+        diagnosis
+            .evidence
+            .iter()
+            .any(|e| e.line_number > i64::from(LINES) && e.text.contains("illegal memory access")),
         "the evidence cites the traceback at the log's end: {:?}",
         diagnosis.evidence
     );

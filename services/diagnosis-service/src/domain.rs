@@ -121,13 +121,11 @@ impl JobFacts {
         });
         let last = job.attempts.iter().max_by_key(|a| a.number);
         let last_error = last.and_then(|a| a.error.as_ref()).or(job.error.as_ref());
-        let exit_code = last
-            .and_then(|a| a.exit_code)
-            .or_else(|| {
-                error
-                    .as_ref()
-                    .and_then(|e| (e.exit_code != 0).then_some(e.exit_code))
-            });
+        let exit_code = last.and_then(|a| a.exit_code).or_else(|| {
+            error
+                .as_ref()
+                .and_then(|e| (e.exit_code != 0).then_some(e.exit_code))
+        });
         let spec = job.spec.clone().unwrap_or_default();
         let resources = spec.resources.unwrap_or_default();
         Ok(Self {

@@ -1,7 +1,9 @@
 //! The rule set: ordered data, not code. Each rule names what it matches
 //! (log regexes, exit codes, error types and categories, failure causes, a
 //! spec check) and what to say (category, summary, hint). A rule matches
-//! when any of its conditions does. Extra rules can be loaded from YAML
+//! when any of its conditions does. The built-in rules are YAML too
+//! (`rules/builtin.yaml`, compiled in), in the order that lets a root cause
+//! win over its echoes. Extra rules can be loaded from YAML
 //! (`--rules-file`); they are tried before the built-in ones, and one with
 //! the id of a built-in rule replaces it in place.
 //!
@@ -18,11 +20,14 @@
 //!     error_types: []
 //!     error_categories: []
 //!     failure_causes: []        # user-code, setup, image-pull, platform, deadline, signal, …
+//!     min_matches: 1            # log lines that must match
+//!     when_failed: false        # only for a failed job (weak signs)
+//!     without_exception: false  # only when the error carries no traceback
 //! ```
 
 use std::collections::HashSet;
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 use serde::Deserialize;
 use trainmesh_common::proto::job::v1 as jpb;
 
@@ -62,6 +67,18 @@ pub struct RuleSpec {
     /// Matches a failed job that no earlier error rule explained.
     #[serde(default)]
     pub fallback: bool,
+    /// Log lines that must match before the patterns count (default 1):
+    /// for signs that mean something only when they repeat.
+    #[serde(default)]
+    pub min_matches: Option<usize>,
+    /// Only for a failed job: signs that a running job may show and get
+    /// over.
+    #[serde(default)]
+    pub when_failed: bool,
+    /// Only when the job's error carries no traceback: weak signs that
+    /// must not outrank an exception the job raised itself.
+    #[serde(default)]
+    pub without_exception: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,11 +140,16 @@ fn type_matches(actual: &str, wanted: &str) -> bool {
 #[derive(Debug)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// Every rule's log patterns in one automaton, so a long log is read
+    /// once rather than once per pattern.
+    all_patterns: RegexSet,
+    /// For each pattern of `all_patterns`, the index of its rule.
+    owner: Vec<usize>,
 }
 
 impl RuleSet {
     pub fn builtin() -> Self {
-        Self::with_extra(Vec::new()).expect("built-in rules compile")
+        Self::with_extra(Vec::new()).expect("built-in rules parse and compile")
     }
 
     /// `extra` first, replacing built-in rules with the same id in place.
@@ -145,11 +167,28 @@ impl RuleSet {
             }
         }
         front.extend(specs);
-        let rules = front
+        let rules: Vec<Rule> = front
             .into_iter()
             .map(Rule::compile)
             .collect::<anyhow::Result<_>>()?;
-        Ok(Self { rules })
+        let mut owner = Vec::new();
+        let mut sources = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            for p in &r.patterns {
+                owner.push(i);
+                sources.push(p.as_str().to_owned());
+            }
+        }
+        let all_patterns = regex::RegexSetBuilder::new(&sources)
+            .size_limit(64 << 20)
+            .dfa_size_limit(64 << 20)
+            .build()
+            .map_err(|e| anyhow::anyhow!("the rules' patterns do not compile together: {e}"))?;
+        Ok(Self {
+            rules,
+            all_patterns,
+            owner,
+        })
     }
 
     /// Parses a rules file (see the module docs).
@@ -172,10 +211,11 @@ impl RuleSet {
 
     /// Findings in rule order, errors before warnings.
     pub fn evaluate(&self, job: &JobFacts, log: &[LogLine]) -> Vec<Finding> {
+        let hits = self.log_hits(log);
         let mut findings: Vec<Finding> = Vec::new();
-        for rule in &self.rules {
+        for (rule, hits) in self.rules.iter().zip(&hits) {
             let explained = findings.iter().any(|f| f.severity == Severity::Error);
-            if let Some(f) = apply(rule, job, log, explained) {
+            if let Some(f) = apply(rule, job, hits, explained) {
                 findings.push(f);
             }
         }
@@ -185,10 +225,37 @@ impl RuleSet {
     }
 }
 
-fn apply(rule: &Rule, job: &JobFacts, log: &[LogLine], explained: bool) -> Option<Finding> {
+impl RuleSet {
+    /// For each rule, the log lines any of its patterns match, in order.
+    /// Most lines match nothing, and one pass of the combined automaton
+    /// says so; only the lines it flags are asked which patterns.
+    fn log_hits<'a>(&self, log: &'a [LogLine]) -> Vec<Vec<&'a LogLine>> {
+        let mut hits: Vec<Vec<&LogLine>> = vec![Vec::new(); self.rules.len()];
+        for line in log {
+            if !self.all_patterns.is_match(&line.text) {
+                continue;
+            }
+            for p in self.all_patterns.matches(&line.text).iter() {
+                let rule = &mut hits[self.owner[p]];
+                if !rule.last().is_some_and(|l| std::ptr::eq(*l, line)) {
+                    rule.push(line);
+                }
+            }
+        }
+        hits
+    }
+}
+
+fn apply(rule: &Rule, job: &JobFacts, hits: &[&LogLine], explained: bool) -> Option<Finding> {
     let s = &rule.spec;
-    let mut evidence: Vec<Evidence> = Vec::new();
     let error = job.error.as_ref();
+    if s.when_failed && job.state != jpb::JobState::Failed {
+        return None;
+    }
+    if s.without_exception && error.is_some_and(|e| !e.traceback.trim().is_empty()) {
+        return None;
+    }
+    let mut evidence: Vec<Evidence> = Vec::new();
     let headline = error.map(|e| e.headline()).unwrap_or_default();
     let mut cite_error = false;
 
@@ -212,10 +279,11 @@ fn apply(rule: &Rule, job: &JobFacts, log: &[LogLine], explained: bool) -> Optio
         evidence.push(Evidence::error(format!("failure cause {cause}{reason}")));
     }
     if !rule.patterns.is_empty() {
-        let hits: Vec<&LogLine> = log
-            .iter()
-            .filter(|l| rule.patterns.iter().any(|p| p.is_match(&l.text)))
-            .collect();
+        let hits: &[&LogLine] = if hits.len() < s.min_matches.unwrap_or(1) {
+            &[]
+        } else {
+            hits
+        };
         let cited: Vec<&&LogLine> = if hits.len() > MAX_LOG_EVIDENCE {
             let head = MAX_LOG_EVIDENCE - 2;
             hits[..head].iter().chain(&hits[hits.len() - 2..]).collect()
@@ -223,7 +291,7 @@ fn apply(rule: &Rule, job: &JobFacts, log: &[LogLine], explained: bool) -> Optio
             hits.iter().collect()
         };
         evidence.extend(cited.into_iter().map(|l| Evidence::log(l)));
-        if let Some(e) = error {
+        if let Some(e) = error.filter(|_| s.min_matches.unwrap_or(1) <= 1) {
             let text = e.text();
             if rule.patterns.iter().any(|p| p.is_match(&text)) {
                 cite_error = true;
@@ -286,320 +354,11 @@ fn apply(rule: &Rule, job: &JobFacts, log: &[LogLine], explained: bool) -> Optio
     })
 }
 
-fn strs(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| (*s).to_owned()).collect()
-}
+/// The built-in rules, most specific root causes first.
+const BUILTIN_YAML: &str = include_str!("../rules/builtin.yaml");
 
-fn rule(id: &str, layer: Layer, category: &str, summary: &str, hint: &str) -> RuleSpec {
-    RuleSpec {
-        id: id.into(),
-        layer,
-        severity: Severity::Error,
-        category: category.into(),
-        summary: summary.into(),
-        hint: hint.into(),
-        log_patterns: Vec::new(),
-        exit_codes: Vec::new(),
-        error_types: Vec::new(),
-        error_categories: Vec::new(),
-        failure_causes: Vec::new(),
-        gpu_shm_below_mib: None,
-        fallback: false,
-    }
-}
-
-/// The built-in rules, most specific root causes first: a CUDA OOM on one
-/// rank shows up as NCCL timeouts on the others, so cuda-oom precedes nccl.
 pub fn builtin_specs() -> Vec<RuleSpec> {
-    use Layer::{Control, Execution, Resource};
-    vec![
-        // First: when the platform took the resources back, the log's last
-        // words (a SIGTERM, a SIGKILL) are how the job was stopped, not why.
-        RuleSpec {
-            error_categories: strs(&["preempted"]),
-            failure_causes: strs(&["preempted"]),
-            ..rule(
-                "preempted",
-                Control,
-                "preempted",
-                "The platform preempted or evicted the job's pods",
-                "Kubernetes took the resources back (a higher-priority workload preempted the \
-                 pod, or the node evicted it under pressure or went away). Such attempts are \
-                 retried at once and do not use the retry budget; if it keeps happening, run \
-                 the job with a higher priority class, ask for fewer resources, or check the \
-                 node's memory and disk pressure.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"CUDA out of memory",
-                r"OutOfMemoryError",
-                r"CUDA error: out of memory",
-                r"CUBLAS_STATUS_ALLOC_FAILED",
-            ]),
-            error_types: strs(&["OutOfMemoryError", "CudaOutOfMemory"]),
-            error_categories: strs(&["cuda-oom"]),
-            ..rule(
-                "cuda-oom",
-                Execution,
-                "cuda-oom",
-                "CUDA out of memory",
-                "The GPU ran out of memory. Reduce the per-GPU batch size or sequence length \
-                 (keep the global batch with gradient accumulation), enable gradient \
-                 checkpointing and bf16/fp16, shard the model (FSDP/ZeRO), or request GPUs with \
-                 more memory; if reserved-but-unallocated memory is large, set \
-                 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"^\s*Killed\s*$",
-                r"OOMKilled",
-                r"Out of memory: Kill(ed)? process",
-                r"Signal 9 \(SIGKILL\)",
-                r"oom-kill",
-            ]),
-            exit_codes: vec![137],
-            error_types: strs(&["OOMKilled"]),
-            error_categories: strs(&["oom-killed"]),
-            ..rule(
-                "oom-killed",
-                Control,
-                "oom-killed",
-                "Killed by the out-of-memory killer (SIGKILL, exit code 137)",
-                "The process used more host memory than its limit and the kernel killed it. \
-                 Request more memory (resources.memory_mib), use fewer DataLoader workers or a \
-                 smaller prefetch_factor, load the dataset lazily (streaming / memory-mapped), \
-                 and avoid loading full checkpoints on every rank.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"ModuleNotFoundError",
-                r"ImportError: No module named",
-                r"No module named '",
-            ]),
-            error_types: strs(&["ModuleNotFoundError"]),
-            ..rule(
-                "module-not-found",
-                Execution,
-                "module-not-found",
-                "A Python module is missing",
-                "Install the missing package in the image (pip install …, pinned to the \
-                 version the code expects), or fix PYTHONPATH / working_dir if the module is \
-                 part of the job's own code; check the image tag the job runs.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"\bloss\b[^\n]{0,40}?[=:\s]\s*[-+]?(nan|inf|infinity)\b",
-                r"\bloss (is|became|was) (nan|inf)",
-                r"\bnan (loss|detected in loss)",
-                r"non-finite loss",
-                r"loss (is )?not finite",
-            ]),
-            ..rule(
-                "nan-loss",
-                Execution,
-                "nan-loss",
-                "The loss became NaN",
-                "Training diverged. Lower the learning rate or add warmup, clip gradients \
-                 (max_grad_norm ≈ 1.0), prefer bf16 over fp16 (or use loss scaling), and check \
-                 the data for empty or corrupt samples; torch.autograd.set_detect_anomaly(True) \
-                 finds the first non-finite operation.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"NCCL error",
-                r"nccl(Internal|System|UnhandledCuda|Remote)Error|ncclInvalidUsage",
-                r"NCCL timeout",
-                r"NCCL[^\n]{0,40}timed out",
-                r"Watchdog caught collective operation timeout",
-                r"NCCL operations have failed or timed out",
-                r"NCCL communicator was aborted",
-            ]),
-            ..rule(
-                "nccl",
-                Execution,
-                "nccl",
-                "NCCL collective error or timeout",
-                "A collective operation failed or timed out. Check that every rank started \
-                 and reaches the same collectives (a rank that crashed or hangs stalls the \
-                 others — look for its own error first), the network settings \
-                 (NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE) and shared memory (shm_mib); rerun with \
-                 NCCL_DEBUG=INFO. Raise the process-group timeout only if one rank is \
-                 legitimately slow (e.g. checkpointing).",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"device-side assert triggered",
-                r"CUDA driver version is insufficient",
-                r"no CUDA-capable device is detected",
-                r"CUDA error: (an illegal memory access|invalid device ordinal|unspecified launch failure|no kernel image)",
-            ]),
-            ..rule(
-                "cuda-error",
-                Execution,
-                "cuda-error",
-                "CUDA error",
-                "A device-side assert usually means an index out of range (labels ≥ \
-                 num_classes, token ids ≥ vocabulary size): rerun with CUDA_LAUNCH_BLOCKING=1 \
-                 to see the failing operation. Driver/\"no kernel image\" errors mean the \
-                 image's CUDA or PyTorch build does not match the node's driver or GPU.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[r"Segmentation fault", r"\bSIGSEGV\b"]),
-            exit_codes: vec![139],
-            error_types: strs(&["Segfault"]),
-            error_categories: strs(&["segfault"]),
-            ..rule(
-                "segfault",
-                Control,
-                "segfault",
-                "Segmentation fault (SIGSEGV, exit code 139)",
-                "A native extension crashed. Check that compiled extensions (flash-attn, \
-                 apex, DeepSpeed ops, bitsandbytes) were built for this PyTorch and CUDA, give \
-                 DataLoader workers enough shared memory (shm_mib), and run with \
-                 `python -X faulthandler` to get the Python stack of the crash.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"No space left on device",
-                r"\bENOSPC\b",
-                r"Disk quota exceeded",
-            ]),
-            ..rule(
-                "disk-full",
-                Execution,
-                "disk-full",
-                "Disk full",
-                "The volume holding outputs, checkpoints or caches is full. Free space, write \
-                 checkpoints to a larger volume (training.output_path), keep fewer checkpoints \
-                 (save_total_limit), and point caches (HF_HOME, TMPDIR) at a volume with room.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"ImagePullBackOff",
-                r"ErrImagePull",
-                r"pull access denied",
-                r"manifest unknown",
-                r"repository does not exist",
-            ]),
-            error_categories: strs(&["image-pull"]),
-            failure_causes: strs(&["image-pull"]),
-            ..rule(
-                "image-pull",
-                Control,
-                "image-pull",
-                "The container image could not be pulled",
-                "Check the image name and tag, that the registry credentials are available \
-                 to the runner, and that the runner can reach the registry.",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"Address already in use",
-                r"\bEADDRINUSE\b",
-                r"\[Errno 98\]",
-            ]),
-            ..rule(
-                "port-in-use",
-                Execution,
-                "port-in-use",
-                "A network port is already in use",
-                "Another process (often an earlier attempt or another job on the node) holds \
-                 the port. Use a free MASTER_PORT (e.g. derived from the job id) or let torchrun \
-                 choose one (--standalone, or --rdzv-endpoint=localhost:0).",
-            )
-        },
-        RuleSpec {
-            log_patterns: strs(&[
-                r"exec format error",
-                r"executable file not found",
-                r": command not found",
-                r"OCI runtime (create|exec) failed",
-                r"could not select device driver",
-                r"nvidia-container-cli: initialization error",
-            ]),
-            error_categories: strs(&["setup"]),
-            failure_causes: strs(&["setup"]),
-            ..rule(
-                "setup",
-                Control,
-                "setup",
-                "The job's environment could not be set up",
-                "Check that the command's program exists in the image (argv[0], no shell \
-                 syntax), the working_dir exists, the image matches the node's architecture, \
-                 and the runner has the NVIDIA container runtime when GPUs are requested.",
-            )
-        },
-        RuleSpec {
-            exit_codes: vec![143],
-            error_categories: strs(&["terminated"]),
-            ..rule(
-                "terminated",
-                Control,
-                "terminated",
-                "Stopped by SIGTERM (exit code 143)",
-                "The process was asked to stop (cancelled, preempted, or past its deadline). \
-                 Save checkpoints regularly and handle SIGTERM to save one on the way out; \
-                 retry the job if it was preempted.",
-            )
-        },
-        RuleSpec {
-            error_categories: strs(&["deadline"]),
-            failure_causes: strs(&["deadline"]),
-            ..rule(
-                "deadline",
-                Control,
-                "deadline",
-                "The attempt ran past its deadline",
-                "Raise spec.deadline if the run legitimately needs longer, or resume from a \
-                 checkpoint; check the log for a hang (a stalled step counter).",
-            )
-        },
-        RuleSpec {
-            failure_causes: strs(&["platform"]),
-            ..rule(
-                "runner-lost",
-                Control,
-                "platform",
-                "The runner running the job was lost",
-                "The node or its runner stopped responding; this is a platform failure, not \
-                 the job's. The job is retried under its retry policy; contact the operators \
-                 if it recurs on the same node.",
-            )
-        },
-        RuleSpec {
-            severity: Severity::Warning,
-            gpu_shm_below_mib: Some(1024),
-            ..rule(
-                "nccl-shm",
-                Resource,
-                "resource",
-                "GPUs requested with less than 1 GiB of shared memory",
-                "NCCL and DataLoader workers use /dev/shm; the container default (64 MiB) \
-                 makes multi-GPU jobs fail or hang. Set resources.shm_mib to at least 1024 \
-                 (8192 or more for multi-GPU training).",
-            )
-        },
-        RuleSpec {
-            fallback: true,
-            ..rule(
-                "user-code",
-                Execution,
-                "user-code",
-                "The job failed: {error}",
-                "Read the traceback in the log from its last frame in the job's own code; fix \
-                 the error and resubmit (retrying without a change will fail the same way).",
-            )
-        },
-    ]
+    RuleSet::parse_yaml(BUILTIN_YAML).expect("the built-in rules file parses")
 }
 
 #[cfg(test)]

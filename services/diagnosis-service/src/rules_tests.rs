@@ -156,7 +156,7 @@ fn module_not_found_cites_the_import_line() {
     let r = compose(&j, 7, None, f);
     assert_eq!(
         r.error,
-        "A Python module is missing (ModuleNotFoundError: No module named 'flash_attn')"
+        "A Python module is missing or cannot be imported (ModuleNotFoundError: No module named 'flash_attn')"
     );
 }
 
@@ -257,12 +257,24 @@ fn exit_139_is_segfault_and_disk_image_port_setup_match_their_lines() {
         ("Error response from daemon: pull access denied for myorg/trainer, repository does not exist", "image-pull"),
         ("RuntimeError: The server socket has failed to listen on any local network address. The server socket has failed to bind to [::]:29500 (errno: 98 - Address already in use).", "port-in-use"),
         ("exec: \"torchrun\": executable file not found in $PATH", "setup"),
-        ("RuntimeError: CUDA error: device-side assert triggered", "cuda-error"),
+        ("RuntimeError: CUDA error: an illegal memory access was encountered", "cuda-error"),
     ] {
         let j = job(jpb::JobState::Failed, Some(1), None);
         let f = RuleSet::builtin().evaluate(&j, &[LogLine::new(4, line)]);
         assert_eq!(ids(&f), [rule], "{line}");
     }
+
+    // A device-side assert is almost always an index out of range: the
+    // data's, before CUDA's.
+    let j = job(jpb::JobState::Failed, Some(1), None);
+    let f = RuleSet::builtin().evaluate(
+        &j,
+        &[LogLine::new(
+            4,
+            "RuntimeError: CUDA error: device-side assert triggered",
+        )],
+    );
+    assert_eq!(ids(&f), ["data-index-out-of-range", "cuda-error"]);
 
     let mut pull = job(
         jpb::JobState::Failed,
@@ -377,7 +389,7 @@ rules:
         "OSError: We couldn't connect to 'https://huggingface.co' to load this file",
     )];
     let f = set.evaluate(&j, &log);
-    assert_eq!(ids(&f), ["hf-offline", "oom-killed"]);
+    assert_eq!(ids(&f), ["hf-offline", "oom-killed", "network"]);
     assert_eq!(f[1].category, "memory");
 
     let bad = "rules:\n  - id: x\n    layer: control\n    category: c\n    summary: s\n    hint: h\n    log_patterns: ['(']\n";

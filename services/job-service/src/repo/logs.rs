@@ -134,7 +134,9 @@ pub async fn append_logs(
     let legacy = st.truncated && st.tail_from == 0;
     let keep: Vec<&LogLine> = lines
         .iter()
-        .filter(|l| !legacy && (l.number <= cap.head || st.tail_from == 0 || l.number >= st.tail_from))
+        .filter(|l| {
+            !legacy && (l.number <= cap.head || st.tail_from == 0 || l.number >= st.tail_from)
+        })
         .collect();
     let mut inserted = 0;
     for chunk in keep.chunks(INSERT_CHUNK) {

@@ -400,7 +400,11 @@ async fn a_long_log_keeps_its_head_its_tail_and_one_marker() {
         assert_eq!(numbers, [1, 2, 18, 19, 20], "{}", app.label);
         assert_eq!(all[0], lines(1..=1)[0]);
         assert_eq!(all[2..], lines(18..=20)[..]);
-        assert!(all[1].text.contains("lines 2-17 were dropped"), "{}", all[1].text);
+        assert!(
+            all[1].text.contains("lines 2-17 were dropped"),
+            "{}",
+            all[1].text
+        );
     }
 }
 
