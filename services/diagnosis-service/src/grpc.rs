@@ -67,7 +67,7 @@ impl dpb::diagnosis_service_server::DiagnosisService for DiagnosisGrpc {
     ) -> Result<Response<dpb::ListPromptTemplatesResponse>, Status> {
         auth::caller(&req)?;
         Ok(Response::new(dpb::ListPromptTemplatesResponse {
-            templates: prompt::builtin(),
+            templates: prompt::Prompts::builtin().to_proto(),
         }))
     }
 }

@@ -19,6 +19,7 @@ pub mod repo;
 pub mod report;
 pub mod rules;
 pub mod service;
+pub mod template;
 
 use std::future::Future;
 use std::sync::Arc;

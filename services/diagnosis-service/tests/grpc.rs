@@ -601,8 +601,13 @@ async fn prompt_templates_and_a_rules_file() {
         .unwrap()
         .into_inner()
         .templates;
-    assert_eq!(t[0].version, "builtin-v1");
-    assert!(t[0].text.contains("{{.LogInfo}}") && t[0].text.contains("{{.Metadata.JobName}}"));
+    let kinds: Vec<&str> = t.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(kinds, ["job", "master", "worker"]);
+    for t in &t {
+        assert_eq!(t.source, "builtin");
+        assert!(t.version.starts_with("builtin@"), "{}", t.version);
+        assert!(t.text.contains("{{.LogInfo}}") && t.text.contains("{{.Metadata.JobName}}"));
+    }
 
     let d = c
         .diagnose_job(diagnose_req(&job_id))
