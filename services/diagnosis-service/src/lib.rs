@@ -9,6 +9,7 @@
 //! "rules-v1").
 
 pub mod config;
+pub mod context;
 pub mod domain;
 pub mod error;
 pub mod grpc;
