@@ -8,12 +8,14 @@
 //! LLM (a later release) the rules alone answer (`prompt_version`
 //! "rules-v1").
 
+pub mod answer;
 pub mod config;
 pub mod context;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod llm;
 pub mod logwindow;
 pub mod prompt;
 pub mod repo;
