@@ -38,6 +38,7 @@ pub mod healthcheck;
 pub mod id;
 pub mod inbound;
 pub mod log_file;
+pub mod logline;
 pub mod outbox;
 pub mod sealed;
 pub mod server;

@@ -5,10 +5,6 @@
 //! then the most recent others to fill the window, in original order with
 //! their line numbers.
 
-use std::sync::LazyLock;
-
-use regex::Regex;
-
 use crate::domain::LogLine;
 
 /// Lines of the log tail that are considered.
@@ -16,17 +12,10 @@ pub const TAIL_LINES: usize = 1000;
 /// Lines in the window.
 pub const WINDOW_LINES: usize = 60;
 
-/// `oom` and `nan` only at a word start / as a word, so that `bloom`,
-/// `room` or `nanoseconds` do not count.
-static KEYWORDS: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(
-        r"(?i)error|exception|traceback|nccl|cuda|\boom|killed|\bnan\b|fatal|segmentation|timeout|timed out",
-    )
-    .expect("static regex")
-});
-
+/// The same test job-service uses to keep telling lines of a log too long
+/// to store whole.
 pub fn is_keyword_line(text: &str) -> bool {
-    KEYWORDS.is_match(text)
+    trainmesh_common::logline::is_notable(text)
 }
 
 /// The window of `lines` (in log order), at most `size` lines.
@@ -135,24 +124,5 @@ mod tests {
         assert_eq!(w[20].number, 961);
         assert_eq!(w[59].number, 1000);
         assert!(w.windows(2).all(|p| p[0].number < p[1].number));
-    }
-
-    #[test]
-    fn keywords_are_case_insensitive_and_word_aware() {
-        for yes in [
-            "ERROR x",
-            "ModuleNotFoundError: No module named 'x'",
-            "Killed",
-            "loss: NaN",
-            "OOMKilled",
-            "Segmentation fault (core dumped)",
-            "Watchdog caught collective operation timeout",
-            "cuda:0",
-        ] {
-            assert!(is_keyword_line(yes), "{yes}");
-        }
-        for no in ["loading bigscience/bloom", "nanoseconds", "step 3 loss 0.5"] {
-            assert!(!is_keyword_line(no), "{no}");
-        }
     }
 }

@@ -53,8 +53,9 @@ pub struct Args {
     )]
     pub data_roots: Vec<PathBuf>,
 
-    /// Log lines stored per attempt; later lines are dropped and one marker
-    /// line says so.
+    /// Log lines stored per attempt. A longer log keeps its first quarter,
+    /// its end and the earliest error lines between; one marker line says
+    /// which lines were dropped.
     #[arg(long, env = "TRAINMESH_JOB_MAX_LOG_LINES", default_value_t = 200_000)]
     pub max_log_lines_per_attempt: i64,
 

@@ -377,14 +377,17 @@ async fn follow_waits_for_the_first_attempt() {
 }
 
 #[tokio::test]
-async fn stored_lines_are_capped_with_one_marker() {
+async fn a_long_log_keeps_its_head_its_tail_and_one_marker() {
     for db in all_dbs().await {
+        // Cap 5: line 1, the marker, the last 3 lines.
         let app = App::start_with(&db, |c| c.max_log_lines_per_attempt = 5).await;
         let job = create(&mut app.alice(), spec("chatty")).await;
         make_running(&app, &job.id).await;
         assert_eq!(append(&app, &job.id, lines(1..=3)).await, 3);
         assert_eq!(append(&app, &job.id, lines(2..=8)).await, 8);
         assert_eq!(append(&app, &job.id, lines(9..=20)).await, 20);
+        // A re-sent line that was dropped stays dropped.
+        assert_eq!(append(&app, &job.id, lines(4..=6)).await, 20);
         let all = read_all(
             &app,
             pb::StreamJobLogsRequest {
@@ -393,9 +396,53 @@ async fn stored_lines_are_capped_with_one_marker() {
             },
         )
         .await;
-        assert_eq!(all.len(), 6, "{}: 5 lines and a marker", app.label);
-        assert_eq!(all[..5], lines(1..=5)[..]);
-        assert_eq!(all[5].number, 6);
-        assert!(all[5].text.contains("log truncated"), "{}", all[5].text);
+        let numbers: Vec<i64> = all.iter().map(|l| l.number).collect();
+        assert_eq!(numbers, [1, 2, 18, 19, 20], "{}", app.label);
+        assert_eq!(all[0], lines(1..=1)[0]);
+        assert_eq!(all[2..], lines(18..=20)[..]);
+        assert!(all[1].text.contains("lines 2-17 were dropped"), "{}", all[1].text);
+    }
+}
+
+#[tokio::test]
+async fn the_middle_of_a_long_log_keeps_its_earliest_error_lines() {
+    for db in all_dbs().await {
+        // Cap 100: lines 1-25, the marker, 5 telling lines, the last 69.
+        let app = App::start_with(&db, |c| c.max_log_lines_per_attempt = 100).await;
+        let job = create(&mut app.alice(), spec("chatty")).await;
+        make_running(&app, &job.id).await;
+        let text = |n: i64| {
+            if n % 50 == 0 {
+                format!("NCCL WARN something at {n}")
+            } else {
+                format!("step {n} loss 0.5")
+            }
+        };
+        for start in (1..=1000).step_by(70) {
+            let batch: Vec<pb::LogLine> = (start..(start + 70).min(1001))
+                .map(|n| pb::LogLine {
+                    attempt: 1,
+                    number: n,
+                    text: text(n),
+                })
+                .collect();
+            append(&app, &job.id, batch).await;
+        }
+        let all = read_all(
+            &app,
+            pb::StreamJobLogsRequest {
+                job_id: job.id.clone(),
+                ..Default::default()
+            },
+        )
+        .await;
+        let numbers: Vec<i64> = all.iter().map(|l| l.number).collect();
+        let mut want: Vec<i64> = (1..=26).collect();
+        want.extend([50, 100, 150, 200, 250]);
+        want.extend(932..=1000);
+        assert_eq!(numbers, want, "{}", app.label);
+        assert!(all[25].text.contains("were dropped"), "{}", all[25].text);
+        assert_eq!(all[26].text, "NCCL WARN something at 50");
+        assert_eq!(all.last().map(|l| l.text.clone()), Some(text(1000)));
     }
 }
