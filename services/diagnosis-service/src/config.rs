@@ -9,6 +9,12 @@ use trainmesh_common::config::CommonArgs;
 use trainmesh_common::server::ServerOptions;
 use trainmesh_common::tls::ClientTls;
 
+use crate::llm::LlmSettings;
+
+/// Inside job-service's 15 s limit for the DiagnoseJob it sends when a job
+/// fails, with room to read the job first.
+const DEFAULT_LLM_WAIT_SECS: u64 = 10;
+
 /// Everything `run` needs; tests build it directly.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -28,6 +34,14 @@ pub struct Config {
     pub rules_file: Option<PathBuf>,
     /// Limit for each call to job-service.
     pub job_call_timeout: Duration,
+    /// `job.tmpl`, `master.tmpl`, `worker.tmpl` overriding the built-in
+    /// prompt templates.
+    pub prompt_dir: Option<PathBuf>,
+    /// The chat-completions endpoint; without it the rules alone answer.
+    pub llm: Option<LlmSettings>,
+    /// How long DiagnoseJob waits for the LLM (less when the caller's
+    /// deadline is nearer); later answers update the stored diagnosis.
+    pub llm_wait: Duration,
 }
 
 impl Config {
@@ -48,6 +62,9 @@ impl Config {
             client_tls: ClientTls::default(),
             rules_file: None,
             job_call_timeout: Duration::from_secs(15),
+            prompt_dir: None,
+            llm: None,
+            llm_wait: Duration::from_secs(DEFAULT_LLM_WAIT_SECS),
         }
     }
 }
@@ -100,6 +117,44 @@ pub struct Args {
         default_value_t = 15
     )]
     pub job_timeout_secs: u64,
+
+    /// Directory of prompt templates (`job.tmpl`, `master.tmpl`,
+    /// `worker.tmpl`, Go template syntax with the Aegis variables) that
+    /// override the built-in ones; a Kubernetes ConfigMap, say.
+    #[arg(long, env = "TRAINMESH_DIAGNOSIS_PROMPT_DIR")]
+    pub prompt_dir: Option<PathBuf>,
+
+    /// OpenAI-compatible endpoint for LLM analyses, e.g.
+    /// `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`
+    /// (`/chat/completions` is appended). Without it the rules alone answer.
+    #[arg(long, env = "TRAINMESH_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+
+    /// Model asked, e.g. `gpt-4o-mini` or the name vLLM serves.
+    #[arg(long, env = "TRAINMESH_LLM_MODEL")]
+    pub llm_model: Option<String>,
+
+    /// File holding the endpoint's API key (sent as `Authorization: Bearer`).
+    #[arg(long, env = "TRAINMESH_LLM_API_KEY_FILE")]
+    pub llm_api_key_file: Option<PathBuf>,
+
+    /// Seconds allowed for one LLM request.
+    #[arg(long, env = "TRAINMESH_LLM_TIMEOUT_SECS", default_value_t = 60)]
+    pub llm_timeout_secs: u64,
+
+    /// Tries after the first on connection errors, 429 and 5xx.
+    #[arg(long, env = "TRAINMESH_LLM_RETRIES", default_value_t = 2)]
+    pub llm_retries: u32,
+
+    /// Seconds DiagnoseJob waits for the LLM before answering with the
+    /// rules' diagnosis and the analyses still pending (never past the
+    /// caller's deadline).
+    #[arg(
+        long,
+        env = "TRAINMESH_DIAGNOSIS_LLM_WAIT_SECS",
+        default_value_t = DEFAULT_LLM_WAIT_SECS
+    )]
+    pub llm_wait_secs: u64,
 }
 
 /// A plain path means a SQLite file.
@@ -113,7 +168,26 @@ fn database_url(common: &CommonArgs, explicit: Option<&str>) -> String {
 }
 
 impl Args {
+    fn llm(&self) -> anyhow::Result<Option<LlmSettings>> {
+        let Some(base_url) = self.llm_base_url.clone().filter(|u| !u.trim().is_empty()) else {
+            anyhow::ensure!(
+                self.llm_model.is_none() && self.llm_api_key_file.is_none(),
+                "--llm-model and --llm-api-key-file need --llm-base-url"
+            );
+            return Ok(None);
+        };
+        let Some(model) = self.llm_model.clone().filter(|m| !m.trim().is_empty()) else {
+            anyhow::bail!("--llm-base-url needs --llm-model");
+        };
+        let mut s = LlmSettings::new(base_url, model);
+        s.api_key_file = self.llm_api_key_file.clone();
+        s.timeout = Duration::from_secs(self.llm_timeout_secs.max(1));
+        s.retries = self.llm_retries;
+        Ok(Some(s))
+    }
+
     pub async fn into_config(self) -> anyhow::Result<Config> {
+        let llm = self.llm()?;
         // Without the token, DiagnoseJob answers UNAVAILABLE but stored
         // diagnoses can still be read, so a missing token is not fatal.
         let service_token = self.common.optional_service_token(
@@ -130,6 +204,9 @@ impl Args {
             client_tls: self.common.client_tls()?,
             rules_file: self.rules_file,
             job_call_timeout: Duration::from_secs(self.job_timeout_secs.max(1)),
+            prompt_dir: self.prompt_dir,
+            llm,
+            llm_wait: Duration::from_secs(self.llm_wait_secs),
         })
     }
 }

@@ -5,20 +5,29 @@
 //! checks of states and exit codes, execution checks of the error and the
 //! log) and answers `Healthy` / `Error` / `Analysis` / `Solution` with the
 //! evidence cited, stored for GetDiagnosis and ListDiagnoses. Without an
-//! LLM (a later release) the rules alone answer (`prompt_version`
-//! "rules-v1").
+//! LLM the rules alone answer (`prompt_version` "rules-v1"). With an
+//! OpenAI-compatible endpoint configured ([`llm`]) and asked for, the LLM
+//! also analyses the master and the abnormal workers (or the job) from
+//! prompt templates in Aegis' syntax ([`template`], [`prompt`],
+//! [`context`]); its analyses are kept beside the rules' answer and never
+//! change it ([`analyst`]).
 
+pub mod analyst;
+pub mod answer;
 pub mod config;
+pub mod context;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod jobs;
+pub mod llm;
 pub mod logwindow;
 pub mod prompt;
 pub mod repo;
 pub mod report;
 pub mod rules;
 pub mod service;
+pub mod template;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -42,6 +51,9 @@ pub async fn run(
         Some(path) => rules::RuleSet::load_file(path)?,
         None => rules::RuleSet::builtin(),
     };
+    // Checked even without an LLM: a broken template stops the start.
+    let prompts = Arc::new(prompt::Prompts::load(config.prompt_dir.as_deref())?);
+    let llm = config.llm.clone().map(llm::LlmClient::new).transpose()?;
     let db = db::open(
         &config.database_url,
         Durability::Full,
@@ -62,7 +74,17 @@ pub async fn run(
     let (trigger, _watch) = server::shutdown_pair();
     let mut server_opts = config.server;
     server_opts.storage = Some(db.clone());
-    let svc = Arc::new(service::Diagnoser::new(repo::Repo::new(db), jobs, rules));
+    let repo = repo::Repo::new(db);
+    let analyst = llm.map(|client| {
+        tracing::info!(model = client.model(), "LLM analyses enabled");
+        Arc::new(analyst::Analyst::new(
+            client,
+            prompts.clone(),
+            repo.clone(),
+            config.llm_wait,
+        ))
+    });
+    let svc = Arc::new(service::Diagnoser::new(repo, jobs, rules, prompts, analyst));
     let max = server_opts.max_message_bytes;
     let diagnosis = DiagnosisServiceServer::new(grpc::DiagnosisGrpc::new(svc))
         .max_decoding_message_size(max)

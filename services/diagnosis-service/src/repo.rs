@@ -1,6 +1,7 @@
 //! Storage of diagnoses (SQLite or PostgreSQL through sqlx's `Any` driver).
 //! A diagnosis is stored whole, as its encoded protobuf, next to the
-//! columns that find and guard it (id, job, owner).
+//! columns that find and guard it (id, job, owner). Successful LLM
+//! analyses are kept apart, by what they were asked, to be reused.
 
 use sqlx::any::AnyRow;
 use sqlx::Row;
@@ -40,6 +41,19 @@ fn from_row(r: &AnyRow) -> Result<StoredDiagnosis> {
     })
 }
 
+/// What identifies a reusable LLM analysis: the same question (rendered
+/// prompt) about the same attempt, with the same template and model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AnalysisKey {
+    pub job_id: JobId,
+    pub attempt: i64,
+    /// `<kind>/<replica pod>`.
+    pub target: String,
+    pub prompt_version: String,
+    pub model: String,
+    pub prompt_sha256: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct Repo {
     db: Db,
@@ -70,6 +84,59 @@ impl Repo {
         .fetch_one(&self.db.write)
         .await?;
         Ok(seq)
+    }
+
+    /// Replaces a stored diagnosis's body (a late LLM answer arrived).
+    pub async fn update_body(&self, id: DiagnosisId, body: &[u8]) -> Result<()> {
+        sqlx::query("UPDATE diagnoses SET body = $1 WHERE id = $2")
+            .bind(body)
+            .bind(id.to_string())
+            .execute(&self.db.write)
+            .await?;
+        Ok(())
+    }
+
+    /// The encoded `LlmAnalysis` stored under `key`.
+    pub async fn cached_analysis(&self, key: &AnalysisKey) -> Result<Option<Vec<u8>>> {
+        let body = sqlx::query_scalar(
+            "SELECT body FROM llm_analyses WHERE job_id = $1 AND attempt = $2 AND target = $3 \
+             AND prompt_version = $4 AND model = $5 AND prompt_sha256 = $6",
+        )
+        .bind(key.job_id.to_string())
+        .bind(key.attempt)
+        .bind(&key.target)
+        .bind(&key.prompt_version)
+        .bind(&key.model)
+        .bind(&key.prompt_sha256)
+        .fetch_optional(&self.db.read)
+        .await?;
+        Ok(body)
+    }
+
+    /// Keeps the first analysis stored under `key`.
+    pub async fn cache_analysis(
+        &self,
+        key: &AnalysisKey,
+        created_micros: i64,
+        body: &[u8],
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO llm_analyses \
+             (job_id, attempt, target, prompt_version, model, prompt_sha256, created_at, body) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (job_id, attempt, target, prompt_version, model, prompt_sha256) DO NOTHING",
+        )
+        .bind(key.job_id.to_string())
+        .bind(key.attempt)
+        .bind(&key.target)
+        .bind(&key.prompt_version)
+        .bind(&key.model)
+        .bind(&key.prompt_sha256)
+        .bind(created_micros)
+        .bind(body)
+        .execute(&self.db.write)
+        .await?;
+        Ok(())
     }
 
     pub async fn get(&self, id: DiagnosisId) -> Result<Option<StoredDiagnosis>> {

@@ -1,244 +1,20 @@
 //! diagnosis-service over real gRPC on loopback, reading jobs from an
 //! in-test job-service (a real tonic peer that serves GetJob and
 //! StreamJobLogs), on SQLite and (when `TRAINMESH_TEST_POSTGRES_URL` is set)
-//! PostgreSQL.
+//! PostgreSQL. The LLM half is in `llm.rs`.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+mod common;
 
-use diagnosis_service::{run, Config};
-use dpb::diagnosis_service_client::DiagnosisServiceClient;
-use jpb::job_service_server::{JobService, JobServiceServer};
-use tokio_stream::Stream;
+use std::sync::Arc;
+
+use common::{start_fake_jobs, Diag, FakeJobs};
 use tonic::metadata::MetadataValue;
-use tonic::{Code, Request, Response, Status};
-use trainmesh_common::client::{self, Channel};
+use tonic::{Code, Request};
 use trainmesh_common::proto::diagnosis::v1 as dpb;
 use trainmesh_common::proto::job::v1 as jpb;
-use trainmesh_common::testing::{self, TestDb};
+use trainmesh_common::testing;
 
 const OOM_LINE: &str = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.20 GiB is free.";
-
-/// job-service as far as diagnosis-service uses it.
-#[derive(Default)]
-struct FakeJobs {
-    jobs: Mutex<HashMap<String, (jpb::Job, Vec<String>)>>,
-    /// Correlation ids GetJob was called with.
-    seen_correlation_ids: Mutex<Vec<String>>,
-}
-
-impl FakeJobs {
-    fn check_service_token<T>(req: &Request<T>) -> Result<(), Status> {
-        let expected = format!("Bearer {}", testing::test_tokens().diagnosis);
-        match req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(v) if v == expected => Ok(()),
-            _ => Err(Status::unauthenticated(
-                "fake job-service wants the service token",
-            )),
-        }
-    }
-}
-
-fn unimplemented<T>() -> Result<T, Status> {
-    Err(Status::unimplemented("not in the fake"))
-}
-
-type LogStream = Pin<Box<dyn Stream<Item = Result<jpb::StreamJobLogsResponse, Status>> + Send>>;
-type WatchStream = Pin<Box<dyn Stream<Item = Result<jpb::WatchJobsResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl JobService for FakeJobs {
-    async fn get_job(
-        &self,
-        req: Request<jpb::GetJobRequest>,
-    ) -> Result<Response<jpb::GetJobResponse>, Status> {
-        FakeJobs::check_service_token(&req)?;
-        if let Some(cid) = req
-            .metadata()
-            .get("x-correlation-id")
-            .and_then(|v| v.to_str().ok())
-        {
-            self.seen_correlation_ids
-                .lock()
-                .unwrap()
-                .push(cid.to_owned());
-        }
-        let jobs = self.jobs.lock().unwrap();
-        match jobs.get(&req.get_ref().job_id) {
-            Some((job, _)) => Ok(Response::new(jpb::GetJobResponse {
-                job: Some(job.clone()),
-            })),
-            None => Err(Status::not_found("job not found")),
-        }
-    }
-
-    type StreamJobLogsStream = LogStream;
-
-    async fn stream_job_logs(
-        &self,
-        req: Request<jpb::StreamJobLogsRequest>,
-    ) -> Result<Response<LogStream>, Status> {
-        FakeJobs::check_service_token(&req)?;
-        let r = req.into_inner();
-        assert!(!r.follow, "diagnosis must not follow logs");
-        let jobs = self.jobs.lock().unwrap();
-        let Some((_, log)) = jobs.get(&r.job_id) else {
-            return Err(Status::not_found("job not found"));
-        };
-        let numbered: Vec<jpb::LogLine> = log
-            .iter()
-            .enumerate()
-            .map(|(i, t)| jpb::LogLine {
-                attempt: 1,
-                number: i as i64 + 1,
-                text: t.clone(),
-            })
-            .collect();
-        let tail = r.tail_lines.max(0) as usize;
-        let start = if tail == 0 {
-            0
-        } else {
-            numbered.len().saturating_sub(tail)
-        };
-        let msgs: Vec<Result<jpb::StreamJobLogsResponse, Status>> = numbered[start..]
-            .chunks(100)
-            .map(|c| {
-                Ok(jpb::StreamJobLogsResponse {
-                    lines: c.to_vec(),
-                    cursor: String::new(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
-    }
-
-    async fn create_job(
-        &self,
-        _: Request<jpb::CreateJobRequest>,
-    ) -> Result<Response<jpb::CreateJobResponse>, Status> {
-        unimplemented()
-    }
-    async fn list_jobs(
-        &self,
-        _: Request<jpb::ListJobsRequest>,
-    ) -> Result<Response<jpb::ListJobsResponse>, Status> {
-        unimplemented()
-    }
-    async fn cancel_job(
-        &self,
-        _: Request<jpb::CancelJobRequest>,
-    ) -> Result<Response<jpb::CancelJobResponse>, Status> {
-        unimplemented()
-    }
-    async fn retry_job(
-        &self,
-        _: Request<jpb::RetryJobRequest>,
-    ) -> Result<Response<jpb::RetryJobResponse>, Status> {
-        unimplemented()
-    }
-    async fn delete_job(
-        &self,
-        _: Request<jpb::DeleteJobRequest>,
-    ) -> Result<Response<jpb::DeleteJobResponse>, Status> {
-        unimplemented()
-    }
-    type WatchJobsStream = WatchStream;
-    async fn watch_jobs(
-        &self,
-        _: Request<jpb::WatchJobsRequest>,
-    ) -> Result<Response<WatchStream>, Status> {
-        unimplemented()
-    }
-    async fn create_pipeline(
-        &self,
-        _: Request<jpb::CreatePipelineRequest>,
-    ) -> Result<Response<jpb::CreatePipelineResponse>, Status> {
-        unimplemented()
-    }
-    async fn get_pipeline(
-        &self,
-        _: Request<jpb::GetPipelineRequest>,
-    ) -> Result<Response<jpb::GetPipelineResponse>, Status> {
-        unimplemented()
-    }
-    async fn list_pipelines(
-        &self,
-        _: Request<jpb::ListPipelinesRequest>,
-    ) -> Result<Response<jpb::ListPipelinesResponse>, Status> {
-        unimplemented()
-    }
-    async fn resume_pipeline(
-        &self,
-        _: Request<jpb::ResumePipelineRequest>,
-    ) -> Result<Response<jpb::ResumePipelineResponse>, Status> {
-        unimplemented()
-    }
-    async fn cancel_pipeline(
-        &self,
-        _: Request<jpb::CancelPipelineRequest>,
-    ) -> Result<Response<jpb::CancelPipelineResponse>, Status> {
-        unimplemented()
-    }
-}
-
-async fn start_fake_jobs(fake: Arc<FakeJobs>) -> SocketAddr {
-    let (listener, addr) = testing::listener().await;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(JobServiceServer::from_arc(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    addr
-}
-
-struct Diag {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Diag {
-    async fn start(db: &TestDb, job_endpoint: &str, configure: impl FnOnce(&mut Config)) -> Self {
-        testing::init_test_logging();
-        let tokens = testing::test_tokens();
-        let (listener, addr) = testing::listener().await;
-        let mut config = Config::new(
-            tokens.store.clone(),
-            db.url.clone(),
-            job_endpoint,
-            Some(tokens.diagnosis.to_owned()),
-        );
-        configure(&mut config);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
-        Self {
-            addr,
-            stop: Some(tx),
-            handle: Some(handle),
-        }
-    }
-
-    fn client(&self, token: &str) -> DiagnosisServiceClient<Channel> {
-        DiagnosisServiceClient::new(client::channel(&self.addr.to_string(), Some(token)).unwrap())
-    }
-
-    async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            h.await.unwrap().unwrap();
-        }
-    }
-}
 
 /// A failed job of alice's whose 1500-line log ends in a CUDA OOM at line 1497.
 fn failed_oom_job(fake: &FakeJobs) -> String {
@@ -601,8 +377,13 @@ async fn prompt_templates_and_a_rules_file() {
         .unwrap()
         .into_inner()
         .templates;
-    assert_eq!(t[0].version, "builtin-v1");
-    assert!(t[0].text.contains("{{.LogInfo}}") && t[0].text.contains("{{.Metadata.JobName}}"));
+    let kinds: Vec<&str> = t.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(kinds, ["job", "master", "worker"]);
+    for t in &t {
+        assert_eq!(t.source, "builtin");
+        assert!(t.version.starts_with("builtin@"), "{}", t.version);
+        assert!(t.text.contains("{{.LogInfo}}") && t.text.contains("{{.Metadata.JobName}}"));
+    }
 
     let d = c
         .diagnose_job(diagnose_req(&job_id))

@@ -341,6 +341,9 @@ pub async fn diagnose(ctx: &Context, args: &DiagnoseArgs) -> anyhow::Result<u8> 
         print_json(&json::diagnosis(&d))?;
     } else {
         print(&output::diagnosis(&d))?;
+        if args.llm && d.llm_analyses.is_empty() && d.llm_text.is_empty() {
+            eprintln!("note: diagnosis-service has no LLM configured; the rules alone answered");
+        }
     }
     Ok(0)
 }

@@ -378,6 +378,31 @@ fn evidence(e: &diag::Evidence) -> Value {
     json!({ "source": e.source, "line_number": e.line_number, "text": e.text })
 }
 
+fn llm_analysis(a: &diag::LlmAnalysis) -> Value {
+    let status = enum_value(
+        diag::LlmStatus::try_from(a.status)
+            .ok()
+            .map(|e| e.as_str_name()),
+        a.status,
+    );
+    json!({
+        "kind": a.kind,
+        "replica": a.replica,
+        "status": status,
+        "status_reason": a.status_reason,
+        "healthy": a.healthy,
+        "error": a.error,
+        "analysis": a.analysis,
+        "solution": a.solution,
+        "raw_text": a.raw_text,
+        "prompt_version": a.prompt_version,
+        "prompt_sha256": a.prompt_sha256,
+        "model": a.model,
+        "attempt": a.attempt,
+        "cached": a.cached,
+    })
+}
+
 pub fn diagnosis(d: &diag::Diagnosis) -> Value {
     json!({
         "id": d.id,
@@ -398,6 +423,7 @@ pub fn diagnosis(d: &diag::Diagnosis) -> Value {
             "evidence": f.evidence.iter().map(evidence).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "llm_text": d.llm_text,
+        "llm_analyses": d.llm_analyses.iter().map(llm_analysis).collect::<Vec<_>>(),
         "prompt_version": d.prompt_version,
         "create_time": timestamp(d.create_time.as_ref()),
     })

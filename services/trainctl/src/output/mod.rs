@@ -3,14 +3,15 @@
 
 use std::fmt::Write as _;
 
-use trainmesh_common::proto::diagnosis::v1 as diag;
 use trainmesh_common::proto::job::v1 as pb;
 use trainmesh_common::proto::metrics::v1 as metrics;
 use trainmesh_common::proto::scheduler::v1 as sched;
 
 mod admin;
+mod diagnosis;
 mod scheduling;
 pub use admin::*;
+pub use diagnosis::*;
 pub use scheduling::*;
 
 /// How many lines of a job's `error_message` `get` shows.
@@ -368,52 +369,6 @@ pub fn queue_table(entries: &[sched::QueueEntry], now_secs: i64) -> String {
     t.render()
 }
 
-pub fn diagnosis(d: &diag::Diagnosis) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "Healthy: {}", if d.healthy { "Yes" } else { "No" });
-    let _ = writeln!(out, "Error: {}", first_line(&d.error));
-    for (label, text) in [("Analysis", &d.analysis), ("Solution", &d.solution)] {
-        if text.contains('\n') {
-            let _ = writeln!(out, "{label}:");
-            for l in text.lines() {
-                let _ = writeln!(out, "  {l}");
-            }
-        } else {
-            let _ = writeln!(out, "{label}: {text}");
-        }
-    }
-    if !d.category.is_empty() {
-        let _ = writeln!(out, "Category: {}", d.category);
-    }
-    if !d.evidence.is_empty() {
-        out.push_str("Evidence:\n");
-        for e in &d.evidence {
-            let place = if e.line_number > 0 {
-                format!("{}:{}", e.source, e.line_number)
-            } else {
-                e.source.clone()
-            };
-            let _ = writeln!(out, "  [{place}] {}", one_line(&e.text));
-        }
-    }
-    if !d.findings.is_empty() {
-        out.push_str("Rule findings:\n");
-        for f in &d.findings {
-            let _ = writeln!(out, "  {} ({}): {}", f.rule_id, f.category, f.summary);
-            if !f.hint.is_empty() {
-                let _ = writeln!(out, "    hint: {}", f.hint);
-            }
-        }
-    }
-    if !d.llm_text.is_empty() {
-        out.push_str("LLM analysis:\n");
-        for l in d.llm_text.lines() {
-            let _ = writeln!(out, "  {l}");
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,28 +513,6 @@ mod tests {
         assert_eq!(
             event_line(&e),
             "2023-11-14 22:13:20Z  j  #3  state_changed  SCHEDULED -> RUNNING  attempt 1"
-        );
-    }
-
-    #[test]
-    fn diagnosis_prints_the_four_answers_and_evidence() {
-        let d = diag::Diagnosis {
-            healthy: false,
-            error: "CUDA out of memory".into(),
-            analysis: "the batch does not fit".into(),
-            solution: "lower batch_size\nor use gradient checkpointing".into(),
-            evidence: vec![diag::Evidence {
-                source: "log".into(),
-                line_number: 42,
-                text: "RuntimeError: CUDA out of memory".into(),
-            }],
-            ..Default::default()
-        };
-        let out = diagnosis(&d);
-        assert!(out.starts_with("Healthy: No\nError: CUDA out of memory\nAnalysis: the batch does not fit\nSolution:\n  lower batch_size\n"), "{out}");
-        assert!(
-            out.contains("  [log:42] RuntimeError: CUDA out of memory"),
-            "{out}"
         );
     }
 
