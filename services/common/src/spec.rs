@@ -48,6 +48,11 @@ pub mod limits {
     pub const MAX_PRIORITY: i32 = 1000;
     /// Attempts in total; 0 means the scheduler's default.
     pub const MAX_ATTEMPTS: i32 = 100;
+    /// `retry_policy.memory_factor`: how much more memory a retry after an
+    /// out-of-memory kill gets (0 means [`DEFAULT_MEMORY_FACTOR`]).
+    pub const MIN_MEMORY_FACTOR: f64 = 1.1;
+    pub const MAX_MEMORY_FACTOR: f64 = 4.0;
+    pub const DEFAULT_MEMORY_FACTOR: f64 = 1.5;
     pub const MAX_BACKOFF: Duration = Duration::from_secs(24 * 3600);
     pub const MAX_DEADLINE: Duration = Duration::from_secs(366 * 24 * 3600);
     pub const MAX_TERMINATION_GRACE: Duration = Duration::from_secs(3600);
@@ -490,6 +495,7 @@ fn timing(spec: &pb::JobSpec) -> Result<Timing, FieldError> {
                 ));
             }
         }
+        recovery(rp, spec.resources.as_ref().map_or(0, |r| r.memory_mib))?;
     }
     t.deadline = duration("spec.deadline", spec.deadline.as_ref(), MAX_DEADLINE)?;
     t.termination_grace = duration(
@@ -498,6 +504,47 @@ fn timing(spec: &pb::JobSpec) -> Result<Timing, FieldError> {
         MAX_TERMINATION_GRACE,
     )?;
     Ok(t)
+}
+
+/// What the retry policy says to do after an out-of-memory kill or a node
+/// fault. `memory_mib` is the request per replica (already range-checked).
+fn recovery(rp: &pb::RetryPolicy, memory_mib: i64) -> Result<(), FieldError> {
+    if pb::OomKilledAction::try_from(rp.on_oom_killed).is_err() {
+        return Err(fe(
+            "spec.retry_policy.on_oom_killed",
+            format!("{} is not MORE_MEMORY or FAIL", rp.on_oom_killed),
+        ));
+    }
+    if pb::NodeFaultAction::try_from(rp.on_node_fault).is_err() {
+        return Err(fe(
+            "spec.retry_policy.on_node_fault",
+            format!("{} is not OTHER_RUNNER or FAIL", rp.on_node_fault),
+        ));
+    }
+    let f = rp.memory_factor;
+    if f != 0.0 && !(f.is_finite() && (MIN_MEMORY_FACTOR..=MAX_MEMORY_FACTOR).contains(&f)) {
+        return Err(fe(
+            "spec.retry_policy.memory_factor",
+            format!(
+                "must be between {MIN_MEMORY_FACTOR:.1} and {MAX_MEMORY_FACTOR:.1} \
+                 (0 means {DEFAULT_MEMORY_FACTOR:.1})"
+            ),
+        ));
+    }
+    let max = rp.max_memory_mib;
+    if !(0..=MAX_MEMORY_MIB).contains(&max) {
+        return Err(fe(
+            "spec.retry_policy.max_memory_mib",
+            format!("must be between 0 (4 × resources.memory_mib) and {MAX_MEMORY_MIB} (64 TiB)"),
+        ));
+    }
+    if max != 0 && max < memory_mib {
+        return Err(fe(
+            "spec.retry_policy.max_memory_mib",
+            format!("must not be less than spec.resources.memory_mib ({memory_mib})"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

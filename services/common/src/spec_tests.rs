@@ -255,3 +255,64 @@ fn secret_env_names_a_secret_not_a_value() {
     s.env.insert("WANDB_API_KEY".into(), "plain".into());
     assert_eq!(field_of(s), "spec.secret_env[\"WANDB_API_KEY\"]");
 }
+
+#[test]
+fn retry_policy_memory_and_node_fault_settings_are_range_checked() {
+    let with = |rp: pb::RetryPolicy, memory_mib: i64| {
+        let mut s = base();
+        s.resources = Some(pb::Resources {
+            memory_mib,
+            ..Default::default()
+        });
+        s.retry_policy = Some(rp);
+        s
+    };
+    for ok in [0.0, 1.1, 1.5, 4.0] {
+        let rp = pb::RetryPolicy {
+            memory_factor: ok,
+            ..Default::default()
+        };
+        assert!(validate(with(rp, 1024)).is_ok(), "{ok}");
+    }
+    for bad in [1.0, 1.09, 4.01, -1.5, f64::NAN, f64::INFINITY] {
+        let rp = pb::RetryPolicy {
+            memory_factor: bad,
+            ..Default::default()
+        };
+        let e = validate(with(rp, 1024)).unwrap_err();
+        assert_eq!(e.field, "spec.retry_policy.memory_factor", "{bad}");
+        assert!(
+            e.to_string().contains("must be between 1.1 and 4.0"),
+            "{bad}: {e}"
+        );
+    }
+    let rp = pb::RetryPolicy {
+        max_memory_mib: 512,
+        ..Default::default()
+    };
+    assert_eq!(field_of(with(rp, 1024)), "spec.retry_policy.max_memory_mib");
+    for bad in [-1, i64::MAX, i64::MIN] {
+        let rp = pb::RetryPolicy {
+            max_memory_mib: bad,
+            ..Default::default()
+        };
+        assert_eq!(field_of(with(rp, 0)), "spec.retry_policy.max_memory_mib");
+    }
+    let rp = pb::RetryPolicy {
+        max_memory_mib: 4096,
+        on_oom_killed: pb::OomKilledAction::Fail as i32,
+        on_node_fault: pb::NodeFaultAction::OtherRunner as i32,
+        ..Default::default()
+    };
+    assert!(validate(with(rp, 4096)).is_ok());
+    let rp = pb::RetryPolicy {
+        on_oom_killed: 7,
+        ..Default::default()
+    };
+    assert_eq!(field_of(with(rp, 0)), "spec.retry_policy.on_oom_killed");
+    let rp = pb::RetryPolicy {
+        on_node_fault: -1,
+        ..Default::default()
+    };
+    assert_eq!(field_of(with(rp, 0)), "spec.retry_policy.on_node_fault");
+}
