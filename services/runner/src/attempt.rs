@@ -410,6 +410,13 @@ impl Attempt {
                         .await
                         .unwrap_or_default();
                 let err = workload.failure().or_else(|| job_error::classify(t, &text));
+                let facts = job_error::AttemptFacts {
+                    gpus: self.launch.gpus_requested,
+                    // Only Kubernetes spreads a job's replicas over nodes.
+                    single_node: self.launch.workers == 0
+                        || self.ctx.backend.kind() != "kubernetes",
+                };
+                let err = err.map(|e| job_error::judge_node_fault(e, facts));
                 (AttemptState::Failed, Some(t.exit_code()), err)
             }
             Outcome::Stopped(StopReason::Cancelled, t) => {

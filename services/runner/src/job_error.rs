@@ -3,9 +3,15 @@
 //! tested with real log texts.
 //!
 //! Precedence: a kill by SIGKILL/SIGSEGV/SIGTERM (or the shell's 128+n exit
-//! code for them) names the error, then CUDA out-of-memory text, then other
-//! signals, then the job's own non-zero exit. A Python traceback in the log,
-//! when there is one, supplies type, message and traceback.
+//! code for them) names the error, then CUDA out-of-memory text, then a
+//! node fault (the node could not run GPU work: [`node_fault_in`]), then
+//! other signals, then the job's own non-zero exit. A Python traceback in
+//! the log, when there is one, supplies type, message and traceback.
+//!
+//! A node fault is read from the log alone; [`judge_node_fault`] then
+//! weighs it against what the attempt was given (no GPUs: the job's own
+//! mistake), since the scheduler moves the job off the runner and counts
+//! the fault against it.
 
 use trainmesh_common::proto::job::v1::JobError;
 
@@ -25,6 +31,9 @@ pub const CATEGORY_RUNNER_LOST: &str = "runner-lost";
 pub const CATEGORY_PLATFORM: &str = "platform";
 pub const CATEGORY_IMAGE_PULL: &str = "image-pull";
 pub const CATEGORY_PREEMPTED: &str = "preempted";
+/// The node could not run GPU work (no GPU visible, driver or Xid/ECC
+/// errors); the error is marked `node_fault`.
+pub const CATEGORY_GPU_UNAVAILABLE: &str = "gpu-unavailable";
 
 pub(crate) const OOM_KILLED_HINT: &str = "the process was killed with SIGKILL, most likely by the \
 out-of-memory killer: raise spec.resources.memory_mib, or lower the batch size or the number \
@@ -42,200 +51,9 @@ evicted): the attempt is retried at once and does not use the job's retry budget
 checkpoints so a retry resumes. If it keeps happening, ask for a higher priority class or \
 request fewer resources";
 
-/// A Python exception found in a log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PythonException {
-    /// e.g. `RuntimeError`, `torch.cuda.OutOfMemoryError`.
-    pub type_name: String,
-    /// The text after `Type: `; empty when the exception had none.
-    pub message: String,
-    /// From the first `Traceback (most recent call last):` of the final
-    /// exception's chain to its exception line, inclusive.
-    pub traceback: String,
-}
-
-const TRACEBACK_HEADER: &str = "Traceback (most recent call last):";
-const CHAIN_MARKERS: [&str; 2] = [
-    "During handling of the above exception, another exception occurred:",
-    "The above exception was the direct cause of the following exception:",
-];
-
-/// Finds the last Python traceback in `log`.
-///
-/// Lines may carry a common prefix (torchrun writes `[rank0]: `): the
-/// prefix in front of the header is stripped from the lines that follow,
-/// and lines without it (other ranks) are skipped. A SyntaxError raised
-/// for the main script has no header; its `File "…", line N` block is
-/// recognised too.
-pub fn last_python_traceback(log: &str) -> Option<PythonException> {
-    let lines: Vec<&str> = log.lines().collect();
-    let header_at = lines.iter().rposition(|l| l.contains(TRACEBACK_HEADER));
-    match header_at.and_then(|i| parse_from_header(&lines, i)) {
-        // A header-less SyntaxError printed after the last traceback wins.
-        Some((exc, end)) => bare_syntax_error(&lines[end + 1..]).or(Some(exc)),
-        None => bare_syntax_error(&lines),
-    }
-}
-
-/// Parses the traceback whose header is `lines[at]`; also returns the
-/// index of its exception line.
-fn parse_from_header(lines: &[&str], at: usize) -> Option<(PythonException, usize)> {
-    let col = lines[at].find(TRACEBACK_HEADER)?;
-    let prefix = &lines[at][..col];
-    // Lines after the header, prefix stripped; lines without the prefix
-    // are interleaved output from another rank or process.
-    let rest: Vec<(usize, &str)> = lines
-        .iter()
-        .enumerate()
-        .skip(at + 1)
-        .filter_map(|(i, l)| Some((i, l.strip_prefix(prefix)?.trim_end_matches('\r'))))
-        .filter(|(_, l)| !l.is_empty())
-        .collect();
-    let mut body = vec![TRACEBACK_HEADER.to_owned()];
-    let mut skipped_other = 0;
-    for (i, &(line_no, line)) in rest.iter().enumerate() {
-        if line.starts_with(char::is_whitespace) || line.starts_with('^') || line.starts_with('~') {
-            body.push(line.to_owned());
-            continue;
-        }
-        if let Some((type_name, message)) = exception_line(line) {
-            body.push(line.to_owned());
-            // A word-and-colon line such as `INFO: loading` between frames
-            // is output, not the exception: frames continue after it.
-            let frames_continue = rest
-                .get(i + 1)
-                .is_some_and(|(_, next)| next.starts_with(char::is_whitespace));
-            if !looks_like_exception_type(&type_name) && frames_continue {
-                continue;
-            }
-            let mut traceback = body.join("\n");
-            if let Some(earlier) = chained_prefix(lines, at, prefix) {
-                traceback = format!("{earlier}\n\n{traceback}");
-            }
-            let exc = PythonException {
-                type_name,
-                message,
-                traceback,
-            };
-            return Some((exc, line_no));
-        }
-        // Unindented noise between frames (a stray print); give up if there
-        // is much of it, since then this is not a traceback after all.
-        skipped_other += 1;
-        if skipped_other > 20 {
-            return None;
-        }
-    }
-    None
-}
-
-/// When the traceback at `at` follows "During handling of the above
-/// exception…" or "The above exception was the direct cause…", returns the
-/// earlier part of the chain (from its first header), so the traceback text
-/// is the whole chain as Python printed it.
-fn chained_prefix(lines: &[&str], at: usize, prefix: &str) -> Option<String> {
-    let mut start = at;
-    loop {
-        let mut i = start;
-        // Skip blank lines back to the marker.
-        let marker_at = loop {
-            if i == 0 {
-                break None;
-            }
-            i -= 1;
-            let l = lines[i].strip_prefix(prefix).unwrap_or(lines[i]).trim();
-            if l.is_empty() {
-                continue;
-            }
-            break CHAIN_MARKERS.contains(&l).then_some(i);
-        };
-        let Some(m) = marker_at else { break };
-        match lines[..m]
-            .iter()
-            .rposition(|l| l.contains(TRACEBACK_HEADER))
-        {
-            Some(h) => start = h,
-            None => break,
-        }
-    }
-    if start == at {
-        return None;
-    }
-    let text: Vec<&str> = lines[start..at]
-        .iter()
-        .map(|l| l.strip_prefix(prefix).unwrap_or(l).trim_end_matches('\r'))
-        .collect();
-    Some(text.join("\n").trim_end().to_owned())
-}
-
-fn looks_like_exception_type(type_name: &str) -> bool {
-    let short = type_name.rsplit('.').next().unwrap_or(type_name);
-    [
-        "Error",
-        "Exception",
-        "Interrupt",
-        "Exit",
-        "Iteration",
-        "Warning",
-        "Failure",
-        "Fault",
-    ]
-    .iter()
-    .any(|s| short.ends_with(s))
-}
-
-/// `Type: message`, `pkg.mod.Type: message` or a bare `Type`.
-fn exception_line(line: &str) -> Option<(String, String)> {
-    let (type_name, message) = match line.split_once(':') {
-        Some((t, m)) => (t, m.strip_prefix(' ').unwrap_or(m)),
-        None => (line.trim_end(), ""),
-    };
-    let valid = !type_name.is_empty()
-        && type_name.split('.').all(|part| {
-            let mut chars = part.chars();
-            chars
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        });
-    // A bare word is only an exception line if it looks like one, so that a
-    // stray `Done` is not taken for an exception type.
-    let bare_ok = !line.contains(':') && looks_like_exception_type(type_name);
-    (valid && (line.contains(':') || bare_ok)).then(|| (type_name.to_owned(), message.to_owned()))
-}
-
-/// A SyntaxError (or IndentationError/TabError) of the main script, which
-/// Python prints without a `Traceback` header.
-fn bare_syntax_error(lines: &[&str]) -> Option<PythonException> {
-    let end = lines.iter().rposition(|l| {
-        exception_line(l.trim_end_matches('\r')).is_some_and(|(t, _)| {
-            t.ends_with("SyntaxError") || t.ends_with("IndentationError") || t.ends_with("TabError")
-        })
-    })?;
-    let mut start = end;
-    while start > 0 {
-        let prev = lines[start - 1];
-        if prev.starts_with(char::is_whitespace) && !prev.trim().is_empty() {
-            start -= 1;
-        } else {
-            break;
-        }
-    }
-    if start == end || !lines[start].trim_start().starts_with("File \"") {
-        return None;
-    }
-    let (type_name, message) = exception_line(lines[end].trim_end_matches('\r'))?;
-    let traceback = lines[start..=end]
-        .iter()
-        .map(|l| l.trim_end_matches('\r'))
-        .collect::<Vec<_>>()
-        .join("\n");
-    Some(PythonException {
-        type_name,
-        message,
-        traceback,
-    })
-}
+#[path = "job_error_traceback.rs"]
+mod traceback;
+pub use traceback::{last_python_traceback, PythonException};
 
 /// True when `text` reports a GPU out-of-memory error.
 /// Other libraries have an `OutOfMemoryError` too (Ray's is the host's
@@ -246,6 +64,103 @@ pub fn is_cuda_oom(text: &str) -> bool {
         || text.contains("torch.OutOfMemoryError")
         || text.contains("CUDA error: out of memory")
         || text.contains("HIP out of memory")
+}
+
+/// What the CUDA runtime, the driver or NVML print when the node cannot
+/// run GPU work: no device visible to a job that was given some, a driver
+/// that is missing or does not match, a device that is busy, broken or
+/// gone. Phrases of the job's own bugs (illegal memory access, device-side
+/// asserts) are left out: they follow the job to any node.
+const GPU_UNAVAILABLE: [&str; 9] = [
+    "No CUDA GPUs are available",
+    "no CUDA-capable device is detected",
+    "CUDA-capable device(s) is/are busy or unavailable",
+    "Found no NVIDIA driver on your system",
+    "CUDA driver version is insufficient for CUDA runtime version",
+    "Driver/library version mismatch",
+    "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver",
+    "Unexpected error from cudaGetDeviceCount()",
+    "system has unsupported display driver / cuda driver combination",
+];
+
+/// Hardware failures the driver reports in the kernel log (which some
+/// nodes forward to the job's output) or through CUDA, whatever the job's
+/// own exception says.
+const GPU_BROKEN: [&str; 4] = [
+    "NVRM: Xid",
+    "GPU has fallen off the bus",
+    "uncorrectable ECC error encountered",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+];
+
+/// Which node fault a log shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeFault {
+    /// A GPU phrase (from [`GPU_UNAVAILABLE`] or [`GPU_BROKEN`]).
+    Gpu(&'static str),
+    /// NCCL's "unhandled system error": the node's fault only when every
+    /// rank ran on it (see [`judge_node_fault`]).
+    NcclSystem,
+}
+
+/// The node fault in a failed attempt's output: `exception` is the final
+/// Python exception's type and message when there is one (so an earlier
+/// warning such as "No CUDA GPUs are available, using the CPU" does not
+/// count), else `None` and the whole log is read. Hardware failures count
+/// wherever they appear.
+pub fn node_fault_in(exception: Option<&str>, log: &str) -> Option<NodeFault> {
+    if let Some(p) = GPU_BROKEN.iter().find(|p| log.contains(*p)) {
+        return Some(NodeFault::Gpu(p));
+    }
+    let text = exception.unwrap_or(log);
+    if let Some(p) = GPU_UNAVAILABLE.iter().find(|p| text.contains(*p)) {
+        return Some(NodeFault::Gpu(p));
+    }
+    let nccl_system = text.contains("ncclSystemError")
+        || (text.contains("NCCL") && text.contains("unhandled system error"));
+    nccl_system.then_some(NodeFault::NcclSystem)
+}
+
+const GPU_UNAVAILABLE_HINT: &str = "the node could not run GPU work (no GPU visible, a driver \
+error, or a failing GPU): the scheduler runs the job again on another runner and counts the \
+fault against this one; an admin should check the node (`nvidia-smi`, Xid errors in `dmesg`)";
+
+/// What an attempt was given, for judging a node fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttemptFacts {
+    /// GPUs the spec asks for, per replica.
+    pub gpus: i32,
+    /// Every replica ran on this node.
+    pub single_node: bool,
+}
+
+/// Keeps a node fault only where the node is to blame: a job given no GPU
+/// that finds none, or whose NCCL fails across several nodes, has a fault
+/// of its own (or of the network) that would follow it to any runner.
+pub fn judge_node_fault(mut err: JobError, facts: AttemptFacts) -> JobError {
+    if !err.node_fault {
+        return err;
+    }
+    let nccl = err.message.contains("NCCL") || err.r#type.contains("DistBackendError");
+    let hint = if facts.gpus <= 0 {
+        "the job asks for no GPUs (spec.resources.gpus is 0) but uses CUDA: request GPUs, or \
+         make it run on the CPU"
+    } else if nccl && !facts.single_node {
+        "NCCL failed between the job's nodes: check the network between them (NCCL_DEBUG=INFO \
+         shows where)"
+    } else {
+        return err;
+    };
+    err.node_fault = false;
+    err.retryable = false;
+    err.category = if err.signal != 0 || err.exit_code >= 128 {
+        CATEGORY_SIGNAL
+    } else {
+        CATEGORY_USER_CODE
+    }
+    .into();
+    err.hint = hint.into();
+    err
 }
 
 fn last_non_empty_line(log: &str) -> Option<&str> {
@@ -285,6 +200,10 @@ pub fn classify(term: Termination, log: &str) -> Option<JobError> {
         Some(t) => is_cuda_oom(&t.type_name) || is_cuda_oom(&t.message),
         None => is_cuda_oom(log),
     };
+    let exception = tb
+        .as_ref()
+        .map(|t| format!("{}: {}", t.type_name, t.message));
+    let node_fault = node_fault_in(exception.as_deref(), log);
     let (tb_type, tb_message, traceback) = match tb {
         Some(t) => (Some(t.type_name), Some(t.message), t.traceback),
         None => (None, None, String::new()),
@@ -337,6 +256,21 @@ pub fn classify(term: Termination, log: &str) -> Option<JobError> {
             false,
             CUDA_OOM_HINT,
         ),
+        _ if node_fault.is_some() => {
+            let what = match node_fault {
+                Some(NodeFault::Gpu(phrase)) => phrase.to_owned(),
+                _ => "NCCL unhandled system error".to_owned(),
+            };
+            with(
+                &mut err,
+                "GpuUnavailable",
+                format!("the node could not run GPU work: {what} (exit code {code})"),
+                CATEGORY_GPU_UNAVAILABLE,
+                true,
+                GPU_UNAVAILABLE_HINT,
+            );
+            err.node_fault = true;
+        }
         _ if signal != 0 => with(
             &mut err,
             "Signal",
@@ -366,6 +300,25 @@ pub fn classify(term: Termination, log: &str) -> Option<JobError> {
         }
     }
     Some(err)
+}
+
+/// The error of an attempt the process backend killed for holding more
+/// than its memory limit: an out-of-memory kill, as a container's cgroup
+/// would have made it.
+pub fn memory_limit_error(limit_mib: i64, used_mib: u64) -> JobError {
+    JobError {
+        r#type: "OOMKilled".into(),
+        message: format!(
+            "the attempt's processes used {used_mib} MiB, more than its memory limit of \
+             {limit_mib} MiB (spec.resources.memory_mib), and were killed with SIGKILL"
+        ),
+        exit_code: 137,
+        signal: libc::SIGKILL,
+        category: CATEGORY_OOM_KILLED.into(),
+        retryable: true,
+        hint: OOM_KILLED_HINT.into(),
+        ..JobError::default()
+    }
 }
 
 /// The error of a command that could not be started at all.

@@ -335,3 +335,115 @@ fn preempted_error_keeps_the_end_and_is_not_the_jobs_fault() {
     let own = classify(Termination::Signaled(15), "").unwrap();
     assert_eq!(own.category, "terminated");
 }
+
+const NO_GPUS: &str = r#"loading model
+Traceback (most recent call last):
+  File "/app/train.py", line 5, in <module>
+    torch.cuda.set_device(0)
+  File "/usr/lib/python3/dist-packages/torch/cuda/__init__.py", line 302, in _lazy_init
+    torch._C._cuda_init()
+RuntimeError: No CUDA GPUs are available
+"#;
+
+const DRIVER_MISMATCH: &str = r#"Traceback (most recent call last):
+  File "/app/train.py", line 3, in <module>
+    x = torch.zeros(1).cuda()
+RuntimeError: The NVIDIA driver on your system is too old (found version 11040). CUDA driver version is insufficient for CUDA runtime version
+"#;
+
+const XID_THEN_ERROR: &str = r#"step 900 loss 1.2
+[Tue Mar  4 10:12:01 2025] NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, GPU has fallen off the bus.
+Traceback (most recent call last):
+  File "/app/train.py", line 40, in <module>
+    loss.item()
+RuntimeError: CUDA error: unspecified launch failure
+"#;
+
+const GPUS: AttemptFacts = AttemptFacts {
+    gpus: 1,
+    single_node: true,
+};
+
+#[test]
+fn no_visible_gpu_is_a_node_fault() {
+    let e = classify(Termination::Exited(1), NO_GPUS).unwrap();
+    assert_eq!(e.category, CATEGORY_GPU_UNAVAILABLE);
+    assert!(e.node_fault);
+    assert!(e.retryable);
+    assert_eq!(e.r#type, "RuntimeError");
+    assert_eq!(e.message, "No CUDA GPUs are available");
+    assert!(e.hint.contains("another runner"), "{}", e.hint);
+    // The runner keeps it for an attempt that was given GPUs.
+    assert!(judge_node_fault(e, GPUS).node_fault);
+    // Without a traceback the log decides.
+    let e = classify(
+        Termination::Exited(1),
+        "CUDA error: no CUDA-capable device is detected\n",
+    )
+    .unwrap();
+    assert!(e.node_fault, "{e:?}");
+    assert_eq!(e.r#type, "GpuUnavailable");
+}
+
+#[test]
+fn driver_mismatch_and_broken_gpus_are_node_faults() {
+    let e = classify(Termination::Exited(1), DRIVER_MISMATCH).unwrap();
+    assert!(e.node_fault, "{e:?}");
+    // The kernel's Xid line counts whatever the exception says.
+    let e = classify(Termination::Exited(1), XID_THEN_ERROR).unwrap();
+    assert!(e.node_fault, "{e:?}");
+    assert_eq!(e.category, CATEGORY_GPU_UNAVAILABLE);
+    assert_eq!(e.message, "CUDA error: unspecified launch failure");
+    // A driver failure that aborts the process is one too.
+    let e = classify(
+        Termination::Signaled(6),
+        "RuntimeError: Found no NVIDIA driver on your system.\n",
+    )
+    .unwrap();
+    assert!(e.node_fault, "{e:?}");
+    assert_eq!(e.exit_code, 134);
+}
+
+#[test]
+fn an_earlier_gpu_warning_is_not_a_node_fault() {
+    let log = format!("No CUDA GPUs are available, training on the CPU\n{SIMPLE}");
+    let e = classify(Termination::Exited(1), &log).unwrap();
+    assert_eq!(e.category, CATEGORY_USER_CODE);
+    assert!(!e.node_fault);
+    // A CUDA out-of-memory error is the job's, not the node's.
+    let e = classify(Termination::Exited(1), CUDA_OOM).unwrap();
+    assert!(!e.node_fault);
+}
+
+#[test]
+fn a_job_given_no_gpus_that_finds_none_has_a_fault_of_its_own() {
+    let e = classify(Termination::Exited(1), NO_GPUS).unwrap();
+    let e = judge_node_fault(
+        e,
+        AttemptFacts {
+            gpus: 0,
+            single_node: true,
+        },
+    );
+    assert!(!e.node_fault);
+    assert!(!e.retryable);
+    assert_eq!(e.category, CATEGORY_USER_CODE);
+    assert!(e.hint.contains("spec.resources.gpus is 0"), "{}", e.hint);
+}
+
+#[test]
+fn nccl_system_errors_are_the_nodes_only_on_a_single_node() {
+    let e = classify(Termination::Exited(1), TORCHRUN).unwrap();
+    assert!(e.node_fault, "{e:?}");
+    assert!(judge_node_fault(e.clone(), GPUS).node_fault);
+    let spread = judge_node_fault(
+        e,
+        AttemptFacts {
+            gpus: 8,
+            single_node: false,
+        },
+    );
+    assert!(!spread.node_fault);
+    assert_eq!(spread.category, CATEGORY_USER_CODE);
+    assert!(spread.hint.contains("network"), "{}", spread.hint);
+}

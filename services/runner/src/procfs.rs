@@ -1,6 +1,7 @@
 //! What the runner reads about processes from `/proc` (Linux): enough to
 //! find an attempt's processes — by parent, process group or environment —
-//! and to tell a process from a later one that reused its pid.
+//! to tell a process from a later one that reused its pid, and to measure
+//! the memory they hold.
 
 use std::path::Path;
 
@@ -15,6 +16,8 @@ pub struct Stat {
     /// Clock ticks after boot: with the pid, the identity of a process
     /// (a reused pid starts later).
     pub start: u64,
+    /// Resident set size, in pages.
+    pub rss_pages: u64,
 }
 
 impl Stat {
@@ -36,14 +39,44 @@ pub fn parse_stat(line: &str) -> Option<Stat> {
     let pid = line.split_whitespace().next()?.parse().ok()?;
     let rest = &line[line.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name: state(3) ppid(4) pgrp(5) … starttime(22).
+    // After the name: state(3) ppid(4) pgrp(5) … starttime(22) vsize(23)
+    // rss(24).
     Some(Stat {
         pid,
         state: fields.first()?.chars().next()?,
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
         start: fields.get(19)?.parse().ok()?,
+        // Negative in some kernels' accounting races: nothing resident.
+        rss_pages: fields
+            .get(21)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map_or(0, |v| u64::try_from(v).unwrap_or(0)),
     })
+}
+
+/// Bytes per page (what `rss_pages` counts).
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).ok().filter(|n| *n > 0).unwrap_or(4096)
+}
+
+/// The proportional set size of `pid` in KiB (resident memory, each page
+/// shared with other processes divided among them), from
+/// `/proc/<pid>/smaps_rollup`; `None` when it cannot be read (gone, another
+/// user's process, or a kernel before 4.14).
+pub fn pss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_pss_kib(&text)
+}
+
+/// The `Pss:` line of a `smaps_rollup`.
+pub fn parse_pss_kib(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Every process visible now (those that vanish while being read are
@@ -103,9 +136,23 @@ mod tests {
                 ppid: 1,
                 pgrp: 4242,
                 start: 987654,
+                rss_pages: 100,
             }
         );
         assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn pss_is_read_from_the_rollup_and_this_process_has_some() {
+        let rollup = "55d0c000-7ffd [rollup]\nRss:  2048 kB\nPss:  1536 kB\nPss_Anon: 1000 kB\n";
+        assert_eq!(parse_pss_kib(rollup), Some(1536));
+        assert_eq!(parse_pss_kib("Rss: 1 kB\n"), None);
+        let me = std::process::id() as i32;
+        assert!(stat(me).unwrap().rss_pages > 0);
+        if let Some(kib) = pss_kib(me) {
+            assert!(kib > 0);
+        }
+        assert!(page_size() >= 4096);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use runner::backend::process::leftovers;
 use runner::backend::{Backend, LaunchRequest, ProcessBackend, Workload};
-use runner::domain::{AttemptKey, JobId, Termination};
+use runner::domain::{AttemptKey, JobId, ResourceLimits, Termination};
 use runner::error::Error;
 use runner::inventory::fake_gpus;
 use runner::logs::{LogLimits, LogWriter};
@@ -73,6 +73,25 @@ async fn launch_with(
     env: BTreeMap<String, String>,
     working_dir: Option<PathBuf>,
 ) -> Result<Run, Error> {
+    launch_limited(
+        backend,
+        argv,
+        gpu_indexes,
+        env,
+        working_dir,
+        Default::default(),
+    )
+    .await
+}
+
+async fn launch_limited(
+    backend: &ProcessBackend,
+    argv: &[&str],
+    gpu_indexes: Vec<i32>,
+    env: BTreeMap<String, String>,
+    working_dir: Option<PathBuf>,
+    resources: ResourceLimits,
+) -> Result<Run, Error> {
     let dir = tempfile::tempdir().unwrap();
     let (sink, writer) = LogWriter::start(&dir.path().join("output.log"), LogLimits::default())
         .await
@@ -86,7 +105,7 @@ async fn launch_with(
         env,
         working_dir,
         gpu_indexes,
-        resources: Default::default(),
+        resources,
         attempt_dir: dir.path().to_owned(),
         metrics_file: dir.path().join("metrics.jsonl"),
         output: sink,
@@ -409,4 +428,66 @@ async fn the_whole_tree_dies_with_the_shims_parent() {
         || async { pids.iter().all(|p| !alive(*p)).then_some(()) },
     )
     .await;
+}
+
+/// Touches `MiB` mebibytes and blocks until killed (no timer: it waits for
+/// a signal).
+const HOG: &str = "import os, signal, sys\nhog = b'x' * (int(sys.argv[1]) << 20)\nprint('holding', len(hog) >> 20, 'MiB', flush=True)\nsignal.pause()\n";
+
+#[tokio::test]
+async fn memory_over_the_limit_is_killed_as_out_of_memory() {
+    let limit = ResourceLimits {
+        memory_mib: 100,
+        ..Default::default()
+    };
+    let run = launch_limited(
+        &backend(0),
+        &["python3", "-c", HOG, "300"],
+        vec![],
+        BTreeMap::new(),
+        None,
+        limit,
+    )
+    .await
+    .unwrap();
+    let mut run = run;
+    let t = tokio::time::timeout(WAIT, run.workload.wait())
+        .await
+        .expect("killed within 10 s")
+        .unwrap();
+    assert_eq!(t, Termination::Signaled(9));
+    assert_eq!(t.exit_code(), 137);
+    let err = run.workload.failure().expect("an out-of-memory error");
+    assert_eq!(err.category, "oom-killed");
+    assert_eq!((err.exit_code, err.signal), (137, 9));
+    assert!(err.message.contains("limit of 100 MiB"), "{}", err.message);
+    run.writer.finished().await;
+    let log = std::fs::read_to_string(run.dir.path().join("output.log")).unwrap();
+    let notice = log
+        .lines()
+        .find(|l| l.starts_with("[trainmesh] out of memory"))
+        .unwrap_or_else(|| panic!("no notice in the log:\n{log}"));
+    assert!(notice.contains("limit of 100 MiB"), "{notice}");
+}
+
+#[tokio::test]
+async fn memory_under_the_limit_is_left_alone() {
+    let limit = ResourceLimits {
+        memory_mib: 400,
+        ..Default::default()
+    };
+    let code = "import sys\nhog = b'x' * (50 << 20)\nprint('done', flush=True)\n";
+    let run = launch_limited(
+        &backend(0),
+        &["python3", "-c", code],
+        vec![],
+        BTreeMap::new(),
+        None,
+        limit,
+    )
+    .await
+    .unwrap();
+    let (t, log) = run.finish().await;
+    assert_eq!(t, Termination::Exited(0), "{log}");
+    assert!(!log.contains("[trainmesh]"), "{log}");
 }

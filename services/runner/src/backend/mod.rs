@@ -44,8 +44,8 @@ pub struct LaunchRequest {
     pub working_dir: Option<PathBuf>,
     /// GPUs of this node allocated to the attempt (indexes as registered).
     pub gpu_indexes: Vec<i32>,
-    /// CPU, memory and shm from the spec; backends that can enforce
-    /// limits do, the process backend ignores them.
+    /// CPU, memory and shm from the spec; containers enforce them, the
+    /// process backend enforces memory only (by sampling).
     pub resources: ResourceLimits,
     /// `<work-dir>/<job_id>/<attempt>/`, absolute.
     pub attempt_dir: PathBuf,

@@ -1,5 +1,6 @@
 //! The `process` backend: the job's argv as a local subprocess, GPUs
-//! pinned with `CUDA_VISIBLE_DEVICES`. Each attempt runs under a shim
+//! pinned with `CUDA_VISIBLE_DEVICES`, `spec.resources.memory_mib` enforced
+//! by sampling ([`memory`]). Each attempt runs under a shim
 //! ([`crate::shim`], the runner's own binary) that keeps the attempt's
 //! whole process tree from outliving the runner; what a killed runner's
 //! shims could not stop, the next start of the runner does
@@ -24,6 +25,7 @@ use crate::logs::pump_lines;
 use crate::shim::{SHIM_ARG, SHIM_USER_ENV, STATUS_FD};
 
 pub mod leftovers;
+pub mod memory;
 mod workload;
 
 pub use workload::ProcessWorkload;
@@ -229,6 +231,7 @@ impl ProcessBackend {
         let output = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(output))
             .map_err(|e| io_error("output pipe", e))?;
         let pumps = vec![tokio::spawn(pump_lines(output, req.output.clone()))];
+        let memory_limit = req.resources.memory_mib;
         let started = match shim_status(status).await {
             Ok(started) => started,
             Err(failure) => {
@@ -260,7 +263,15 @@ impl ProcessBackend {
             }
         };
         tracing::debug!(pid = started, program, dir = %dir.display(), "process started");
-        Ok(Box::new(ProcessWorkload::new(shim, started, pumps, record)))
+        let mut workload = ProcessWorkload::new(shim, started, pumps, record);
+        if let (true, Some(shim_pid)) = (memory_limit > 0, workload.shim_pid()) {
+            let (task, over) = memory::watch(shim_pid, memory_limit, req.output.clone());
+            workload = workload.with_memory_watch(workload::MemoryWatch {
+                task,
+                over: Some(over),
+            });
+        }
+        Ok(Box::new(workload))
     }
 }
 

@@ -11,6 +11,9 @@ use nix::unistd::Pid;
 use tokio::process::Child;
 use tokio::task::JoinHandle;
 
+use trainmesh_common::proto::job::v1::JobError;
+
+use super::memory::OverLimit;
 use crate::backend::Workload;
 use crate::domain::Termination;
 
@@ -30,6 +33,25 @@ pub struct ProcessWorkload {
     /// The attempt's record for a restarted runner, removed at the end.
     record: Option<PathBuf>,
     ended: Option<Termination>,
+    /// The memory limit's watcher ([`super::memory`]), when there is a
+    /// limit; stopped when the attempt ends.
+    memory: Option<MemoryWatch>,
+    /// Set when the watcher had the attempt killed.
+    over_limit: Option<OverLimit>,
+}
+
+/// What ended a wait on the shim.
+enum Woke {
+    Ended(std::io::Result<std::process::ExitStatus>),
+    /// The memory watcher spoke (`None`: it went away without a word).
+    Over(Option<OverLimit>),
+}
+
+/// A running memory watcher and where it says the limit was crossed.
+pub(super) struct MemoryWatch {
+    pub task: JoinHandle<()>,
+    /// `None` once it has spoken (or gone).
+    pub over: Option<tokio::sync::oneshot::Receiver<OverLimit>>,
 }
 
 impl ProcessWorkload {
@@ -45,6 +67,52 @@ impl ProcessWorkload {
             pumps,
             record,
             ended: None,
+            memory: None,
+            over_limit: None,
+        }
+    }
+
+    /// The shim's pid while it has not been reaped.
+    pub(super) fn shim_pid(&self) -> Option<i32> {
+        self.shim.id().and_then(|p| i32::try_from(p).ok())
+    }
+
+    /// Enforces a memory limit with `watch` (see [`super::memory`]).
+    pub(super) fn with_memory_watch(mut self, watch: MemoryWatch) -> Self {
+        self.memory = Some(watch);
+        self
+    }
+
+    /// Waits for the shim to end. Cancel-safe. When the memory watcher says
+    /// the attempt is over its limit, the shim is told to kill the whole
+    /// tree at once, and the wait goes on until it has.
+    async fn wait_shim(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        loop {
+            let woke = {
+                let over = self.memory.as_mut().and_then(|m| m.over.as_mut());
+                let shim = &mut self.shim;
+                tokio::select! {
+                    status = shim.wait() => Woke::Ended(status),
+                    over = async {
+                        match over {
+                            Some(rx) => rx.await.ok(),
+                            None => futures::future::pending().await,
+                        }
+                    } => Woke::Over(over),
+                }
+            };
+            match woke {
+                Woke::Ended(status) => return status,
+                Woke::Over(over) => {
+                    if let Some(m) = self.memory.as_mut() {
+                        m.over = None;
+                    }
+                    if let Some(over) = over {
+                        self.over_limit = Some(over);
+                        self.signal_shim(Signal::SIGUSR2);
+                    }
+                }
+            }
         }
     }
 
@@ -96,6 +164,10 @@ impl ProcessWorkload {
     /// After the shim ended: collects the remaining output and forgets the
     /// record (nothing is left for a restart to kill).
     pub(super) async fn finish(&mut self, term: Termination) -> Termination {
+        if let Some(m) = self.memory.take() {
+            // It holds a copy of the log's sink: the log closes without it.
+            m.task.abort();
+        }
         if self.ended.is_none() {
             self.kill_group();
             self.ended = Some(term);
@@ -138,9 +210,16 @@ impl Workload for ProcessWorkload {
             if let Some(t) = self.ended {
                 return Ok(t);
             }
-            let status = self.shim.wait().await?;
+            let status = self.wait_shim().await?;
             Ok(self.finish(Termination::from(status)).await)
         })
+    }
+
+    /// An attempt the memory limit killed is an out-of-memory kill, with
+    /// the limit and what it used.
+    fn failure(&self) -> Option<JobError> {
+        self.over_limit
+            .map(|o| crate::job_error::memory_limit_error(o.limit_mib, o.used_mib))
     }
 
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, std::io::Result<Termination>> {
