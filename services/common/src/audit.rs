@@ -33,10 +33,12 @@ pub enum AuditAction {
     CancelJob,
     CreateToken,
     RevokeToken,
+    /// A cordoned runner let take work again.
+    UncordonRunner,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 8] = [
+    pub const ALL: [AuditAction; 9] = [
         AuditAction::ApproveJob,
         AuditAction::RejectJob,
         AuditAction::SetLimits,
@@ -45,6 +47,7 @@ impl AuditAction {
         AuditAction::CancelJob,
         AuditAction::CreateToken,
         AuditAction::RevokeToken,
+        AuditAction::UncordonRunner,
     ];
 
     /// The name stored and shown: the RPC's name in snake case.
@@ -58,6 +61,7 @@ impl AuditAction {
             AuditAction::CancelJob => "cancel_job",
             AuditAction::CreateToken => "create_token",
             AuditAction::RevokeToken => "revoke_token",
+            AuditAction::UncordonRunner => "uncordon_runner",
         }
     }
 

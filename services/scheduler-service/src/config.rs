@@ -147,6 +147,16 @@ pub struct Args {
     #[arg(long, env = "TRAINMESH_SCHEDULER_DEFAULT_MAX_ATTEMPTS", default_value_t = crate::DEFAULT_MAX_ATTEMPTS)]
     pub default_max_attempts: u32,
 
+    /// A runner is cordoned (takes no new work until an admin runs
+    /// `trainctl runners uncordon NAME`) after this many node faults: jobs
+    /// that failed there because the node could not run GPU work. 0: never.
+    #[arg(
+        long,
+        env = "TRAINMESH_SCHEDULER_CORDON_AFTER_NODE_FAULTS",
+        default_value_t = crate::DEFAULT_CORDON_AFTER_NODE_FAULTS
+    )]
+    pub cordon_after_node_faults: u32,
+
     #[command(flatten)]
     pub common: CommonArgs,
 }
@@ -225,6 +235,7 @@ impl Args {
             sweep_interval: Duration::from_millis(self.sweep_interval_ms),
             default_max_attempts: self.default_max_attempts,
             max_long_poll: crate::MAX_LONG_POLL,
+            cordon_after_node_faults: self.cordon_after_node_faults,
             clock,
         })
     }

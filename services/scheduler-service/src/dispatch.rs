@@ -10,38 +10,18 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sqlx::AnyConnection;
-use trainmesh_common::proto::job::v1::{FailureCause, JobError, JobSpec};
 use trainmesh_common::server::ShutdownWatch;
 
-use crate::domain::{AttemptStatus, EntryState, JobId, RunnerId};
-use crate::error::{Error, Result};
+use crate::domain::{AttemptStatus, EntryState, JobId};
+use crate::error::Result;
 use crate::handoff;
 use crate::leader;
 use crate::plan::{plan, Placement};
 use crate::repo::{self, Delivery, EntryRow, NewAssignment};
-use crate::retry::{self, Decision, Ending, Policy};
-use crate::service::{job_span, micros, status, Scheduler};
-
-pub const RUNNER_LOST: &str = "runner lost";
+use crate::service::{job_span, status, Scheduler};
 
 /// Placements applied per transaction.
 const DISPATCH_BATCH: usize = 64;
-
-/// How an attempt ended without success, as [`Scheduler::end_attempt`]
-/// needs it.
-pub(crate) struct AttemptEnd {
-    pub runner_id: RunnerId,
-    pub attempt: i64,
-    pub ending: Ending,
-    /// FAILED or LOST, as sent to job-service.
-    pub attempt_state: AttemptStatus,
-    pub this_started: bool,
-    /// Started attempts including this one when it started.
-    pub started: i64,
-    pub exit_code: Option<i32>,
-    pub error: Option<JobError>,
-}
 
 impl Scheduler {
     /// Runs until shutdown. Only the leader dispatches and expires leases,
@@ -230,86 +210,5 @@ impl Scheduler {
             self.wake_runner(p.runner_id);
         }
         Ok(Some(applied.len()))
-    }
-
-    /// Requeues the job under its retry policy or ends it, with the status
-    /// update for job-service, inside the caller's transaction. Returns the
-    /// state the job moved to and the reason sent.
-    pub(crate) async fn end_attempt(
-        &self,
-        tx: &mut AnyConnection,
-        entry: &EntryRow,
-        end: AttemptEnd,
-        now: i64,
-    ) -> Result<(EntryState, String)> {
-        let spec = repo::get_spec(tx, entry.job_id).await?;
-        let spec = <JobSpec as prost::Message>::decode(spec.as_slice()).unwrap_or_default();
-        let policy = Policy::of(
-            spec.retry_policy.as_ref(),
-            entry.max_attempts,
-            self.settings.initial_backoff,
-            self.settings.max_backoff,
-        );
-        let cause = match end.ending {
-            Ending::Failed { cause, .. } => cause,
-            Ending::Lost => FailureCause::Platform,
-        };
-        let decision = if entry.cancel_requested {
-            None
-        } else {
-            Some(retry::decide(
-                &policy,
-                end.ending,
-                end.this_started,
-                end.started,
-                end.attempt,
-            ))
-        };
-        let (to, reason, sent_cause, not_before) = match decision {
-            None => (
-                EntryState::Cancelled,
-                entry.reason.clone(),
-                FailureCause::Cancelled,
-                0,
-            ),
-            Some(Decision::Retry { backoff, reason }) => (
-                EntryState::Queued,
-                reason,
-                FailureCause::Unspecified,
-                if backoff.is_zero() {
-                    0
-                } else {
-                    now.saturating_add(micros(backoff))
-                },
-            ),
-            Some(Decision::Final { why }) => {
-                let reason = match (end.ending, why.is_empty()) {
-                    (Ending::Lost, true) => RUNNER_LOST.to_owned(),
-                    (Ending::Lost, false) => format!("{RUNNER_LOST}; {why}"),
-                    (_, _) => why,
-                };
-                (EntryState::Failed, reason, cause, 0)
-            }
-        };
-        let moved = if to == EntryState::Queued {
-            repo::requeue_entry(tx, entry.job_id, end.attempt, &reason, not_before, now).await?
-        } else {
-            repo::set_entry_state(tx, entry.job_id, entry.state, to, &reason, now).await?
-        };
-        if !moved {
-            return Err(Error::Conflict(format!(
-                "job `{}` changed meanwhile",
-                entry.job_id
-            )));
-        }
-        let mut update = status(to, end.attempt, now);
-        update.attempt_state = end.attempt_state.proto() as i32;
-        update.runner_id = end.runner_id.to_string();
-        update.reason = reason.clone();
-        update.failure_cause = sent_cause as i32;
-        update.exit_code = end.exit_code;
-        update.error = end.error;
-        repo::push_status(tx, entry.job_id, &entry.correlation_id, update).await?;
-        Ok((to, reason))
     }
 }

@@ -18,6 +18,9 @@ pub enum Error {
     #[error("runner `{0}` is not registered or its lease expired; register again")]
     RunnerNotFound(RunnerId),
 
+    #[error("no runner named `{0}` ever registered")]
+    RunnerNameNotFound(String),
+
     /// Another installation's live runner holds the name.
     #[error(
         "runner name `{name}` is held by another live runner (another machine or work \
@@ -66,9 +69,10 @@ impl ServiceError for Error {
     fn code(&self) -> ErrorCode {
         match self {
             Error::Field(_) => ErrorCode::InvalidArgument,
-            Error::JobNotFound(_) | Error::ApprovalNotFound(_) | Error::RunnerNotFound(_) => {
-                ErrorCode::NotFound
-            }
+            Error::JobNotFound(_)
+            | Error::ApprovalNotFound(_)
+            | Error::RunnerNotFound(_)
+            | Error::RunnerNameNotFound(_) => ErrorCode::NotFound,
             Error::NotHolder { .. } | Error::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             Error::OtherUsersQueue(_) | Error::OtherRunner { .. } => ErrorCode::PermissionDenied,
             Error::NameTaken { .. } => ErrorCode::AlreadyExists,

@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::limits::{LimitKind, Scope};
 use crate::plan::{plan, Cause, WaitReason};
 use crate::repo::{self, EntryRow};
+use crate::retry_record::Record;
 use crate::service::{usage_of, QueueItem, QueueStats, Scheduler, UserStats};
 
 const HOUR: i64 = 3_600_000_000;
@@ -36,6 +37,8 @@ pub struct Explanation {
     pub position: u32,
     pub estimated_wait: Option<Duration>,
     pub summary: String,
+    /// The decision after the job's latest failed attempt.
+    pub last_retry: Option<Record>,
 }
 
 fn estimate(
@@ -115,6 +118,12 @@ impl Scheduler {
     /// Every cause that keeps `job_id` from starting, with what would
     /// unblock each.
     pub async fn explain(&self, job_id: JobId) -> Result<Explanation> {
+        let mut x = self.explain_waiting(job_id).await?;
+        x.last_retry = Record::from_json(&repo::last_retry(&self.db, job_id).await?)?;
+        Ok(x)
+    }
+
+    async fn explain_waiting(&self, job_id: JobId) -> Result<Explanation> {
         let entry = {
             let mut conn = self.db.read.acquire().await?;
             repo::get_entry(&mut conn, job_id)
@@ -143,6 +152,7 @@ impl Scheduler {
                 position: 0,
                 estimated_wait: None,
                 summary,
+                last_retry: None,
             });
         }
         let planned = self.snapshot().await?;
@@ -156,6 +166,7 @@ impl Scheduler {
                 summary: format!(
                     "job `{job_id}` can start now: a runner has capacity and no limit blocks it"
                 ),
+                last_retry: None,
             });
         };
         let (_, mean_run) = repo::recent_times(&self.db, self.now() - HOUR).await?;
@@ -248,6 +259,11 @@ impl Scheduler {
                     };
                     (format!("{base}; {then}"), None, 0, 0)
                 }
+                WaitReason::AvoidingRunners {
+                    avoided,
+                    cordoned,
+                    others_fit,
+                } => (avoid_unblock(avoided, cordoned, *others_fit), None, 0, 0),
             };
             causes.push(Explained {
                 cause: c.clone(),
@@ -273,6 +289,7 @@ impl Scheduler {
             entry,
             causes,
             summary,
+            last_retry: None,
         })
     }
 
@@ -318,6 +335,28 @@ impl Scheduler {
             gpus_in_use: usage.iter().map(|u| u.gpu_indexes.len() as i64).sum(),
         })
     }
+}
+
+/// What lets a job onto runners it avoids or that are cordoned.
+fn avoid_unblock(avoided: &[String], cordoned: &[(String, String)], others_fit: bool) -> String {
+    let mut ways = Vec::new();
+    if !avoided.is_empty() || !cordoned.is_empty() {
+        let names: Vec<String> = avoided
+            .iter()
+            .chain(cordoned.iter().map(|(n, _)| n))
+            .map(|n| format!("`trainctl runners uncordon {n}`"))
+            .collect();
+        ways.push(format!(
+            "once the node is fixed, an admin runs {} (the job then may use it again)",
+            names.join(" or ")
+        ));
+    }
+    ways.push(if others_fit {
+        "a runner it may use freeing room".to_owned()
+    } else {
+        "another runner large enough registering".to_owned()
+    });
+    ways.join("; or ")
 }
 
 fn flag(kind: LimitKind) -> &'static str {

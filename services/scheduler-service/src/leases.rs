@@ -15,7 +15,7 @@ use tracing::Instrument;
 use trainmesh_common::correlation;
 use trainmesh_common::proto::job::v1::{FailureCause, JobError};
 
-use crate::dispatch::AttemptEnd;
+use crate::attempt_end::AttemptEnd;
 use crate::domain::{AttemptReport, AttemptStatus, EntryState, JobId, RunnerId};
 use crate::error::{Error, Result};
 use crate::repo::{self, AssignmentRow, EntryRow, Retirement};

@@ -18,6 +18,7 @@
 //! `JobInternalService.UpdateJobStatus`, in order, with a per-job sequence.
 
 pub mod approvals;
+pub mod attempt_end;
 pub mod clock;
 pub mod config;
 pub mod decisions;
@@ -34,6 +35,8 @@ pub mod plan;
 mod queue_cache;
 pub mod repo;
 pub mod retry;
+pub mod retry_record;
+pub mod runner_admin;
 pub mod runners;
 pub mod service;
 pub mod status_relay;
@@ -78,6 +81,8 @@ pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(5);
 pub const REPLICA_POLL: Duration = Duration::from_millis(100);
 /// The server-side cap on an `AcquireAssignments` long-poll.
 pub const MAX_LONG_POLL: Duration = Duration::from_secs(30);
+/// Node faults after which a runner is cordoned.
+pub const DEFAULT_CORDON_AFTER_NODE_FAULTS: u32 = 3;
 
 /// Everything `run` needs; tests build it directly (see [`Config::new`]).
 #[derive(Clone, Debug)]
@@ -113,6 +118,8 @@ pub struct Config {
     /// Attempts of a job when its retry policy does not say.
     pub default_max_attempts: u32,
     pub max_long_poll: Duration,
+    /// Node faults after which a runner is cordoned (0: never).
+    pub cordon_after_node_faults: u32,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -141,6 +148,7 @@ impl Config {
             sweep_interval: DEFAULT_SWEEP_INTERVAL,
             default_max_attempts: DEFAULT_MAX_ATTEMPTS,
             max_long_poll: MAX_LONG_POLL,
+            cordon_after_node_faults: DEFAULT_CORDON_AFTER_NODE_FAULTS,
             clock: Arc::new(SystemClock),
         }
     }
@@ -168,6 +176,7 @@ impl Config {
             sweep_interval: self.sweep_interval.max(Duration::from_millis(10)),
             max_long_poll: self.max_long_poll,
             default_max_attempts: self.default_max_attempts.max(1),
+            cordon_after_node_faults: self.cordon_after_node_faults,
             clock: self.clock.clone(),
         }
     }

@@ -18,6 +18,10 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, HashMap};
 
+#[path = "plan_causes.rs"]
+mod causes;
+use causes::{capacity_detail, excluded_detail, limit_causes};
+
 pub use crate::domain::{Demand, GpuInfo, JobId, RunnerCapacity, RunnerId};
 pub use crate::limits::{Bound, LimitKind, LimitTable, LimitValues, Scope};
 
@@ -79,6 +83,13 @@ pub struct Snapshot {
     pub ageing_step_micros: i64,
     /// `Some(description)` while an admin holds the queue.
     pub held: Option<String>,
+    /// Runners that take no new work, with why (cordoned); they stay in
+    /// `runners` so that explanations can name them.
+    pub closed: HashMap<RunnerId, String>,
+    /// Runners a job must not be placed on (after node faults there).
+    pub avoid: HashMap<JobId, Vec<RunnerId>>,
+    /// Runner names, for explanations.
+    pub runner_names: HashMap<RunnerId, String>,
 }
 
 impl Snapshot {
@@ -94,6 +105,9 @@ impl Snapshot {
             now: 0,
             ageing_step_micros: 0,
             held: None,
+            closed: HashMap::new(),
+            avoid: HashMap::new(),
+            runner_names: HashMap::new(),
         }
     }
 }
@@ -140,6 +154,15 @@ pub enum WaitReason {
         fits_any_idle_runner: bool,
         /// Most free GPUs of the wanted type on one runner now.
         largest_free_gpus: u32,
+    },
+    /// Runners the job would fit on are ones it may not use: it avoids
+    /// them after node faults there, or they are cordoned.
+    AvoidingRunners {
+        avoided: Vec<String>,
+        /// (name, why) of cordoned runners.
+        cordoned: Vec<(String, String)>,
+        /// Whether a runner it may use would fit it once free.
+        others_fit: bool,
     },
 }
 
@@ -276,105 +299,6 @@ impl Free {
     }
 }
 
-/// The limit causes (global, org, user) that block `job` given the usage
-/// so far, in that order.
-fn limit_causes(
-    s: &Snapshot,
-    job: &QueuedJob,
-    user: Usage,
-    org: Usage,
-    global: Usage,
-) -> Vec<Cause> {
-    let mut out = Vec::new();
-    let d = &job.demand;
-    for kind in [LimitKind::RunningJobs, LimitKind::Gpus] {
-        if let Some(limit) = s.limits.global.get(kind) {
-            if kind.blocks(global, limit, d) {
-                let current = kind.current(global);
-                out.push(Cause {
-                    reason: WaitReason::GlobalLimit {
-                        kind,
-                        limit,
-                        current,
-                    },
-                    detail: format!(
-                        "global limit {}={limit}; {}{}",
-                        kind.name(),
-                        kind.describe(current),
-                        kind.needs(d)
-                    ),
-                });
-            }
-        }
-    }
-    let org_limits = (!job.org.is_empty())
-        .then(|| s.limits.orgs.get(&job.org))
-        .flatten();
-    for kind in [LimitKind::RunningJobs, LimitKind::Gpus] {
-        let Some(limit) = org_limits.and_then(|v| v.get(kind)) else {
-            continue;
-        };
-        if kind.blocks(org, limit, d) {
-            let current = kind.current(org);
-            out.push(Cause {
-                reason: WaitReason::OrgLimit {
-                    kind,
-                    limit,
-                    current,
-                },
-                detail: format!(
-                    "org `{}` limit {}={limit}; the org has {}{}",
-                    job.org,
-                    kind.name(),
-                    kind.describe(current),
-                    kind.needs(d)
-                ),
-            });
-        }
-    }
-    if let Some(b) = s
-        .limits
-        .user_limit(&job.owner, &job.org, LimitKind::RunningJobs)
-    {
-        if LimitKind::RunningJobs.blocks(user, b.value, d) {
-            out.push(Cause {
-                reason: WaitReason::UserRunningLimit {
-                    limit: b.value,
-                    running: user.running,
-                    scope: b.scope,
-                },
-                detail: format!(
-                    "user limit max_running_jobs={} from {}; {} has {} running",
-                    b.value,
-                    b.scope.name(),
-                    job.owner,
-                    user.running
-                ),
-            });
-        }
-    }
-    if let Some(b) = s.limits.user_limit(&job.owner, &job.org, LimitKind::Gpus) {
-        if LimitKind::Gpus.blocks(user, b.value, d) {
-            out.push(Cause {
-                reason: WaitReason::UserGpuLimit {
-                    limit: b.value,
-                    in_use: user.gpus,
-                    scope: b.scope,
-                },
-                detail: format!(
-                    "user limit max_gpus={} from {}; {} has {} GPU(s) in use, the job needs {}",
-                    b.value,
-                    b.scope.name(),
-                    job.owner,
-                    user.gpus,
-                    d.gpus
-                ),
-            });
-        }
-    }
-    out
-}
-
 /// Decides which queued jobs start where, and why the others wait.
 pub fn plan(snapshot: &Snapshot) -> Plan {
     let s = snapshot;
@@ -385,8 +309,13 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         .collect();
     order.sort_by(|a, b| queue_order(*a, *b));
 
-    let mut free: Vec<Free> = s.runners.iter().map(Free::new).collect();
+    let (closed, open): (Vec<&RunnerState>, Vec<&RunnerState>) = s
+        .runners
+        .iter()
+        .partition(|r| s.closed.contains_key(&r.runner_id));
+    let mut free: Vec<Free> = open.into_iter().map(Free::new).collect();
     free.sort_by_key(|a| a.runner_id);
+    let closed: Vec<Free> = closed.into_iter().map(Free::new).collect();
     let mut users: HashMap<&str, Usage> = s.users.iter().map(|(u, n)| (u.as_str(), *n)).collect();
     let mut orgs: HashMap<&str, Usage> = s.orgs.iter().map(|(o, n)| (o.as_str(), *n)).collect();
     let mut global = s.global;
@@ -424,12 +353,19 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         } else {
             std::borrow::Cow::Owned(job.demand.gpu_type.to_lowercase())
         };
+        let avoid: &[RunnerId] = if s.avoid.is_empty() {
+            &[]
+        } else {
+            s.avoid.get(&job.job_id).map_or(&[], Vec::as_slice)
+        };
+        let usable = |f: &&Free| !avoid.contains(&f.runner_id);
         if causes.is_empty() {
             // Best fit: the runner left with the fewest free GPUs, so large
             // runners stay whole for large jobs; ties by runner id.
             let best = free
                 .iter()
                 .enumerate()
+                .filter(|(_, f)| usable(f))
                 .filter_map(|(i, f)| f.fit(&job.demand, &wanted).map(|g| (i, g)))
                 .min_by_key(|(i, g)| (free[*i].gpus.len() - g.len(), *i));
             if let Some((i, gpus)) = best {
@@ -453,25 +389,70 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         // Blocked (or nothing fits): only whether it would fit matters, for
         // the explanation; checked without allocating, as most of a long
         // queue takes this path.
-        if !free.iter().any(|f| f.fits_now(&job.demand, &wanted)) {
-            let fits_any_idle_runner = free.iter().any(|f| f.fits_idle(&job.demand, &wanted));
-            let largest_free_gpus = free
+        if !free
+            .iter()
+            .filter(usable)
+            .any(|f| f.fits_now(&job.demand, &wanted))
+        {
+            let fits_any_idle_runner = free
                 .iter()
-                .map(|f| f.free_of_type(&wanted))
-                .max()
-                .unwrap_or(0) as u32;
-            causes.push(Cause {
-                reason: WaitReason::NoRunnerCapacity {
-                    fits_any_idle_runner,
-                    largest_free_gpus,
-                },
-                detail: capacity_detail(
-                    &job.demand,
-                    fits_any_idle_runner,
-                    free.len(),
-                    largest_free_gpus,
-                ),
-            });
+                .filter(usable)
+                .any(|f| f.fits_idle(&job.demand, &wanted));
+            // Runners it would fit on but may not use, named.
+            let fits = |f: &&Free| f.fits_idle(&job.demand, &wanted);
+            let name = |f: &Free| {
+                s.runner_names
+                    .get(&f.runner_id)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            let avoided: Vec<String> = free
+                .iter()
+                .filter(|f| !usable(f))
+                .filter(fits)
+                .map(name)
+                .collect();
+            let cordoned: Vec<(String, String)> = closed
+                .iter()
+                .filter(fits)
+                .map(|f| {
+                    (
+                        name(f),
+                        s.closed.get(&f.runner_id).cloned().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let excluded = !avoided.is_empty() || !cordoned.is_empty();
+            if fits_any_idle_runner || !excluded {
+                let largest_free_gpus = free
+                    .iter()
+                    .filter(usable)
+                    .map(|f| f.free_of_type(&wanted))
+                    .max()
+                    .unwrap_or(0) as u32;
+                causes.push(Cause {
+                    reason: WaitReason::NoRunnerCapacity {
+                        fits_any_idle_runner,
+                        largest_free_gpus,
+                    },
+                    detail: capacity_detail(
+                        &job.demand,
+                        fits_any_idle_runner,
+                        free.len() + closed.len(),
+                        largest_free_gpus,
+                    ),
+                });
+            }
+            if excluded {
+                causes.push(Cause {
+                    detail: excluded_detail(&avoided, &cordoned, fits_any_idle_runner),
+                    reason: WaitReason::AvoidingRunners {
+                        avoided,
+                        cordoned,
+                        others_fit: fits_any_idle_runner,
+                    },
+                });
+            }
         }
         let first = causes[0].clone();
         out.waiting.push(Waiting {
@@ -484,28 +465,6 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         });
     }
     out
-}
-
-fn capacity_detail(d: &Demand, fits_idle: bool, runners: usize, largest: u32) -> String {
-    let gpus = if d.gpu_type.is_empty() {
-        format!("{} GPU(s)", d.gpus)
-    } else {
-        format!("{} `{}` GPU(s)", d.gpus, d.gpu_type)
-    };
-    let need = format!(
-        "{gpus}, {} CPU, {} MiB memory",
-        d.cpu_milli as f64 / 1000.0,
-        d.memory_mib
-    );
-    if runners == 0 {
-        format!("needs {need}; no runner is registered")
-    } else if fits_idle {
-        format!(
-            "needs {need}; waiting for a runner to free them (largest free now: {largest} GPU(s))"
-        )
-    } else {
-        format!("needs {need}; no registered runner has that much capacity (largest free now: {largest} GPU(s))")
-    }
 }
 
 #[cfg(test)]

@@ -203,3 +203,67 @@ fn held_queue_backoff_and_approval_keep_jobs_waiting() {
     assert!(p.placements.is_empty());
     assert!(p.waiting.iter().all(|w| w.reason == WaitReason::Held));
 }
+
+#[test]
+fn a_job_is_not_placed_on_a_runner_it_avoids() {
+    let (a, b) = (runner(1, "H100"), runner(1, "H100"));
+    let j = job("alice", 0, 0, 1);
+    let mut s = snapshot(vec![j.clone()], vec![a.clone(), b.clone()], 0);
+    s.avoid.insert(j.job_id, vec![a.runner_id]);
+    let p = plan(&s);
+    assert_eq!(p.placements.len(), 1);
+    assert_eq!(p.placements[0].runner_id, b.runner_id);
+}
+
+#[test]
+fn a_job_that_fits_only_on_runners_it_avoids_waits_and_says_so() {
+    let a = runner(1, "H100");
+    let j = job("alice", 0, 0, 1);
+    let mut s = snapshot(vec![j.clone()], vec![a.clone()], 0);
+    s.avoid.insert(j.job_id, vec![a.runner_id]);
+    s.runner_names.insert(a.runner_id, "runner-a".into());
+    let p = plan(&s);
+    assert!(p.placements.is_empty());
+    assert_eq!(p.waiting.len(), 1);
+    let w = &p.waiting[0];
+    assert_eq!(w.causes.len(), 1, "{:?}", w.causes);
+    assert_eq!(
+        w.reason,
+        WaitReason::AvoidingRunners {
+            avoided: vec!["runner-a".into()],
+            cordoned: vec![],
+            others_fit: false,
+        }
+    );
+    assert_eq!(
+        w.detail,
+        "avoiding runner `runner-a` after a node fault there; no other runner has room for it"
+    );
+}
+
+#[test]
+fn a_cordoned_runner_gets_no_new_jobs_and_is_named_when_it_would_fit() {
+    let (a, b) = (runner(1, "H100"), runner(1, "H100"));
+    let (j1, j2) = (job("alice", 0, 0, 1), job("bob", 0, 1, 1));
+    let mut s = snapshot(vec![j1.clone(), j2.clone()], vec![a.clone(), b.clone()], 0);
+    s.closed
+        .insert(a.runner_id, "cordoned after 3 node faults".into());
+    s.runner_names.insert(a.runner_id, "runner-a".into());
+    let p = plan(&s);
+    assert_eq!(p.placements.len(), 1);
+    assert_eq!(p.placements[0].runner_id, b.runner_id);
+    // The second waits for `b` to free its GPU; `a` is named as cordoned.
+    let w = &p.waiting[0];
+    assert_eq!(w.job_id, j2.job_id);
+    assert!(matches!(
+        w.causes[0].reason,
+        WaitReason::NoRunnerCapacity {
+            fits_any_idle_runner: true,
+            ..
+        }
+    ));
+    assert_eq!(
+        w.causes[1].detail,
+        "runner `runner-a` is cordoned (cordoned after 3 node faults)"
+    );
+}

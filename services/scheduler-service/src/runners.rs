@@ -12,7 +12,7 @@ use trainmesh_common::group_commit::Work;
 use trainmesh_common::proto::job::v1::FailureCause;
 use trainmesh_common::server::ShutdownWatch;
 
-use crate::dispatch::AttemptEnd;
+use crate::attempt_end::AttemptEnd;
 use crate::domain::{
     failure_cause, AttemptReport, AttemptStatus, EntryState, JobId, Registration, RunnerId,
 };

@@ -48,6 +48,8 @@ pub struct Settings {
     /// Longest time `AcquireAssignments` holds a call open.
     pub max_long_poll: Duration,
     pub default_max_attempts: u32,
+    /// Node faults after which a runner is cordoned (0: never).
+    pub cordon_after_node_faults: u32,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -520,7 +522,7 @@ impl Scheduler {
             .any(|e| e.state == EntryState::AwaitingApproval);
         // Independent reads, all at once: on the dispatch path their round
         // trips add up to most of a round.
-        let (limit_rows, hold, running, runners, usage, rules) = tokio::try_join!(
+        let (limit_rows, hold, running, runners, usage, rules, cordoned) = tokio::try_join!(
             limits::load(&self.db),
             repo::get_hold(&self.db),
             repo::running_usage(&self.db),
@@ -533,6 +535,7 @@ impl Scheduler {
                     Ok(HashMap::new())
                 }
             },
+            repo::cordoned(&self.db),
         )?;
         snapshot.limits = LimitTable::from_rows(&limit_rows);
         snapshot.held = hold.map(|h| h.describe());
@@ -551,21 +554,39 @@ impl Scheduler {
             snapshot.global.running += u.running;
             snapshot.global.gpus += u.gpus;
         }
-        let mut states: HashMap<RunnerId, RunnerState> = runners
-            .into_iter()
-            .map(|(id, capacity)| {
-                (
-                    id,
-                    RunnerState {
-                        runner_id: id,
-                        capacity,
-                        used_gpus: BTreeSet::new(),
-                        used_cpu_milli: 0,
-                        used_memory_mib: 0,
-                    },
-                )
-            })
-            .collect();
+        let mut by_name: HashMap<&str, Vec<RunnerId>> = HashMap::new();
+        for r in &runners {
+            by_name.entry(&r.name).or_default().push(r.runner_id);
+            if let Some(why) = cordoned.get(&r.name) {
+                snapshot.closed.insert(r.runner_id, why.clone());
+            }
+        }
+        for e in waiting.clone().filter(|e| !e.avoid_runners.is_empty()) {
+            let ids: Vec<RunnerId> = e
+                .avoid_runners
+                .iter()
+                .filter_map(|n| by_name.get(n.as_str()))
+                .flatten()
+                .copied()
+                .collect();
+            if !ids.is_empty() {
+                snapshot.avoid.insert(e.job_id, ids);
+            }
+        }
+        let mut states: HashMap<RunnerId, RunnerState> = HashMap::with_capacity(runners.len());
+        for r in runners {
+            snapshot.runner_names.insert(r.runner_id, r.name);
+            states.insert(
+                r.runner_id,
+                RunnerState {
+                    runner_id: r.runner_id,
+                    capacity: r.capacity,
+                    used_gpus: BTreeSet::new(),
+                    used_cpu_milli: 0,
+                    used_memory_mib: 0,
+                },
+            );
+        }
         for u in usage {
             if let Some(r) = states.get_mut(&u.runner_id) {
                 r.used_gpus.extend(u.gpu_indexes);

@@ -117,6 +117,28 @@ pub struct RetryPolicyFile {
     pub retry_user_errors: bool,
     pub initial_backoff: Option<SpecDuration>,
     pub max_backoff: Option<SpecDuration>,
+    /// `more_memory` (the default) or `fail`.
+    pub on_oom_killed: Option<OomKilledFile>,
+    #[serde(default)]
+    pub memory_factor: f64,
+    #[serde(default)]
+    pub max_memory_mib: i64,
+    /// `other_runner` (the default) or `fail`.
+    pub on_node_fault: Option<NodeFaultFile>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OomKilledFile {
+    MoreMemory,
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeFaultFile {
+    OtherRunner,
+    Fail,
 }
 
 /// A duration written as `"30s"`, `"10m"`, `"2h"`, `"1h30m"`, `"250ms"`.
@@ -305,6 +327,18 @@ impl From<JobSpecFile> for pb::JobSpec {
                 retry_user_errors: r.retry_user_errors,
                 initial_backoff: duration(r.initial_backoff),
                 max_backoff: duration(r.max_backoff),
+                on_oom_killed: match r.on_oom_killed {
+                    None => pb::OomKilledAction::Unspecified,
+                    Some(OomKilledFile::MoreMemory) => pb::OomKilledAction::MoreMemory,
+                    Some(OomKilledFile::Fail) => pb::OomKilledAction::Fail,
+                } as i32,
+                memory_factor: r.memory_factor,
+                max_memory_mib: r.max_memory_mib,
+                on_node_fault: match r.on_node_fault {
+                    None => pb::NodeFaultAction::Unspecified,
+                    Some(NodeFaultFile::OtherRunner) => pb::NodeFaultAction::OtherRunner,
+                    Some(NodeFaultFile::Fail) => pb::NodeFaultAction::Fail,
+                } as i32,
             }),
             deadline: duration(f.deadline),
             termination_grace: duration(f.termination_grace),
@@ -369,6 +403,10 @@ retry_policy:
   retry_user_errors: true
   initial_backoff: 10s
   max_backoff: 5m
+  on_oom_killed: more_memory
+  memory_factor: 2.0
+  max_memory_mib: 262144
+  on_node_fault: fail
 deadline: 2h
 termination_grace: 30s
 "#;
@@ -405,6 +443,9 @@ termination_grace: 30s
         assert!(rp.retry_user_errors);
         assert_eq!(rp.initial_backoff.unwrap().seconds, 10);
         assert_eq!(rp.max_backoff.unwrap().seconds, 300);
+        assert_eq!(rp.on_oom_killed, pb::OomKilledAction::MoreMemory as i32);
+        assert_eq!((rp.memory_factor, rp.max_memory_mib), (2.0, 262_144));
+        assert_eq!(rp.on_node_fault, pb::NodeFaultAction::Fail as i32);
         assert_eq!(s.deadline.unwrap().seconds, 7200);
         assert_eq!(s.termination_grace.unwrap().seconds, 30);
     }

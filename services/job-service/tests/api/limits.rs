@@ -105,6 +105,20 @@ impl spb::scheduler_service_server::SchedulerService for LimitsPeer {
     ) -> Result<Response<spb::ReleaseQueueResponse>, Status> {
         unimplemented()
     }
+
+    async fn list_runners(
+        &self,
+        _: Request<spb::ListRunnersRequest>,
+    ) -> Result<Response<spb::ListRunnersResponse>, Status> {
+        unimplemented()
+    }
+
+    async fn uncordon_runner(
+        &self,
+        _: Request<spb::UncordonRunnerRequest>,
+    ) -> Result<Response<spb::UncordonRunnerResponse>, Status> {
+        unimplemented()
+    }
 }
 
 #[tonic::async_trait]

@@ -5,10 +5,14 @@
 
 mod approvals;
 mod assignments;
+mod health;
+mod retries;
 mod runners;
 
 pub use approvals::*;
 pub use assignments::*;
+pub use health::*;
+pub use retries::*;
 pub use runners::*;
 
 use std::collections::HashMap;
@@ -47,11 +51,13 @@ pub struct EntryRow {
     pub started_attempts: i64,
     /// When the entry last became QUEUED.
     pub queued_at: i64,
+    /// Runner names the job is not placed on, after node faults there.
+    pub avoid_runners: Vec<String>,
 }
 
 pub(crate) const ENTRY_COLS: &str = "job_id, owner, org, priority, gpus, gpu_type, cpu_milli, memory_mib, \
      correlation_id, submit_time, state, attempt, max_attempts, runner_id, cancel_requested, reason, \
-     not_before, started_attempts, queued_at";
+     not_before, started_attempts, queued_at, avoid_runners";
 
 pub(crate) fn parse_id<T: FromStr>(what: &str, s: &str) -> Result<T> {
     s.parse()
@@ -95,6 +101,8 @@ pub(crate) fn entry_at(r: &AnyRow, b: usize) -> Result<EntryRow> {
         not_before: r.try_get(b + 16)?,
         started_attempts: r.try_get(b + 17)?,
         queued_at: r.try_get(b + 18)?,
+        avoid_runners: names_from_json(&r.try_get::<String, _>(b + 19)?)
+            .map_err(|e| Error::Corrupt(format!("avoided runners of `{job_id}`: {e}")))?,
     })
 }
 

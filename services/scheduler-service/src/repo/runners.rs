@@ -151,9 +151,12 @@ pub async fn runner_takes_work(
         Backend::Postgres => " FOR SHARE",
         Backend::Sqlite => "",
     };
+    // A cordoned runner takes nothing either; `note_node_fault` writes the
+    // row locked here when it cordons.
     let row = sqlx::query(&format!(
         "SELECT name FROM runners WHERE runner_id = $1 AND state = 'live' \
-         AND lease_expires_at > $2{lock}"
+         AND lease_expires_at > $2 AND NOT EXISTS (SELECT 1 FROM runner_health h \
+         WHERE h.name = runners.name AND h.cordoned = 1){lock}"
     ))
     .bind(id.to_string())
     .bind(now)
@@ -240,10 +243,26 @@ pub async fn retire_runner(
     Ok(Some(state == "draining"))
 }
 
-/// Runners whose lease is live, with their capacity.
-pub async fn live_runners(db: &Db, now: i64) -> Result<Vec<(RunnerId, RunnerCapacity)>> {
+/// A live registration as placement sees it.
+#[derive(Clone, Debug)]
+pub struct LiveRunner {
+    pub runner_id: RunnerId,
+    pub name: String,
+    pub capacity: RunnerCapacity,
+}
+
+fn capacity_of(id: &str, bytes: &[u8]) -> Result<(runner_pb::Capacity, RunnerCapacity)> {
+    let corrupt = |e: String| Error::Corrupt(format!("capacity of runner `{id}`: {e}"));
+    let proto = runner_pb::Capacity::decode(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let cap = RunnerCapacity::from_proto(&proto).map_err(|e| corrupt(e.to_string()))?;
+    Ok((proto, cap))
+}
+
+/// Runners whose lease is live (not draining), with their capacity.
+pub async fn live_runners(db: &Db, now: i64) -> Result<Vec<LiveRunner>> {
     let rows = sqlx::query(
-        "SELECT runner_id, capacity FROM runners WHERE state = 'live' AND lease_expires_at > $1",
+        "SELECT runner_id, capacity, name FROM runners \
+         WHERE state = 'live' AND lease_expires_at > $1",
     )
     .bind(now)
     .fetch_all(&db.read)
@@ -252,13 +271,74 @@ pub async fn live_runners(db: &Db, now: i64) -> Result<Vec<(RunnerId, RunnerCapa
     for r in rows {
         let id: String = r.try_get(0)?;
         let bytes: Vec<u8> = r.try_get(1)?;
-        let cap = runner_pb::Capacity::decode(bytes.as_slice())
-            .map_err(|e| Error::Corrupt(format!("capacity of runner `{id}`: {e}")))
-            .and_then(|c| {
-                RunnerCapacity::from_proto(&c)
-                    .map_err(|e| Error::Corrupt(format!("capacity of runner `{id}`: {e}")))
-            })?;
-        out.push((parse_id("runner id", &id)?, cap));
+        out.push(LiveRunner {
+            runner_id: parse_id("runner id", &id)?,
+            capacity: capacity_of(&id, &bytes)?.1,
+            name: r.try_get(2)?,
+        });
     }
     Ok(out)
+}
+
+/// A registration with a live lease, for listing.
+#[derive(Clone, Debug)]
+pub struct RegisteredRunner {
+    pub runner_id: RunnerId,
+    pub name: String,
+    pub backend: String,
+    pub draining: bool,
+    pub capacity: runner_pb::Capacity,
+    pub registered_at: i64,
+    pub last_heartbeat_at: i64,
+    /// Attempts scheduled or running on it.
+    pub active_attempts: i64,
+}
+
+/// Registrations whose lease is live (ready or draining), by name.
+pub async fn registered_runners(db: &Db, now: i64) -> Result<Vec<RegisteredRunner>> {
+    let rows = sqlx::query(
+        "SELECT r.runner_id, r.name, r.backend, r.state, r.capacity, r.registered_at, \
+         r.last_heartbeat_at, (SELECT CAST(COUNT(*) AS BIGINT) FROM assignments a \
+         WHERE a.runner_id = r.runner_id AND a.state IN ('SCHEDULED', 'RUNNING')) \
+         FROM runners r WHERE r.state IN ('live', 'draining') AND r.lease_expires_at > $1 \
+         ORDER BY r.name, r.registered_at",
+    )
+    .bind(now)
+    .fetch_all(&db.read)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let id: String = r.try_get(0)?;
+        let state: String = r.try_get(3)?;
+        let bytes: Vec<u8> = r.try_get(4)?;
+        out.push(RegisteredRunner {
+            runner_id: parse_id("runner id", &id)?,
+            name: r.try_get(1)?,
+            backend: r.try_get(2)?,
+            draining: state == "draining",
+            capacity: capacity_of(&id, &bytes)?.0,
+            registered_at: r.try_get(5)?,
+            last_heartbeat_at: r.try_get(6)?,
+            active_attempts: r.try_get(7)?,
+        });
+    }
+    Ok(out)
+}
+
+/// The name of registration `id`, read inside the caller's transaction.
+pub async fn runner_name_on(conn: &mut AnyConnection, id: RunnerId) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT name FROM runners WHERE runner_id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+/// Whether any runner ever registered as `name`.
+pub async fn runner_known(conn: &mut AnyConnection, name: &str) -> Result<bool> {
+    let row = sqlx::query("SELECT 1 FROM runners WHERE name = $1 LIMIT 1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(row.is_some())
 }

@@ -316,6 +316,70 @@ impl Harness {
             .runner_id
     }
 
+    /// Registers runner `name` with its credential `token` (`gpus` H100s).
+    pub async fn register_as(&self, token: &str, name: &str, gpus: i32) -> String {
+        self.runners_as(token)
+            .register_runner(RegisterRunnerRequest {
+                name: name.into(),
+                backend: "process".into(),
+                capacity: Some(capacity(gpus, H100)),
+                labels: Default::default(),
+                instance: "harness".into(),
+            })
+            .await
+            .expect("register")
+            .into_inner()
+            .runner_id
+    }
+
+    /// Acquires as the runner of credential `token`, waiting up to
+    /// `wait_secs` for work.
+    pub async fn acquire_as(
+        &self,
+        token: &str,
+        runner_id: &str,
+        wait_secs: i64,
+    ) -> Result<Vec<Assignment>, Status> {
+        self.runners_as(token)
+            .acquire_assignments(AcquireAssignmentsRequest {
+                runner_id: runner_id.into(),
+                max_assignments: 0,
+                wait: Some(prost_types::Duration {
+                    seconds: wait_secs,
+                    nanos: 0,
+                }),
+            })
+            .await
+            .map(|r| r.into_inner().assignments)
+    }
+
+    /// Reports as the runner of credential `token`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn report_as(
+        &self,
+        token: &str,
+        runner_id: &str,
+        job_id: &str,
+        attempt: i32,
+        state: trainmesh_common::proto::job::v1::AttemptState,
+        exit_code: Option<i32>,
+        error: Option<trainmesh_common::proto::job::v1::JobError>,
+    ) -> Result<bool, Status> {
+        self.runners_as(token)
+            .report_attempt_status(ReportAttemptStatusRequest {
+                runner_id: runner_id.into(),
+                job_id: job_id.into(),
+                attempt,
+                state: state as i32,
+                exit_code,
+                error,
+                log_tail: vec![],
+                time: None,
+            })
+            .await
+            .map(|r| r.into_inner().changed)
+    }
+
     pub async fn acquire(
         &self,
         runner_id: &str,
