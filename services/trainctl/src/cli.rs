@@ -128,6 +128,10 @@ pub enum Command {
     /// Show limits and, with --user/--org, the effective ones; `limits set`
     /// changes them (admin).
     Limits(LimitsArgs),
+    /// Runners (admin): state (ready, draining, cordoned), capacity and
+    /// node faults; `runners uncordon NAME` lets a cordoned runner take
+    /// work again.
+    Runners(RunnersArgs),
     /// Tokens: `create`, `list` and `revoke` manage them at run time
     /// (admin); `init DIR` writes the bootstrap credentials of a deployed
     /// mesh (an admin token, one token per service and per runner, a join
@@ -251,7 +255,8 @@ pub struct AuditArgs {
     #[arg(long)]
     pub actor: Option<String>,
     /// Only this action: approve_job, reject_job, set_limits, hold_queue,
-    /// release_queue, cancel_job, create_token, revoke_token.
+    /// release_queue, cancel_job, create_token, revoke_token,
+    /// uncordon_runner.
     #[arg(long)]
     pub action: Option<String>,
     /// Show at most this many events (the newest).
@@ -417,6 +422,28 @@ pub enum QueueAction {
     Release,
     /// Queue depth, running jobs, per-user counts, average wait, GPUs.
     Stats,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunnersArgs {
+    #[command(subcommand)]
+    pub action: Option<RunnersAction>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum RunnersAction {
+    /// Let a cordoned runner take work again and forget its node faults
+    /// (admin; audited). Jobs that avoided it may run there again.
+    Uncordon(UncordonArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UncordonArgs {
+    /// The runner's name.
+    pub name: String,
+    /// Why (kept in the audit log).
+    #[arg(long)]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -307,6 +307,8 @@ pub fn explanation(e: &sched::ExplainJobResponse) -> Value {
         "position": e.position,
         "estimated_wait": duration(e.estimated_wait.as_ref()),
         "summary": e.summary,
+        "last_retry": e.last_retry.as_ref().map(crate::output::retry_json),
+        "avoided_runners": e.avoided_runners,
     })
 }
 

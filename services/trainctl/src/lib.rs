@@ -3,8 +3,8 @@
 //!
 //! - [`cli`]: flags and subcommands (clap);
 //! - [`commands`]: one function per client command ([`scheduling`]: the
-//!   queue, explanations, approvals and limits; [`admin`]: tokens and the
-//!   audit log);
+//!   queue, explanations, approvals and limits; [`runners`]: runners and
+//!   their cordons; [`admin`]: tokens and the audit log);
 //! - [`up`]: `trainctl up`, the local mesh as supervised child processes;
 //! - [`spec`]: job spec YAML → `JobSpec`;
 //! - [`output`] and [`json`]: tables and `-o json`.
@@ -17,6 +17,7 @@ pub mod context;
 pub mod json;
 pub mod output;
 pub mod resume;
+pub mod runners;
 pub mod scheduling;
 pub mod spec;
 pub mod up;
@@ -68,6 +69,7 @@ async fn dispatch(ctx: &Context, command: &Command) -> anyhow::Result<u8> {
         Command::Reject(a) => scheduling::reject(ctx, a).await,
         Command::Approvals(a) => scheduling::approvals(ctx, a).await,
         Command::Limits(a) => scheduling::limits(ctx, a).await,
+        Command::Runners(a) => runners::runners(ctx, a).await,
         Command::Tokens(a) => admin::tokens(ctx, a).await,
         Command::Audit(a) => admin::audit(ctx, a).await,
         Command::Certs(a) => certs::command(a),

@@ -26,6 +26,8 @@ struct Seen {
     set_limits: Vec<sched::SetLimitsRequest>,
     holds: Vec<sched::HoldQueueRequest>,
     releases: usize,
+    runner_lists: usize,
+    uncordons: Vec<sched::UncordonRunnerRequest>,
 }
 
 #[derive(Clone, Default)]
@@ -227,6 +229,52 @@ impl SchedulerService for Fake {
         self.record(&req)?.require(auth::Role::Admin)?;
         self.seen.lock().unwrap().releases += 1;
         Ok(Response::new(sched::ReleaseQueueResponse { held: false }))
+    }
+
+    async fn list_runners(
+        &self,
+        req: Request<sched::ListRunnersRequest>,
+    ) -> Result<Response<sched::ListRunnersResponse>, Status> {
+        self.record(&req)?.require(auth::Role::Admin)?;
+        self.seen.lock().unwrap().runner_lists += 1;
+        Ok(Response::new(sched::ListRunnersResponse {
+            runners: vec![cordoned_runner()],
+        }))
+    }
+
+    async fn uncordon_runner(
+        &self,
+        req: Request<sched::UncordonRunnerRequest>,
+    ) -> Result<Response<sched::UncordonRunnerResponse>, Status> {
+        self.record(&req)?.require(auth::Role::Admin)?;
+        let req = req.into_inner();
+        if req.name != "gpu-node-7" {
+            return Err(Status::not_found(format!("no runner named `{}`", req.name)));
+        }
+        self.seen.lock().unwrap().uncordons.push(req);
+        Ok(Response::new(sched::UncordonRunnerResponse {
+            runner: Some(sched::RunnerInfo {
+                state: sched::RunnerState::Ready as i32,
+                node_faults: 0,
+                suspect: false,
+                cordon_reason: String::new(),
+                ..cordoned_runner()
+            }),
+            was_cordoned: true,
+        }))
+    }
+}
+
+fn cordoned_runner() -> sched::RunnerInfo {
+    sched::RunnerInfo {
+        name: "gpu-node-7".into(),
+        runner_id: "r-1".into(),
+        state: sched::RunnerState::Cordoned as i32,
+        backend: "process".into(),
+        node_faults: 3,
+        suspect: true,
+        cordon_reason: "cordoned after 3 node faults".into(),
+        ..Default::default()
     }
 }
 
@@ -506,4 +554,36 @@ async fn queue_hold_release_and_stats() {
     assert_eq!(seen.holds.len(), 1);
     assert_eq!(seen.holds[0].reason, "upgrade");
     assert_eq!(seen.releases, 1);
+}
+
+#[tokio::test]
+async fn runners_lists_them_and_uncordon_names_one_with_a_note() {
+    let s = serve().await;
+    assert_eq!(run(&s, "admin-token", &["runners"]).await, 0);
+    assert_eq!(run(&s, "admin-token", &["runners", "-o", "json"]).await, 0);
+    // Not an admin: refused.
+    assert_eq!(run(&s, "alice-token", &["runners"]).await, 1);
+    assert_eq!(
+        run(
+            &s,
+            "admin-token",
+            &["runners", "uncordon", "gpu-node-7", "--note", "new GPU"]
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        run(&s, "admin-token", &["runners", "uncordon", "nope"]).await,
+        1
+    );
+    let seen = s.fake.seen.lock().unwrap();
+    assert_eq!(seen.runner_lists, 2);
+    assert_eq!(seen.uncordons.len(), 1);
+    assert_eq!(
+        (
+            seen.uncordons[0].name.as_str(),
+            seen.uncordons[0].note.as_str()
+        ),
+        ("gpu-node-7", "new GPU")
+    );
 }

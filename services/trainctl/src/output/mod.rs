@@ -9,9 +9,11 @@ use trainmesh_common::proto::scheduler::v1 as sched;
 
 mod admin;
 mod diagnosis;
+mod runners;
 mod scheduling;
 pub use admin::*;
 pub use diagnosis::*;
+pub use runners::*;
 pub use scheduling::*;
 
 /// How many lines of a job's `error_message` `get` shows.

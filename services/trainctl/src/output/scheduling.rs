@@ -103,6 +103,16 @@ pub fn explanation(e: &sched::ExplainJobResponse) -> String {
         fields.push(("Estimated wait:", human_secs(w.seconds)));
     }
     fields.push(("Summary:", e.summary.clone()));
+    if let Some(d) = &e.last_retry {
+        fields.push(("Last retry:", super::retry_line(d)));
+    }
+    if !e.avoided_runners.is_empty() {
+        let names: Vec<String> = e.avoided_runners.iter().map(|n| format!("`{n}`")).collect();
+        fields.push((
+            "Avoiding:",
+            format!("{} (node faults there)", names.join(", ")),
+        ));
+    }
     for (k, v) in fields.into_iter().filter(|(_, v)| !v.is_empty()) {
         t.row([k.to_owned(), v]);
     }
@@ -261,6 +271,7 @@ mod tests {
                     ..Default::default()
                 },
             ],
+            ..Default::default()
         };
         let out = explanation(&e);
         assert!(out.starts_with("Job:             j1\nState:           QUEUED\nPosition:        3\nEstimated wait:  10m\n"), "{out}");
@@ -275,6 +286,30 @@ mod tests {
         let out = explanation(&running);
         assert!(
             out.ends_with("Summary:  job is running\nNothing blocks it.\n"),
+            "{out}"
+        );
+        let retried = sched::ExplainJobResponse {
+            last_retry: Some(sched::RetryDecision {
+                attempt: 1,
+                action: sched::RetryAction::OtherRunner as i32,
+                reason: "retrying on another runner after a node fault".into(),
+                runner_name: "runner-a".into(),
+                category: "gpu-unavailable".into(),
+                ..Default::default()
+            }),
+            avoided_runners: vec!["runner-a".into()],
+            ..running
+        };
+        let out = explanation(&retried);
+        assert!(
+            out.contains(
+                "Last retry:  attempt 1 on `runner-a` (gpu-unavailable): OTHER_RUNNER: retrying \
+                 on another runner after a node fault\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("Avoiding:    `runner-a` (node faults there)\n"),
             "{out}"
         );
     }
