@@ -1,6 +1,9 @@
-//! Retry policy end to end: a job killed by SIGKILL (exit 137) is retried
-//! after the default backoff (the test moves the scheduler's clock past
-//! it); a job that exits 1 is the user's error and is not retried.
+//! Retry policy end to end: a job killed by a signal (SIGSEGV, exit 139)
+//! is retried after the default backoff (the test moves the scheduler's
+//! clock past it); a job that exits 1 is the user's error and is not
+//! retried. Retries that follow the runner's diagnosis (more memory after
+//! an out-of-memory kill, another runner after a node fault) are in
+//! `diagnosed_retries.rs`.
 
 use std::time::Duration;
 
@@ -11,13 +14,13 @@ use trainmesh_tests::{Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Attempt 1 dies of SIGKILL (exit 137, as the OOM killer would do it);
-/// later attempts succeed.
+/// Attempt 1 dies of SIGSEGV (exit 139, as a crashing native library
+/// would); later attempts succeed.
 const KILLED_ONCE: &str = r#"
 import os, signal
 if os.environ["TRAINMESH_ATTEMPT"] == "1":
-    print("attempt 1 kills itself", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
+    print("attempt 1 crashes", flush=True)
+    os.kill(os.getpid(), signal.SIGSEGV)
 print("attempt", os.environ["TRAINMESH_ATTEMPT"], "succeeds")
 "#;
 
@@ -35,7 +38,7 @@ fn state_names(events: &[JobEvent]) -> Vec<&'static str> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exit_137_is_retried_after_backoff() {
+async fn exit_139_is_retried_after_backoff() {
     let mesh = Mesh::start_with(
         MeshOptions {
             controllable_clock: true,
@@ -69,14 +72,14 @@ async fn exit_137_is_retried_after_backoff() {
     assert_eq!(backoff.attempts.len(), 1, "{:#?}", backoff.attempts);
     let a1 = &backoff.attempts[0];
     assert_eq!(a1.state, AttemptState::Failed as i32, "{a1:#?}");
-    assert_eq!(a1.exit_code, Some(137), "{a1:#?}");
+    assert_eq!(a1.exit_code, Some(139), "{a1:#?}");
     let err = a1.error.clone().expect("attempt 1 keeps its error");
-    assert_eq!(err.r#type, "OOMKilled", "{err:#?}");
-    assert_eq!(err.exit_code, 137);
+    assert_eq!(err.r#type, "Segfault", "{err:#?}");
+    assert_eq!(err.exit_code, 139);
     assert!(
         backoff
             .state_reason
-            .contains("retrying after exit 137 (attempt 1 of 3) in 10s"),
+            .contains("retrying after exit 139 (attempt 1 of 3) in 10s"),
         "{:?}",
         backoff.state_reason
     );
@@ -113,7 +116,7 @@ async fn exit_137_is_retried_after_backoff() {
     mesh.advance_clock(30);
     let done = wait_state(&mesh, &job.id, JobState::Succeeded, WAIT).await;
     assert_eq!(done.attempts.len(), 2, "{:#?}", done.attempts);
-    assert_eq!(done.attempts[0].exit_code, Some(137));
+    assert_eq!(done.attempts[0].exit_code, Some(139));
     assert_eq!(done.attempts[0].state, AttemptState::Failed as i32);
     assert_eq!(done.attempts[1].number, 2);
     assert_eq!(done.attempts[1].exit_code, Some(0));
