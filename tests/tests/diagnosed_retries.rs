@@ -173,7 +173,11 @@ async fn a_node_fault_runs_the_job_on_the_other_runner_and_marks_the_first_suspe
 
     let rs = runners(&mesh).await;
     let faulty = named(&rs, &first);
-    assert_eq!((faulty.node_faults, faulty.suspect), (1, true), "{faulty:#?}");
+    assert_eq!(
+        (faulty.node_faults, faulty.suspect),
+        (1, true),
+        "{faulty:#?}"
+    );
     assert_eq!(faulty.state, RunnerState::Ready as i32);
     assert!(!named(&rs, &second).suspect);
 
@@ -273,16 +277,20 @@ async fn a_runner_with_node_faults_is_cordoned_until_an_admin_uncordons_it() {
         why.detail.contains("runner `runner-a` is cordoned"),
         "{why:#?}"
     );
-    assert!(
-        trainctl(&mesh, &["runners"])
-            .await
-            .lines()
-            .any(|l| l.starts_with("runner-a") && l.contains("cordoned")),
-    );
+    assert!(trainctl(&mesh, &["runners"])
+        .await
+        .lines()
+        .any(|l| l.starts_with("runner-a") && l.contains("cordoned")),);
 
     let out = trainctl(
         &mesh,
-        &["runners", "uncordon", "runner-a", "--note", "driver reinstalled"],
+        &[
+            "runners",
+            "uncordon",
+            "runner-a",
+            "--note",
+            "driver reinstalled",
+        ],
     )
     .await;
     assert!(out.contains("uncordoned"), "{out}");
