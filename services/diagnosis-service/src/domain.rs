@@ -75,6 +75,24 @@ impl ReplicaFacts {
         self.role == "master"
     }
 
+    /// "worker my-job-worker-1: Failed, OOMKilled, exit code 137, 2 restarts".
+    pub fn describe(&self) -> String {
+        let mut s = format!("{} {}: {}", self.role, self.name, self.phase);
+        if !self.reason.is_empty() {
+            s.push_str(&format!(", {}", self.reason));
+        }
+        if let Some(c) = self.exit_code {
+            s.push_str(&format!(", exit code {c}"));
+        }
+        if self.restarts > 0 {
+            s.push_str(&format!(", {} restarts", self.restarts));
+        }
+        if !self.message.is_empty() {
+            s.push_str(&format!(" ({})", self.message));
+        }
+        s
+    }
+
     /// Failed, or not running as it should (waiting with a reason,
     /// restarted, killed).
     pub fn abnormal(&self) -> bool {
@@ -147,6 +165,16 @@ impl JobFacts {
                 .map(|e| e.replicas.iter().map(ReplicaFacts::from_proto).collect())
                 .unwrap_or_default(),
         })
+    }
+
+    /// Replicas the attempt asked for (a master and `workers` workers) and
+    /// those its backend created; `None` when it reported none.
+    pub fn replica_counts(&self) -> Option<(usize, usize)> {
+        if self.replicas.is_empty() {
+            return None;
+        }
+        let expected = 1 + usize::try_from(self.workers).unwrap_or(0);
+        Some((expected, self.replicas.len()))
     }
 
     /// Not finished yet (anything before a terminal state).
@@ -231,6 +259,15 @@ impl Evidence {
     pub fn error(text: impl Into<String>) -> Self {
         Self {
             source: Source::Error,
+            line_number: 0,
+            text: text.into(),
+        }
+    }
+
+    /// A fact from the attempt's structured state (pods, replicas).
+    pub fn event(text: impl Into<String>) -> Self {
+        Self {
+            source: Source::Event,
             line_number: 0,
             text: text.into(),
         }
