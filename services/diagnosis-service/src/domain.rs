@@ -5,6 +5,8 @@ use trainmesh_common::error::FieldError;
 use trainmesh_common::proto::diagnosis::v1 as dpb;
 use trainmesh_common::proto::job::v1 as jpb;
 
+use crate::text::{one_line, truncate};
+
 trainmesh_common::typed_id!(
     /// A job of job-service.
     JobId
@@ -44,6 +46,9 @@ impl JobErrorFacts {
     }
 }
 
+/// Longest replica message quoted, in characters.
+const MAX_REPLICA_MESSAGE_CHARS: usize = 200;
+
 /// One replica (pod) of the last attempt, as its backend last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaFacts {
@@ -75,20 +80,28 @@ impl ReplicaFacts {
         self.role == "master"
     }
 
-    /// "worker my-job-worker-1: Failed, OOMKilled, exit code 137, 2 restarts".
+    /// "my-job-worker-1: Failed, OOMKilled, exit 137, 0 restarts
+    /// (message)", as evidence and prompts quote it.
     pub fn describe(&self) -> String {
-        let mut s = format!("{} {}: {}", self.role, self.name, self.phase);
+        let phase = if self.phase.is_empty() {
+            "Unknown"
+        } else {
+            &self.phase
+        };
+        let mut s = format!("{}: {phase}", self.name);
         if !self.reason.is_empty() {
             s.push_str(&format!(", {}", self.reason));
         }
-        if let Some(c) = self.exit_code {
-            s.push_str(&format!(", exit code {c}"));
+        if let Some(code) = self.exit_code {
+            s.push_str(&format!(", exit {code}"));
         }
-        if self.restarts > 0 {
-            s.push_str(&format!(", {} restarts", self.restarts));
-        }
-        if !self.message.is_empty() {
-            s.push_str(&format!(" ({})", self.message));
+        let plural = if self.restarts == 1 { "" } else { "s" };
+        s.push_str(&format!(", {} restart{plural}", self.restarts));
+        if !self.message.trim().is_empty() {
+            s.push_str(&format!(
+                " ({})",
+                truncate(&one_line(&self.message), MAX_REPLICA_MESSAGE_CHARS)
+            ));
         }
         s
     }

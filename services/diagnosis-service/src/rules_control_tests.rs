@@ -48,7 +48,7 @@ fn a_worker_killed_for_memory_outranks_the_masters_nccl_error() {
     let f = RuleSet::builtin().evaluate(&job, &log);
     assert_eq!(f[0].rule_id, "oom-killed");
     assert!(f[0].evidence.iter().any(|e| e.source == Source::Event
-        && e.text == "worker ddp-worker-1: Failed, OOMKilled, exit code 137"));
+        && e.text == "ddp-worker-1: Failed, OOMKilled, exit 137, 0 restarts"));
     assert!(f.iter().any(|f| f.rule_id == "nccl"));
 }
 
