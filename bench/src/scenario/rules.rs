@@ -78,6 +78,7 @@ fn job() -> JobFacts {
         workers: 0,
         correlation_id: String::new(),
         replicas: Vec::new(),
+        checks: Default::default(),
     }
 }
 

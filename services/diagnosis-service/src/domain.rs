@@ -136,6 +136,18 @@ pub struct JobFacts {
     pub correlation_id: String,
     /// Replicas of the last attempt, when its backend reported them.
     pub replicas: Vec<ReplicaFacts>,
+    /// What the static checks compare the spec with.
+    pub checks: CheckFacts,
+}
+
+/// What the static checks of the spec compare it with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckFacts {
+    /// `spec.deadline`, when set.
+    pub deadline: Option<std::time::Duration>,
+    /// How long earlier successful runs of a job of the same owner and
+    /// name took, newest first.
+    pub history: Vec<std::time::Duration>,
 }
 
 impl JobFacts {
@@ -177,6 +189,14 @@ impl JobFacts {
             replicas: last_error
                 .map(|e| e.replicas.iter().map(ReplicaFacts::from_proto).collect())
                 .unwrap_or_default(),
+            checks: CheckFacts {
+                deadline: spec
+                    .deadline
+                    .as_ref()
+                    .and_then(trainmesh_common::time::from_duration)
+                    .filter(|d| !d.is_zero()),
+                history: Vec::new(),
+            },
         })
     }
 

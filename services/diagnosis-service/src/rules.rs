@@ -32,6 +32,7 @@ use serde::Deserialize;
 use trainmesh_common::proto::job::v1 as jpb;
 
 use crate::domain::{Evidence, Finding, JobFacts, Layer, LogLine, Severity};
+use crate::text;
 
 /// Log lines cited per finding: the first few and the last few matches.
 const MAX_LOG_EVIDENCE: usize = 5;
@@ -68,6 +69,10 @@ pub struct RuleSpec {
     /// Control check: fewer replicas were created than the job asked for.
     #[serde(default)]
     pub replicas_missing: bool,
+    /// Spec check: the deadline is shorter than earlier successful runs of
+    /// a job of the same owner and name took.
+    #[serde(default)]
+    pub deadline_below_history: bool,
     /// Spec check: the job asks for GPUs with less shared memory than this.
     #[serde(default)]
     pub gpu_shm_below_mib: Option<i64>,
@@ -235,6 +240,27 @@ impl RuleSet {
     }
 }
 
+/// The deadline against the runs it would have cut short.
+fn deadline_below_history(c: &crate::domain::CheckFacts) -> Option<Evidence> {
+    let deadline = c.deadline?;
+    let longer: Vec<String> = c
+        .history
+        .iter()
+        .filter(|d| **d > deadline)
+        .map(|d| text::duration(*d))
+        .collect();
+    if longer.is_empty() {
+        return None;
+    }
+    Some(Evidence::spec(format!(
+        "spec.deadline = {}; {} of the last {} successful runs of this job took longer ({})",
+        text::duration(deadline),
+        longer.len(),
+        c.history.len(),
+        longer.join(", ")
+    )))
+}
+
 impl RuleSet {
     /// For each rule, the log lines any of its patterns match, in order.
     /// Most lines match nothing, and one pass of the combined automaton
@@ -321,6 +347,11 @@ fn apply(rule: &Rule, job: &JobFacts, hits: &[&LogLine], explained: bool) -> Opt
             evidence.push(Evidence::event(format!(
                 "{created} of {expected} replicas were created"
             )));
+        }
+    }
+    if s.deadline_below_history {
+        if let Some(e) = deadline_below_history(&job.checks) {
+            evidence.push(e);
         }
     }
     if let Some(min) = s.gpu_shm_below_mib {

@@ -31,6 +31,7 @@ fn pytorchjob(replicas: Vec<ReplicaFacts>) -> JobFacts {
         workers: 2,
         correlation_id: String::new(),
         replicas,
+        checks: Default::default(),
     }
 }
 
@@ -80,4 +81,24 @@ fn fewer_replicas_than_asked_for_is_found() {
     // missing.
     let f = RuleSet::builtin().evaluate(&pytorchjob(Vec::new()), &[]);
     assert!(f.iter().all(|f| f.rule_id != "replicas-missing"));
+}
+
+#[test]
+fn a_deadline_shorter_than_earlier_runs_is_a_warning_with_them_as_evidence() {
+    let h = |secs: u64| std::time::Duration::from_secs(secs);
+    let mut job = pytorchjob(Vec::new());
+    job.state = jpb::JobState::Running;
+    job.checks.deadline = Some(h(2 * 3600));
+    job.checks.history = vec![h(9600), h(6000), h(11_100)];
+    let f = RuleSet::builtin().evaluate(&job, &[]);
+    let w = f.iter().find(|f| f.rule_id == "deadline-history").unwrap();
+    assert_eq!(w.severity, Severity::Warning);
+    assert_eq!(
+        w.evidence[0].text,
+        "spec.deadline = 2h; 2 of the last 3 successful runs of this job took longer (2h40m, 3h5m)"
+    );
+    // Runs that fit the deadline raise nothing.
+    job.checks.history = vec![h(6000)];
+    let f = RuleSet::builtin().evaluate(&job, &[]);
+    assert!(f.iter().all(|f| f.rule_id != "deadline-history"));
 }
