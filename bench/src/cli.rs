@@ -22,6 +22,8 @@ pub enum ScenarioArg {
     Create,
     /// Jobs submitted during a scheduler outage, queued after it returns (≤ 1 s).
     Recovery,
+    /// The diagnosis rule set over a 100 MB log (≤ 1 s); no services.
+    Diagnosis,
     All,
 }
 

@@ -109,6 +109,11 @@ async fn main() -> ExitCode {
         ));
     }
 
+    if args.runs(ScenarioArg::Diagnosis) {
+        progress(&args, "diagnosis", "none");
+        report.results.extend(scenario::rules::measure());
+    }
+
     if args.json {
         println!("{}", report.to_json());
     } else {

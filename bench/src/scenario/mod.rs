@@ -7,6 +7,7 @@ pub mod dispatch;
 pub mod latency;
 pub mod plan_time;
 pub mod recovery;
+pub mod rules;
 
 use std::future::Future;
 

@@ -15,6 +15,7 @@ use crate::logwindow::{self, WINDOW_LINES};
 use crate::prompt::Kind;
 use crate::rules::cause_name;
 use crate::template::{MetaKey, Vars};
+use crate::text::{one_line, truncate};
 
 /// Abnormal workers analysed besides the master.
 pub const MAX_WORKERS: usize = 5;
@@ -24,8 +25,6 @@ const MAX_EVENTS: usize = 40;
 const MAX_TRACEBACK_LINES: usize = 40;
 /// Longest log or event line given, in characters.
 const MAX_LINE_CHARS: usize = 500;
-/// Longest replica message given, in characters.
-const MAX_MESSAGE_CHARS: usize = 200;
 
 const PLATFORM_PREFIX: &str = "[trainmesh]";
 
@@ -75,48 +74,6 @@ pub fn targets(job: &JobFacts) -> Vec<Target> {
     t
 }
 
-fn cut(s: &str, max: usize) -> String {
-    let s = s.trim_end();
-    if s.chars().count() <= max {
-        return s.to_owned();
-    }
-    let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
-    t.push('…');
-    t
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// "worker-1: Failed, OOMKilled, exit 137, 0 restarts".
-pub fn replica_summary(r: &ReplicaFacts) -> String {
-    let mut s = format!(
-        "{}: {}",
-        r.name,
-        if r.phase.is_empty() {
-            "Unknown"
-        } else {
-            &r.phase
-        }
-    );
-    if !r.reason.is_empty() {
-        s.push_str(&format!(", {}", r.reason));
-    }
-    if let Some(code) = r.exit_code {
-        s.push_str(&format!(", exit {code}"));
-    }
-    let plural = if r.restarts == 1 { "" } else { "s" };
-    s.push_str(&format!(", {} restart{plural}", r.restarts));
-    if !r.message.trim().is_empty() {
-        s.push_str(&format!(
-            " ({})",
-            cut(&one_line(&r.message), MAX_MESSAGE_CHARS)
-        ));
-    }
-    s
-}
-
 /// "Failed", "Running", … as Aegis' job conditions read.
 fn status_word(state: jpb::JobState) -> &'static str {
     match state {
@@ -141,7 +98,10 @@ fn metadata(job: &JobFacts, vars: &mut Vars) {
     vars.set(MetaKey::JobName, name);
     let mut status = status_word(job.state).to_owned();
     if !job.state_reason.trim().is_empty() {
-        status.push_str(&format!(": {}", cut(&one_line(&job.state_reason), 300)));
+        status.push_str(&format!(
+            ": {}",
+            truncate(&one_line(&job.state_reason), 300)
+        ));
     }
     vars.set(MetaKey::JobStatus, status);
 
@@ -177,7 +137,7 @@ fn metadata(job: &JobFacts, vars: &mut Vars) {
             "no replica state reported".to_owned()
         } else {
             rs.iter()
-                .map(|r| replica_summary(r))
+                .map(|r| r.describe())
                 .collect::<Vec<_>>()
                 .join("\n")
         }
@@ -190,11 +150,7 @@ fn error_info(job: &JobFacts, findings: &[Finding], target: &Target) -> String {
     let mut out = Vec::new();
     match (&target.kind, &target.replica) {
         (Kind::Job, _) => {}
-        (k, Some(r)) => out.push(format!(
-            "Replica analysed: {} {}",
-            k.as_str(),
-            replica_summary(r)
-        )),
+        (k, Some(r)) => out.push(format!("Replica analysed: {} {}", k.as_str(), r.describe())),
         (k, None) => out.push(format!(
             "Replica analysed: the {} (no state reported)",
             k.as_str()
@@ -203,7 +159,7 @@ fn error_info(job: &JobFacts, findings: &[Finding], target: &Target) -> String {
     if let Some(e) = &job.error {
         let headline = e.headline();
         if !headline.is_empty() {
-            out.push(format!("Job error: {}", cut(&headline, 1000)));
+            out.push(format!("Job error: {}", truncate(&headline, 1000)));
         }
         if e.exit_code != 0 || e.signal != 0 {
             out.push(format!("Exit code: {}, signal: {}", e.exit_code, e.signal));
@@ -215,7 +171,7 @@ fn error_info(job: &JobFacts, findings: &[Finding], target: &Target) -> String {
         if !tb.is_empty() {
             out.push("Traceback (its last lines):".into());
             let start = tb.len().saturating_sub(MAX_TRACEBACK_LINES);
-            out.extend(tb[start..].iter().map(|l| cut(l, MAX_LINE_CHARS)));
+            out.extend(tb[start..].iter().map(|l| truncate(l, MAX_LINE_CHARS)));
         }
     }
     if !findings.is_empty() {
@@ -226,7 +182,7 @@ fn error_info(job: &JobFacts, findings: &[Finding], target: &Target) -> String {
                 line.push_str(&format!(
                     " (log line {}: {})",
                     e.line_number,
-                    cut(e.text.trim(), 200)
+                    truncate(e.text.trim(), 200)
                 ));
             }
             if !f.hint.is_empty() {
@@ -262,7 +218,7 @@ fn event_info(job: &JobFacts, log: &[LogLine]) -> String {
         if job.state_reason.trim().is_empty() {
             String::new()
         } else {
-            format!(" ({})", cut(&one_line(&job.state_reason), 300))
+            format!(" ({})", truncate(&one_line(&job.state_reason), 300))
         }
     )];
     let cause = cause_name(job.failure_cause);
@@ -279,7 +235,7 @@ fn event_info(job: &JobFacts, log: &[LogLine]) -> String {
         out.extend(
             events[start..]
                 .iter()
-                .map(|l| format!("{}: {}", l.number, cut(&l.text, MAX_LINE_CHARS))),
+                .map(|l| format!("{}: {}", l.number, truncate(&l.text, MAX_LINE_CHARS))),
         );
     }
     out.join("\n")
@@ -321,7 +277,7 @@ fn log_info(job: &JobFacts, log: &[LogLine], target: &Target) -> String {
     }
     logwindow::window(&own, WINDOW_LINES)
         .iter()
-        .map(|l| format!("{}: {}", l.number, cut(&l.text, MAX_LINE_CHARS)))
+        .map(|l| format!("{}: {}", l.number, truncate(&l.text, MAX_LINE_CHARS)))
         .collect::<Vec<_>>()
         .join("\n")
 }

@@ -5,6 +5,8 @@ use trainmesh_common::error::FieldError;
 use trainmesh_common::proto::diagnosis::v1 as dpb;
 use trainmesh_common::proto::job::v1 as jpb;
 
+use crate::text::{one_line, truncate};
+
 trainmesh_common::typed_id!(
     /// A job of job-service.
     JobId
@@ -44,6 +46,9 @@ impl JobErrorFacts {
     }
 }
 
+/// Longest replica message quoted, in characters.
+const MAX_REPLICA_MESSAGE_CHARS: usize = 200;
+
 /// One replica (pod) of the last attempt, as its backend last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaFacts {
@@ -73,6 +78,32 @@ impl ReplicaFacts {
 
     pub fn is_master(&self) -> bool {
         self.role == "master"
+    }
+
+    /// "my-job-worker-1: Failed, OOMKilled, exit 137, 0 restarts
+    /// (message)", as evidence and prompts quote it.
+    pub fn describe(&self) -> String {
+        let phase = if self.phase.is_empty() {
+            "Unknown"
+        } else {
+            &self.phase
+        };
+        let mut s = format!("{}: {phase}", self.name);
+        if !self.reason.is_empty() {
+            s.push_str(&format!(", {}", self.reason));
+        }
+        if let Some(code) = self.exit_code {
+            s.push_str(&format!(", exit {code}"));
+        }
+        let plural = if self.restarts == 1 { "" } else { "s" };
+        s.push_str(&format!(", {} restart{plural}", self.restarts));
+        if !self.message.trim().is_empty() {
+            s.push_str(&format!(
+                " ({})",
+                truncate(&one_line(&self.message), MAX_REPLICA_MESSAGE_CHARS)
+            ));
+        }
+        s
     }
 
     /// Failed, or not running as it should (waiting with a reason,
@@ -105,6 +136,18 @@ pub struct JobFacts {
     pub correlation_id: String,
     /// Replicas of the last attempt, when its backend reported them.
     pub replicas: Vec<ReplicaFacts>,
+    /// What the static checks compare the spec with.
+    pub checks: CheckFacts,
+}
+
+/// What the static checks of the spec compare it with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckFacts {
+    /// `spec.deadline`, when set.
+    pub deadline: Option<std::time::Duration>,
+    /// How long earlier successful runs of a job of the same owner and
+    /// name took, newest first.
+    pub history: Vec<std::time::Duration>,
 }
 
 impl JobFacts {
@@ -146,7 +189,25 @@ impl JobFacts {
             replicas: last_error
                 .map(|e| e.replicas.iter().map(ReplicaFacts::from_proto).collect())
                 .unwrap_or_default(),
+            checks: CheckFacts {
+                deadline: spec
+                    .deadline
+                    .as_ref()
+                    .and_then(trainmesh_common::time::from_duration)
+                    .filter(|d| !d.is_zero()),
+                history: Vec::new(),
+            },
         })
+    }
+
+    /// Replicas the attempt asked for (a master and `workers` workers) and
+    /// those its backend created; `None` when it reported none.
+    pub fn replica_counts(&self) -> Option<(usize, usize)> {
+        if self.replicas.is_empty() {
+            return None;
+        }
+        let expected = 1 + usize::try_from(self.workers).unwrap_or(0);
+        Some((expected, self.replicas.len()))
     }
 
     /// Not finished yet (anything before a terminal state).
@@ -231,6 +292,15 @@ impl Evidence {
     pub fn error(text: impl Into<String>) -> Self {
         Self {
             source: Source::Error,
+            line_number: 0,
+            text: text.into(),
+        }
+    }
+
+    /// A fact from the attempt's structured state (pods, replicas).
+    pub fn event(text: impl Into<String>) -> Self {
+        Self {
+            source: Source::Event,
             line_number: 0,
             text: text.into(),
         }

@@ -1,5 +1,7 @@
 //! Reads a job and its log from job-service (`JobService.GetJob` and
-//! `StreamJobLogs(tail_lines = 1000, follow = false)`) with this service's
+//! `StreamJobLogs(tail_lines = 1000, follow = false)`), and for a job with
+//! a deadline the owner's earlier successful runs of the same name
+//! (`ListJobs`), with this service's
 //! own token; the `service` role may read any job, so the caller's right to
 //! see the job is checked by the service, not here.
 
@@ -9,10 +11,16 @@ use tonic::Code;
 use trainmesh_common::client::Channel;
 use trainmesh_common::proto::job::v1 as jpb;
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
+use trainmesh_common::time::from_timestamp;
 
 use crate::domain::{JobFacts, JobId, LogLine};
 use crate::error::{Error, Result};
 use crate::logwindow::TAIL_LINES;
+
+/// Recent successful jobs of the owner looked through for earlier runs.
+const HISTORY_SCAN: i32 = 200;
+/// Earlier runs compared with the deadline.
+const HISTORY_RUNS: usize = 10;
 
 /// Longest log line kept, in bytes; the rest of a longer line is cut.
 const MAX_LINE_BYTES: usize = 4096;
@@ -54,7 +62,14 @@ impl JobSource {
     }
 
     pub async fn fetch(&self, id: JobId) -> Result<JobSnapshot> {
-        let job = self.get_job(id).await?;
+        let mut job = self.get_job(id).await?;
+        if job.checks.deadline.is_some() && !job.name.is_empty() {
+            // Only the deadline check reads it; without it the rest stands.
+            match self.history(&job).await {
+                Ok(h) => job.checks.history = h,
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "earlier runs unavailable"),
+            }
+        }
         let (log, log_note) = match self.tail(id).await {
             Ok(log) => (log, None),
             // The job is there; a diagnosis without its log still helps.
@@ -84,6 +99,36 @@ impl JobSource {
             .ok_or_else(|| Error::JobService("GetJob answered without a job".into()))?;
         JobFacts::from_proto(&job)
             .map_err(|e| Error::JobService(format!("GetJob answered a bad job: {e}")))
+    }
+
+    /// How long the newest successful jobs of the same owner and name
+    /// ran, newest first.
+    async fn history(&self, job: &JobFacts) -> Result<Vec<Duration>> {
+        let mut client = self.client.clone();
+        let req = jpb::ListJobsRequest {
+            states: vec![jpb::JobState::Succeeded as i32],
+            owner: job.owner.clone(),
+            page_size: HISTORY_SCAN,
+            ..Default::default()
+        };
+        let resp = tokio::time::timeout(self.timeout, client.list_jobs(req))
+            .await
+            .map_err(|_| Error::JobService("ListJobs timed out".into()))?
+            .map_err(|s| Error::JobService(format!("ListJobs: {:?}: {}", s.code(), s.message())))?;
+        Ok(resp
+            .into_inner()
+            .jobs
+            .iter()
+            .filter(|j| j.id != job.id.to_string())
+            .filter(|j| j.spec.as_ref().is_some_and(|s| s.name == job.name))
+            .filter_map(|j| {
+                let start = from_timestamp(j.start_time.as_ref()?);
+                let end = from_timestamp(j.end_time.as_ref()?);
+                let micros = u64::try_from(end.checked_sub(start)?).ok()?;
+                Some(Duration::from_micros(micros))
+            })
+            .take(HISTORY_RUNS)
+            .collect())
     }
 
     async fn tail(&self, id: JobId) -> Result<Vec<LogLine>> {

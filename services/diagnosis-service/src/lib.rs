@@ -28,6 +28,7 @@ pub mod report;
 pub mod rules;
 pub mod service;
 pub mod template;
+pub mod text;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use trainmesh_common::proto::job::v1 as jpb;
 
 use crate::domain::{Evidence, Finding, JobFacts, Severity, Source};
+use crate::text::{one_line, truncate};
 
 /// Longest `Error` line, in characters.
 const MAX_ERROR_CHARS: usize = 300;
@@ -23,20 +24,6 @@ pub struct Report {
     pub evidence: Vec<Evidence>,
     pub findings: Vec<Finding>,
     pub category: String,
-}
-
-/// One line: newlines and runs of blanks become single spaces.
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_owned();
-    }
-    let mut t: String = s.chars().take(max.saturating_sub(1)).collect();
-    t.push('…');
-    t
 }
 
 /// `log_lines`: how many lines were read; `log_note`: why the log could not

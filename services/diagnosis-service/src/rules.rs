@@ -27,11 +27,12 @@
 
 use std::collections::HashSet;
 
-use regex::{Regex, RegexSet};
+use regex::Regex;
 use serde::Deserialize;
 use trainmesh_common::proto::job::v1 as jpb;
 
 use crate::domain::{Evidence, Finding, JobFacts, Layer, LogLine, Severity};
+use crate::text;
 
 /// Log lines cited per finding: the first few and the last few matches.
 const MAX_LOG_EVIDENCE: usize = 5;
@@ -61,6 +62,17 @@ pub struct RuleSpec {
     pub error_categories: Vec<String>,
     #[serde(default)]
     pub failure_causes: Vec<String>,
+    /// Control check: a replica (pod) of the last attempt ended or waits
+    /// with one of these reasons (OOMKilled, CrashLoopBackOff, …).
+    #[serde(default)]
+    pub replica_reasons: Vec<String>,
+    /// Control check: fewer replicas were created than the job asked for.
+    #[serde(default)]
+    pub replicas_missing: bool,
+    /// Spec check: the deadline is shorter than earlier successful runs of
+    /// a job of the same owner and name took.
+    #[serde(default)]
+    pub deadline_below_history: bool,
     /// Spec check: the job asks for GPUs with less shared memory than this.
     #[serde(default)]
     pub gpu_shm_below_mib: Option<i64>,
@@ -141,8 +153,10 @@ fn type_matches(actual: &str, wanted: &str) -> bool {
 pub struct RuleSet {
     rules: Vec<Rule>,
     /// Every rule's log patterns in one automaton, so a long log is read
-    /// once rather than once per pattern.
-    all_patterns: RegexSet,
+    /// once rather than once per pattern. ASCII semantics (`\b`, `\w`,
+    /// case folding): Unicode word boundaries keep the regex engine off its
+    /// fast DFA, and log keywords are ASCII.
+    all_patterns: regex::bytes::RegexSet,
     /// For each pattern of `all_patterns`, the index of its rule.
     owner: Vec<usize>,
 }
@@ -179,7 +193,8 @@ impl RuleSet {
                 sources.push(p.as_str().to_owned());
             }
         }
-        let all_patterns = regex::RegexSetBuilder::new(&sources)
+        let all_patterns = regex::bytes::RegexSetBuilder::new(&sources)
+            .unicode(false)
             .size_limit(64 << 20)
             .dfa_size_limit(64 << 20)
             .build()
@@ -225,6 +240,27 @@ impl RuleSet {
     }
 }
 
+/// The deadline against the runs it would have cut short.
+fn deadline_below_history(c: &crate::domain::CheckFacts) -> Option<Evidence> {
+    let deadline = c.deadline?;
+    let longer: Vec<String> = c
+        .history
+        .iter()
+        .filter(|d| **d > deadline)
+        .map(|d| text::duration(*d))
+        .collect();
+    if longer.is_empty() {
+        return None;
+    }
+    Some(Evidence::spec(format!(
+        "spec.deadline = {}; {} of the last {} successful runs of this job took longer ({})",
+        text::duration(deadline),
+        longer.len(),
+        c.history.len(),
+        longer.join(", ")
+    )))
+}
+
 impl RuleSet {
     /// For each rule, the log lines any of its patterns match, in order.
     /// Most lines match nothing, and one pass of the combined automaton
@@ -232,10 +268,11 @@ impl RuleSet {
     fn log_hits<'a>(&self, log: &'a [LogLine]) -> Vec<Vec<&'a LogLine>> {
         let mut hits: Vec<Vec<&LogLine>> = vec![Vec::new(); self.rules.len()];
         for line in log {
-            if !self.all_patterns.is_match(&line.text) {
+            let text = line.text.as_bytes();
+            if !self.all_patterns.is_match(text) {
                 continue;
             }
-            for p in self.all_patterns.matches(&line.text).iter() {
+            for p in self.all_patterns.matches(text).iter() {
                 let rule = &mut hits[self.owner[p]];
                 if !rule.last().is_some_and(|l| std::ptr::eq(*l, line)) {
                     rule.push(line);
@@ -296,6 +333,25 @@ fn apply(rule: &Rule, job: &JobFacts, hits: &[&LogLine], explained: bool) -> Opt
             if rule.patterns.iter().any(|p| p.is_match(&text)) {
                 cite_error = true;
             }
+        }
+    }
+    for r in job.replicas.iter().filter(|r| {
+        s.replica_reasons
+            .iter()
+            .any(|w| w.eq_ignore_ascii_case(&r.reason))
+    }) {
+        evidence.push(Evidence::event(r.describe()));
+    }
+    if s.replicas_missing {
+        if let Some((expected, created)) = job.replica_counts().filter(|(e, c)| c < e) {
+            evidence.push(Evidence::event(format!(
+                "{created} of {expected} replicas were created"
+            )));
+        }
+    }
+    if s.deadline_below_history {
+        if let Some(e) = deadline_below_history(&job.checks) {
+            evidence.push(e);
         }
     }
     if let Some(min) = s.gpu_shm_below_mib {
@@ -364,3 +420,7 @@ pub fn builtin_specs() -> Vec<RuleSpec> {
 #[cfg(test)]
 #[path = "rules_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "rules_control_tests.rs"]
+mod control_tests;

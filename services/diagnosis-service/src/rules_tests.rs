@@ -67,6 +67,7 @@ fn job(state: jpb::JobState, exit_code: Option<i32>, error: Option<JobErrorFacts
         workers: 0,
         correlation_id: "cid".into(),
         replicas: Vec::new(),
+        checks: Default::default(),
     }
 }
 

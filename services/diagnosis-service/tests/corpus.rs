@@ -157,6 +157,7 @@ fn judge(rules: &RuleSet, case: &Case, exit_code: i32) -> String {
         workers: 0,
         correlation_id: String::new(),
         replicas: Vec::new(),
+        checks: Default::default(),
     };
     let findings = rules.evaluate(&job, &log);
     let rep = report::compose(&job, log.len(), None, findings);

@@ -160,6 +160,11 @@ async fn diagnose(
     let req: dpb::DiagnoseJobRequest = decode(msg)?;
     let job_id = req.job_id.clone();
     let mut client = dpb::diagnosis_service_client::DiagnosisServiceClient::new(channel.clone());
+    // The deadline travels with the call (grpc-timeout), so the diagnosis
+    // can give an optional LLM only the time that leaves, and answer
+    // before the relay gives up and delivers the message again.
+    let mut req = tonic::Request::new(req);
+    req.set_timeout(CALL_TIMEOUT);
     let resp = call(client.diagnose_job(req)).await?;
     let Some(d) = resp.diagnosis else {
         return Ok(Delivery::Drop(

@@ -29,6 +29,7 @@ pub mod gpus;
 pub mod names;
 pub mod observe;
 pub mod podlogs;
+pub mod replicas;
 pub mod status;
 pub mod verdict;
 pub mod workload;

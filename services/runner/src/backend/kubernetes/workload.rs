@@ -21,6 +21,7 @@ use super::disruption;
 use super::failure;
 use super::observe::{self, Observation};
 use super::podlogs::Copies;
+use super::replicas;
 use super::status::{self, Phase, PodView, Role};
 use super::verdict::{self, Cause, Timeouts, Verdict};
 use crate::backend::Workload;
@@ -58,6 +59,8 @@ pub struct KubeWorkload {
     last_api_error: Option<String>,
     ended: Option<Termination>,
     failure: Option<JobError>,
+    /// The pods as the last poll saw them, for the failure's replicas.
+    pods: Vec<PodView>,
 }
 
 /// Why a poll gave no answer.
@@ -88,6 +91,7 @@ impl KubeWorkload {
             last_api_error: None,
             ended: None,
             failure: None,
+            pods: Vec::new(),
         }
     }
 
@@ -185,7 +189,9 @@ impl KubeWorkload {
             unschedulable: self.cfg.unschedulable_timeout,
             start: self.cfg.start_timeout,
         };
-        Ok(verdict::decide(&job, &pods, &warnings, &ages, timeouts))
+        let verdict = verdict::decide(&job, &pods, &warnings, &ages, timeouts);
+        self.pods = pods;
+        Ok(verdict)
     }
 
     /// The attempt ended: deletes what Kubernetes would leave hanging,
@@ -206,7 +212,9 @@ impl KubeWorkload {
             let log = failing_pod(c)
                 .map(|p| self.logs.tail_text(p))
                 .unwrap_or_default();
-            failure::job_error(c, v.termination, &log, self.deadline)
+            let mut e = failure::job_error(c, v.termination, &log, self.deadline);
+            e.replicas = replicas::replica_statuses(&self.pods);
+            e
         });
         self.ended = Some(v.termination);
         v.termination

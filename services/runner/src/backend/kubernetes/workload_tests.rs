@@ -178,6 +178,28 @@ async fn failed_worker_log_is_copied_and_the_oom_named() {
         (e.r#type.as_str(), e.category.as_str()),
         ("OOMKilled", "oom-killed")
     );
+    // The pods travel as data too, for the diagnosis's control layer.
+    let replicas: Vec<(&str, &str, &str, Option<i32>)> = e
+        .replicas
+        .iter()
+        .map(|r| {
+            (
+                r.role.as_str(),
+                r.phase.as_str(),
+                r.reason.as_str(),
+                r.exit_code,
+            )
+        })
+        .collect();
+    assert_eq!(
+        replicas,
+        [
+            ("master", "Failed", "Error", Some(1)),
+            ("worker", "Running", "", None),
+            ("worker", "Failed", "OOMKilled", Some(137)),
+        ]
+    );
+    assert_eq!(e.replicas[2].name, worker);
     let reqs = requests(&log);
     let fetched = reqs
         .iter()
