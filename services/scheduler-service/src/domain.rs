@@ -373,6 +373,11 @@ impl TryFrom<runner_pb::ReportAttemptStatusRequest> for AttemptReport {
 /// Why an attempt failed, for retry policies and SLOs: the exit code
 /// decides when there is one, else the runner's error category.
 pub fn failure_cause(exit_code: Option<i32>, error: Option<&JobError>) -> FailureCause {
+    // The node could not run GPU work: the platform's failure, whatever
+    // the job's code exited with when it found out.
+    if error.is_some_and(|e| e.node_fault) {
+        return FailureCause::Platform;
+    }
     // A category that names the platform's own reason (the process never
     // ran, the deadline or the runner killed it) outranks the exit code,
     // which only echoes how it was stopped.
@@ -433,6 +438,16 @@ mod tests {
             failure_cause(Some(-1), Some(&err("unschedulable"))),
             FailureCause::NoCapacity
         );
+    }
+
+    #[test]
+    fn a_node_fault_is_the_platforms_whatever_the_exit_code() {
+        let fault = JobError {
+            category: "gpu-unavailable".into(),
+            node_fault: true,
+            ..Default::default()
+        };
+        assert_eq!(failure_cause(Some(1), Some(&fault)), FailureCause::Platform);
     }
 
     #[test]

@@ -270,11 +270,8 @@ pub fn decide(policy: &Policy, a: &Ended<'_>) -> Decision {
         Ending::Failed { cause, .. } => Some(cause),
         Ending::Lost => None,
     };
-    // What the platform did to the attempt outranks what it printed.
-    let platform = matches!(
-        cause,
-        None | Some(FailureCause::Preempted | FailureCause::Platform)
-    );
+    // A lost runner or a preemption outranks what the attempt printed.
+    let platform = matches!(cause, None | Some(FailureCause::Preempted));
     match a.diagnosis {
         _ if platform => {}
         Diagnosis::OomKilled => return more_memory(policy, a),

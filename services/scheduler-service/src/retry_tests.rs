@@ -57,7 +57,7 @@ fn oom(attempt: i64, memory_mib: i64) -> Ended<'static> {
 fn node_fault(avoided: &'static [String]) -> Ended<'static> {
     Ended {
         avoided,
-        ..ended(failed(1, FailureCause::UserCode), Diagnosis::NodeFault, 1)
+        ..ended(failed(1, FailureCause::Platform), Diagnosis::NodeFault, 1)
     }
 }
 

@@ -248,6 +248,38 @@ async fn a_node_fault_moves_the_job_to_another_runner_without_using_the_budget()
 }
 
 #[tokio::test]
+async fn a_job_that_says_fail_on_a_node_fault_fails_and_the_fault_still_counts() {
+    for db in all_dbs().await {
+        let h = Harness::start(db).await;
+        let runner = h.register(1).await;
+        let job = new_job_id();
+        let mut s = spec(1);
+        s.retry_policy = Some(trainmesh_common::proto::job::v1::RetryPolicy {
+            on_node_fault: trainmesh_common::proto::job::v1::NodeFaultAction::Fail as i32,
+            ..Default::default()
+        });
+        h.enqueue(&job, "alice", s).await;
+        fail_on_node_1(&h, &runner, &job, 1, no_gpus()).await;
+        let failed = h.wait_status(&job, JobState::Failed).await;
+        assert_eq!(
+            failed.failure_cause,
+            FailureCause::Platform as i32,
+            "{}",
+            h.label
+        );
+        assert!(
+            failed.reason.contains("on_node_fault is FAIL"),
+            "{}: {}",
+            h.label,
+            failed.reason
+        );
+        let rs = runners(&h).await;
+        assert_eq!(named(&rs, TEST_RUNNER).node_faults, 1, "{}", h.label);
+        h.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_runner_is_cordoned_after_node_faults_until_an_admin_uncordons_it() {
     for db in all_dbs().await {
         let h = Harness::start_with(db, |c| c.cordon_after_node_faults = 2).await;
