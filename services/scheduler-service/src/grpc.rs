@@ -10,7 +10,7 @@ use trainmesh_common::proto::job::v1::JobSpec;
 use trainmesh_common::proto::runner::v1 as runner_pb;
 use trainmesh_common::proto::scheduler::v1 as pb;
 use trainmesh_common::server::ShutdownWatch;
-use trainmesh_common::time::{from_duration, to_duration, to_opt_timestamp, to_timestamp};
+use trainmesh_common::time::{from_duration, to_duration, to_timestamp};
 
 use crate::decisions::{approval_proto, Verdict};
 use crate::domain::{AttemptReport, JobId, NewEntry, Registration, RunnerId};
@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::limits::{LimitKind, LimitRow, LimitTable, Scope};
 use crate::plan::WaitReason;
 use crate::repo::ApprovalState;
-use crate::runner_admin::{RunnerView, Standing};
+use crate::runner_admin::runner_info;
 use crate::service::{QueueItem, Scheduler};
 
 const DEFAULT_PAGE_SIZE: usize = 100;
@@ -117,32 +117,6 @@ fn queue_entry(item: QueueItem) -> pb::QueueEntry {
         gpus: i32_of(e.demand.gpus),
         submit_time: Some(to_timestamp(e.submit_time)),
         state: e.state.proto() as i32,
-    }
-}
-
-fn runner_info(v: RunnerView) -> pb::RunnerInfo {
-    let state = match v.standing {
-        Standing::Ready => pb::RunnerState::Ready,
-        Standing::Draining => pb::RunnerState::Draining,
-        Standing::Cordoned => pb::RunnerState::Cordoned,
-    };
-    let h = &v.health;
-    let reg = v.registration.as_ref();
-    pb::RunnerInfo {
-        name: v.name.clone(),
-        runner_id: reg.map(|r| r.runner_id.to_string()).unwrap_or_default(),
-        state: state as i32,
-        backend: reg.map(|r| r.backend.clone()).unwrap_or_default(),
-        capacity: v.capacity().cloned(),
-        node_faults: i32_of(h.node_faults),
-        suspect: h.suspect(),
-        cordon_reason: h.cordon_reason.clone(),
-        cordon_time: to_opt_timestamp(h.cordoned_at),
-        last_fault: h.last_fault.clone(),
-        last_fault_time: to_opt_timestamp(h.last_fault_at),
-        register_time: reg.map(|r| to_timestamp(r.registered_at)),
-        last_heartbeat_time: reg.map(|r| to_timestamp(r.last_heartbeat_at)),
-        active_attempts: reg.map_or(0, |r| i32_of(r.active_attempts)),
     }
 }
 

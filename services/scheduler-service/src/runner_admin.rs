@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use trainmesh_common::audit::{AuditAction, AuditRecord, AuditTable};
 use trainmesh_common::proto::runner::v1 as runner_pb;
+use trainmesh_common::proto::scheduler::v1 as pb;
+use trainmesh_common::time::{to_opt_timestamp, to_timestamp};
 
 use crate::error::{Error, Result};
 use crate::repo::{self, Health};
@@ -52,6 +54,37 @@ impl RunnerView {
     pub fn capacity(&self) -> Option<&runner_pb::Capacity> {
         self.registration.as_ref().map(|r| &r.capacity)
     }
+}
+
+/// The proto form of a listed runner.
+pub fn runner_info(v: RunnerView) -> pb::RunnerInfo {
+    let state = match v.standing {
+        Standing::Ready => pb::RunnerState::Ready,
+        Standing::Draining => pb::RunnerState::Draining,
+        Standing::Cordoned => pb::RunnerState::Cordoned,
+    };
+    let h = &v.health;
+    let reg = v.registration.as_ref();
+    pb::RunnerInfo {
+        name: v.name.clone(),
+        runner_id: reg.map(|r| r.runner_id.to_string()).unwrap_or_default(),
+        state: state as i32,
+        backend: reg.map(|r| r.backend.clone()).unwrap_or_default(),
+        capacity: v.capacity().cloned(),
+        node_faults: i32_of(h.node_faults),
+        suspect: h.suspect(),
+        cordon_reason: h.cordon_reason.clone(),
+        cordon_time: to_opt_timestamp(h.cordoned_at),
+        last_fault: h.last_fault.clone(),
+        last_fault_time: to_opt_timestamp(h.last_fault_at),
+        register_time: reg.map(|r| to_timestamp(r.registered_at)),
+        last_heartbeat_time: reg.map(|r| to_timestamp(r.last_heartbeat_at)),
+        active_attempts: reg.map_or(0, |r| i32_of(r.active_attempts)),
+    }
+}
+
+fn i32_of(v: i64) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
 }
 
 impl Scheduler {
