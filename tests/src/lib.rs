@@ -356,7 +356,11 @@ impl Mesh {
             let wanted: &[&str] = match *binary {
                 "job-service" => &["--scheduler-endpoint", "--diagnosis-endpoint"],
                 "scheduler-service" => &["--job-endpoint"],
-                "diagnosis-service" => &["--job-endpoint", "--metrics-endpoint"],
+                "diagnosis-service" => &[
+                    "--job-endpoint",
+                    "--scheduler-endpoint",
+                    "--metrics-endpoint",
+                ],
                 "metrics-service" => &["--job-endpoint"],
                 _ => &[],
             };

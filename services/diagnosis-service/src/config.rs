@@ -26,6 +26,9 @@ pub struct Config {
     pub job_endpoint: String,
     /// metrics-service; not called yet (anomalies arrive with a later release).
     pub metrics_endpoint: String,
+    /// scheduler-service, for the runners' offers the spec is checked
+    /// against; none: that check is skipped.
+    pub scheduler_endpoint: Option<String>,
     /// This service's token for job-service (needs the `service` role).
     pub service_token: Option<String>,
     /// How calls to job-service connect.
@@ -58,6 +61,7 @@ impl Config {
             database_url: database_url.into(),
             job_endpoint: job_endpoint.into(),
             metrics_endpoint: "127.0.0.1:50053".into(),
+            scheduler_endpoint: None,
             service_token,
             client_tls: ClientTls::default(),
             rules_file: None,
@@ -97,6 +101,15 @@ pub struct Args {
         default_value = "127.0.0.1:50051"
     )]
     pub job_endpoint: String,
+
+    /// scheduler-service endpoint: a job's resources are checked against
+    /// what its runners offer (`ListRunners`).
+    #[arg(
+        long,
+        env = "TRAINMESH_SCHEDULER_ENDPOINT",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub scheduler_endpoint: String,
 
     /// metrics-service endpoint (not used yet).
     #[arg(
@@ -200,6 +213,7 @@ impl Args {
             database_url: database_url(&self.common, self.database_url.as_deref()),
             job_endpoint: self.job_endpoint,
             metrics_endpoint: self.metrics_endpoint,
+            scheduler_endpoint: Some(self.scheduler_endpoint),
             service_token,
             client_tls: self.common.client_tls()?,
             rules_file: self.rules_file,

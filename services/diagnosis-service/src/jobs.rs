@@ -1,7 +1,8 @@
 //! Reads a job and its log from job-service (`JobService.GetJob` and
 //! `StreamJobLogs(tail_lines = 1000, follow = false)`), and for a job with
 //! a deadline the owner's earlier successful runs of the same name
-//! (`ListJobs`), with this service's
+//! (`ListJobs`), and, for a job that asks for resources, what the
+//! scheduler's runners offer (`ListRunners`), with this service's
 //! own token; the `service` role may read any job, so the caller's right to
 //! see the job is checked by the service, not here.
 
@@ -11,9 +12,11 @@ use tonic::Code;
 use trainmesh_common::client::Channel;
 use trainmesh_common::proto::job::v1 as jpb;
 use trainmesh_common::proto::job::v1::job_service_client::JobServiceClient;
+use trainmesh_common::proto::scheduler::v1 as spb;
+use trainmesh_common::proto::scheduler::v1::scheduler_service_client::SchedulerServiceClient;
 use trainmesh_common::time::from_timestamp;
 
-use crate::domain::{JobFacts, JobId, LogLine};
+use crate::domain::{JobFacts, JobId, LogLine, Offer};
 use crate::error::{Error, Result};
 use crate::logwindow::TAIL_LINES;
 
@@ -37,6 +40,8 @@ pub struct JobSnapshot {
 #[derive(Clone, Debug)]
 pub struct JobSource {
     client: JobServiceClient<Channel>,
+    /// For the runners' offers; none when no scheduler is configured.
+    scheduler: Option<SchedulerServiceClient<Channel>>,
     timeout: Duration,
 }
 
@@ -57,12 +62,26 @@ impl JobSource {
     pub fn new(channel: Channel, timeout: Duration) -> Self {
         Self {
             client: JobServiceClient::new(channel),
+            scheduler: None,
             timeout,
         }
     }
 
+    /// Also compare jobs with what the scheduler's runners offer.
+    pub fn with_scheduler(mut self, channel: Channel) -> Self {
+        self.scheduler = Some(SchedulerServiceClient::new(channel));
+        self
+    }
+
     pub async fn fetch(&self, id: JobId) -> Result<JobSnapshot> {
         let mut job = self.get_job(id).await?;
+        let asks = job.gpus > 0 || job.checks.cpu > 0.0 || job.checks.memory_mib > 0;
+        if asks && self.scheduler.is_some() {
+            match self.offers().await {
+                Ok(o) => job.checks.fleet = Some(o),
+                Err(e) => tracing::warn!(job_id = %id, error = %e, "runners' offers unavailable"),
+            }
+        }
         if job.checks.deadline.is_some() && !job.name.is_empty() {
             // Only the deadline check reads it; without it the rest stands.
             match self.history(&job).await {
@@ -128,6 +147,35 @@ impl JobSource {
                 Some(Duration::from_micros(micros))
             })
             .take(HISTORY_RUNS)
+            .collect())
+    }
+
+    /// What each runner taking work offers a replica.
+    async fn offers(&self) -> Result<Vec<Offer>> {
+        let Some(mut client) = self.scheduler.clone() else {
+            return Ok(Vec::new());
+        };
+        let resp = tokio::time::timeout(
+            self.timeout,
+            client.list_runners(spb::ListRunnersRequest {}),
+        )
+        .await
+        .map_err(|_| Error::JobService("ListRunners timed out".into()))?
+        .map_err(|s| Error::JobService(format!("ListRunners: {:?}: {}", s.code(), s.message())))?;
+        Ok(resp
+            .into_inner()
+            .runners
+            .into_iter()
+            .filter(|r| r.state == spb::RunnerState::Ready as i32)
+            .map(|r| {
+                let c = r.capacity.unwrap_or_default();
+                Offer {
+                    runner: r.name,
+                    gpus: c.gpus.into_iter().map(|g| g.model).collect(),
+                    cpu: c.cpu,
+                    memory_mib: c.memory_mib,
+                }
+            })
             .collect())
     }
 

@@ -70,6 +70,14 @@ pub async fn run(
         )?,
         config.job_call_timeout,
     );
+    let jobs = match &config.scheduler_endpoint {
+        Some(endpoint) => jobs.with_scheduler(trainmesh_common::client::channel_with(
+            endpoint,
+            config.service_token.as_deref(),
+            &config.client_tls,
+        )?),
+        None => jobs,
+    };
     // Nothing here streams or loops in the background, so the watch half of
     // the pair is not needed.
     let (trigger, _watch) = server::shutdown_pair();

@@ -69,6 +69,10 @@ pub struct RuleSpec {
     /// Control check: fewer replicas were created than the job asked for.
     #[serde(default)]
     pub replicas_missing: bool,
+    /// Spec check: no runner could take one replica of the job (GPUs of
+    /// its type, CPU, memory), as the scheduler lists them.
+    #[serde(default)]
+    pub beyond_fleet: bool,
     /// Spec check: the deadline is shorter than earlier successful runs of
     /// a job of the same owner and name took.
     #[serde(default)]
@@ -240,6 +244,46 @@ impl RuleSet {
     }
 }
 
+/// Runners quoted when none fits.
+const MAX_OFFERS_QUOTED: usize = 5;
+
+/// The request against every runner's offer.
+fn beyond_fleet(job: &JobFacts) -> Option<Evidence> {
+    let c = &job.checks;
+    let fleet = c.fleet.as_ref().filter(|f| !f.is_empty())?;
+    if fleet
+        .iter()
+        .any(|o| o.fits(job.gpus, &c.gpu_type, c.cpu, c.memory_mib))
+    {
+        return None;
+    }
+    let mut asked = format!("{} GPUs", job.gpus.max(0));
+    if !c.gpu_type.is_empty() {
+        asked.push_str(&format!(" of type `{}`", c.gpu_type));
+    }
+    if c.cpu > 0.0 {
+        asked.push_str(&format!(", {} cores", c.cpu));
+    }
+    if c.memory_mib > 0 {
+        asked.push_str(&format!(", {} MiB", c.memory_mib));
+    }
+    let offers: Vec<String> = fleet
+        .iter()
+        .take(MAX_OFFERS_QUOTED)
+        .map(|o| o.describe())
+        .collect();
+    let more = fleet.len().saturating_sub(MAX_OFFERS_QUOTED);
+    let more = if more > 0 {
+        format!("; and {more} more")
+    } else {
+        String::new()
+    };
+    Some(Evidence::spec(format!(
+        "each replica asks for {asked}; no runner offers that: {}{more}",
+        offers.join("; ")
+    )))
+}
+
 /// The deadline against the runs it would have cut short.
 fn deadline_below_history(c: &crate::domain::CheckFacts) -> Option<Evidence> {
     let deadline = c.deadline?;
@@ -347,6 +391,11 @@ fn apply(rule: &Rule, job: &JobFacts, hits: &[&LogLine], explained: bool) -> Opt
             evidence.push(Evidence::event(format!(
                 "{created} of {expected} replicas were created"
             )));
+        }
+    }
+    if s.beyond_fleet {
+        if let Some(e) = beyond_fleet(job) {
+            evidence.push(e);
         }
     }
     if s.deadline_below_history {

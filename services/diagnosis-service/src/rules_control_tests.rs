@@ -102,3 +102,46 @@ fn a_deadline_shorter_than_earlier_runs_is_a_warning_with_them_as_evidence() {
     let f = RuleSet::builtin().evaluate(&job, &[]);
     assert!(f.iter().all(|f| f.rule_id != "deadline-history"));
 }
+
+#[test]
+fn a_job_no_runner_can_take_is_found_against_the_fleet() {
+    use crate::domain::Offer;
+    let offer = |runner: &str, gpus: &[&str], memory_mib: i64| Offer {
+        runner: runner.into(),
+        gpus: gpus.iter().map(|g| (*g).to_owned()).collect(),
+        cpu: 64.0,
+        memory_mib,
+    };
+    let mut job = pytorchjob(Vec::new());
+    job.state = jpb::JobState::Queued;
+    job.gpus = 8;
+    job.checks.gpu_type = "H100".into();
+    job.checks.fleet = Some(vec![
+        offer("a100-node", &["NVIDIA A100-SXM4-80GB"; 8], 1 << 20),
+        offer("h100-node", &["NVIDIA H100 80GB HBM3"; 4], 1 << 20),
+    ]);
+    let f = RuleSet::builtin().evaluate(&job, &[]);
+    assert_eq!(f[0].rule_id, "beyond-fleet");
+    let text = &f[0].evidence[0].text;
+    assert!(
+        text.starts_with("each replica asks for 8 GPUs of type `H100`; no runner offers that: a100-node: 8 GPUs (NVIDIA A100-SXM4-80GB)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("h100-node: 4 GPUs (NVIDIA H100 80GB HBM3)"),
+        "{text}"
+    );
+
+    // One runner that fits is enough; an unknown fleet says nothing.
+    job.gpus = 4;
+    assert!(RuleSet::builtin()
+        .evaluate(&job, &[])
+        .iter()
+        .all(|f| f.rule_id != "beyond-fleet"));
+    job.gpus = 8;
+    job.checks.fleet = None;
+    assert!(RuleSet::builtin()
+        .evaluate(&job, &[])
+        .iter()
+        .all(|f| f.rule_id != "beyond-fleet"));
+}
