@@ -28,7 +28,7 @@ pub enum ScenarioArg {
 }
 
 /// trainmesh benchmark: runs job-service and scheduler-service in this
-/// process on 127.0.0.1 (port 0) and measures the DESIGN §6 targets.
+/// process on 127.0.0.1 (port 0) and measures the performance targets.
 /// Results go to stdout; service logs go to stderr at `warn` unless
 /// TRAINMESH_LOG_LEVEL (an EnvFilter directive) or TEST_LOG is set.
 /// Build with `--release`: debug figures mean nothing.

@@ -35,8 +35,8 @@ impl Backend {
         }
     }
 
-    /// DESIGN §6 sets the latency and dispatch targets for SQLite ("SQLite
-    /// unless said"); on PostgreSQL those figures are reported, not judged.
+    /// The latency and dispatch targets are set for SQLite; on PostgreSQL
+    /// those figures are reported, not judged.
     pub fn sqlite_target(self, target: crate::report::Target) -> Option<crate::report::Target> {
         (self == Backend::Sqlite).then_some(target)
     }

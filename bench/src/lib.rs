@@ -1,4 +1,4 @@
-//! trainmesh-bench: measures the DESIGN §6 targets against services started
+//! trainmesh-bench: measures the performance targets against services started
 //! in-process from their libraries, on loopback, with fake runners speaking
 //! the real RunnerService protocol over gRPC.
 //!

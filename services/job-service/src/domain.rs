@@ -230,7 +230,7 @@ pub fn failure_cause_from_name(name: &str) -> pb::FailureCause {
     pb::FailureCause::from_str_name(name).unwrap_or(pb::FailureCause::Unspecified)
 }
 
-/// CONVENTIONS flow 5: exit 1–127 is the user's code, 128–255 a signal,
+/// Exit 1–127 is the user's code, 128–255 a signal,
 /// no exit code at all means the platform lost the attempt.
 pub fn failure_cause_for_exit(exit_code: Option<i32>) -> pb::FailureCause {
     match exit_code {
@@ -241,7 +241,7 @@ pub fn failure_cause_for_exit(exit_code: Option<i32>) -> pb::FailureCause {
     }
 }
 
-/// The readable form of a structured error (DESIGN §4 "Errors").
+/// The readable form of a structured error.
 pub fn error_message(err: &pb::JobError) -> String {
     format!(
         "Error Type: {}\nError Message: {}\nFull Traceback:\n{}",

@@ -1,4 +1,4 @@
-//! trainmesh job-service: the source of truth for jobs (DESIGN §4 "Jobs").
+//! trainmesh job-service: the source of truth for jobs.
 //!
 //! - `trainmesh.job.v1.JobService`: create (validated, idempotent), get,
 //!   list, cancel, delete, retry, watch events, stream logs. Pipelines

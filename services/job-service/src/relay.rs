@@ -1,4 +1,4 @@
-//! Delivery of job-service's outbox messages (CONVENTIONS flows 1, 6, 7).
+//! Delivery of job-service's outbox messages.
 //!
 //! | topic      | call                                              |
 //! |------------|---------------------------------------------------|

@@ -31,7 +31,7 @@ pub fn binary_names() -> Vec<&'static str> {
         .collect()
 }
 
-/// Who each child calls (CONVENTIONS "Cross-service flows"). These are
+/// Who each child calls. These are
 /// passed as flags; every child also gets all four endpoints in its
 /// environment, which a service that needs none of them ignores.
 fn peers(service: Service) -> &'static [Service] {
