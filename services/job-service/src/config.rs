@@ -1,4 +1,4 @@
-//! Command-line flags and environment (CONVENTIONS "Ports and flags").
+//! Command-line flags and environment.
 
 use std::path::PathBuf;
 use std::time::Duration;

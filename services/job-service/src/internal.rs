@@ -28,7 +28,7 @@ pub const EVENT_APPROVAL_EXPIRED: &str = "approval_expired";
 pub const APPROVAL_EXPIRED_REASON: &str = "approval-expired";
 
 impl JobService {
-    /// UpdateJobStatus (CONVENTIONS flow 2): applies a legal, newer update;
+    /// UpdateJobStatus: applies a legal, newer update;
     /// acknowledges stale ones and updates to finished jobs without change.
     ///
     /// Updates arriving together share one commit on SQLite (one fsync;

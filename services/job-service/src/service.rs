@@ -428,7 +428,7 @@ impl JobService {
         Ok((views, next))
     }
 
-    /// CancelJob (CONVENTIONS flow 6). Cancelling twice is harmless.
+    /// CancelJob. Cancelling twice is harmless.
     pub async fn cancel(&self, caller: &Caller, raw_id: &str, reason: &str) -> Result<JobView> {
         let id = JobId::parse_field("job_id", raw_id)?;
         let reason = validate_reason("reason", reason)?;
