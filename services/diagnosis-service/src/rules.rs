@@ -473,3 +473,7 @@ mod tests;
 #[cfg(test)]
 #[path = "rules_control_tests.rs"]
 mod control_tests;
+
+#[cfg(test)]
+#[path = "rules_each_tests.rs"]
+mod each_tests;
