@@ -16,6 +16,9 @@ pub enum Error {
     /// job-service could not be reached or did not answer sensibly.
     #[error("job-service unavailable: {0}")]
     JobService(String),
+    /// scheduler-service could not be reached or did not answer sensibly.
+    #[error("scheduler-service unavailable: {0}")]
+    Scheduler(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("corrupt stored diagnosis: {0}")]
@@ -27,7 +30,7 @@ impl ServiceError for Error {
         match self {
             Error::Invalid(_) => ErrorCode::InvalidArgument,
             Error::JobNotFound(_) | Error::NotFound(_) => ErrorCode::NotFound,
-            Error::JobService(_) => ErrorCode::Unavailable,
+            Error::JobService(_) | Error::Scheduler(_) => ErrorCode::Unavailable,
             Error::Db(e) => db_error_code(e),
             Error::Corrupt(_) => ErrorCode::Internal,
         }

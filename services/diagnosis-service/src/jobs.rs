@@ -160,8 +160,8 @@ impl JobSource {
             client.list_runners(spb::ListRunnersRequest {}),
         )
         .await
-        .map_err(|_| Error::JobService("ListRunners timed out".into()))?
-        .map_err(|s| Error::JobService(format!("ListRunners: {:?}: {}", s.code(), s.message())))?;
+        .map_err(|_| Error::Scheduler("ListRunners timed out".into()))?
+        .map_err(|s| Error::Scheduler(format!("ListRunners: {:?}: {}", s.code(), s.message())))?;
         Ok(resp
             .into_inner()
             .runners
