@@ -130,7 +130,9 @@ fn start_stream(mesh: &Compose, prefix: &str, secs: u64, max: usize) -> Stream {
                     spec: Some(spec(&key, secs)),
                     idempotency_key: key.clone(),
                 });
-                req.set_timeout(Duration::from_secs(5));
+                // Longer than job-service waits for a database connection
+                // (5 s), so a caller hears its answer, not its own timeout.
+                req.set_timeout(Duration::from_secs(15));
                 match c.create_job(req).await {
                     Ok(r) => {
                         let id = r.into_inner().job.map(|j| j.id).unwrap_or_default();
@@ -612,10 +614,15 @@ async fn postgres_restarted_callers_see_unavailable_and_nothing_is_lost() {
     // Down long enough for callers to be refused, then up again.
     mesh.stop("postgres");
     let down = Instant::now();
+    // Down until job-service itself refuses a call: a restart before it
+    // has would leave nothing to see.
     wait_for(
-        "a submission refused while PostgreSQL is down",
+        "a submission refused with UNAVAILABLE while PostgreSQL is down",
         DEADLINE,
-        || async { (!stream.state.lock().unwrap().errors.is_empty()).then_some(()) },
+        || async {
+            let errors = &stream.state.lock().unwrap().errors;
+            errors.contains(&tonic::Code::Unavailable).then_some(())
+        },
     )
     .await;
     mesh.start("postgres");
