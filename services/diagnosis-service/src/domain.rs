@@ -140,64 +140,6 @@ pub struct JobFacts {
     pub checks: CheckFacts,
 }
 
-/// What the static checks of the spec compare it with.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct CheckFacts {
-    /// `spec.deadline`, when set.
-    pub deadline: Option<std::time::Duration>,
-    /// How long earlier successful runs of a job of the same owner and
-    /// name took, newest first.
-    pub history: Vec<std::time::Duration>,
-    /// `spec.resources` besides the GPU count and shared memory.
-    pub gpu_type: String,
-    pub cpu: f64,
-    pub memory_mib: i64,
-    /// What each runner offers, when the scheduler said.
-    pub fleet: Option<Vec<Offer>>,
-}
-
-/// What one runner offers a replica.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Offer {
-    pub runner: String,
-    /// GPU models, one per GPU.
-    pub gpus: Vec<String>,
-    pub cpu: f64,
-    pub memory_mib: i64,
-}
-
-impl Offer {
-    /// Whether this runner could take a replica asking for `gpus` GPUs of
-    /// `gpu_type` (a model substring, any when empty), `cpu` cores and
-    /// `memory_mib` (0: unstated, on either side).
-    pub fn fits(&self, gpus: i32, gpu_type: &str, cpu: f64, memory_mib: i64) -> bool {
-        let wanted = gpu_type.to_ascii_lowercase();
-        let matching = self
-            .gpus
-            .iter()
-            .filter(|m| m.to_ascii_lowercase().contains(&wanted))
-            .count();
-        let gpus_ok = usize::try_from(gpus).map_or(true, |g| g <= matching);
-        let cpu_ok = cpu <= 0.0 || self.cpu <= 0.0 || cpu <= self.cpu;
-        let mem_ok = memory_mib <= 0 || self.memory_mib <= 0 || memory_mib <= self.memory_mib;
-        gpus_ok && cpu_ok && mem_ok
-    }
-
-    /// "node-1: 4 GPUs (NVIDIA A100), 64 cores, 512 GiB".
-    pub fn describe(&self) -> String {
-        let mut models: Vec<&str> = self.gpus.iter().map(String::as_str).collect();
-        models.dedup();
-        let gpus = match models.as_slice() {
-            [] => "no GPUs".to_owned(),
-            _ => format!("{} GPUs ({})", self.gpus.len(), models.join(", ")),
-        };
-        format!(
-            "{}: {gpus}, {} cores, {} MiB",
-            self.runner, self.cpu, self.memory_mib
-        )
-    }
-}
-
 impl JobFacts {
     pub fn from_proto(job: &jpb::Job) -> Result<Self, FieldError> {
         let id = JobId::parse_field("job.id", &job.id)?;
@@ -284,6 +226,8 @@ impl JobFacts {
         }
     }
 }
+
+pub use crate::checks::{CheckFacts, Offer};
 
 /// One line of a job's log; `number` is 1-based within the attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]

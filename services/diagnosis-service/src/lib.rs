@@ -14,6 +14,7 @@
 
 pub mod analyst;
 pub mod answer;
+pub mod checks;
 pub mod config;
 pub mod context;
 pub mod domain;

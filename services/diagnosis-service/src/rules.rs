@@ -31,8 +31,8 @@ use regex::Regex;
 use serde::Deserialize;
 use trainmesh_common::proto::job::v1 as jpb;
 
+use crate::checks;
 use crate::domain::{Evidence, Finding, JobFacts, Layer, LogLine, Severity};
-use crate::text;
 
 /// Log lines cited per finding: the first few and the last few matches.
 const MAX_LOG_EVIDENCE: usize = 5;
@@ -244,67 +244,6 @@ impl RuleSet {
     }
 }
 
-/// Runners quoted when none fits.
-const MAX_OFFERS_QUOTED: usize = 5;
-
-/// The request against every runner's offer.
-fn beyond_fleet(job: &JobFacts) -> Option<Evidence> {
-    let c = &job.checks;
-    let fleet = c.fleet.as_ref().filter(|f| !f.is_empty())?;
-    if fleet
-        .iter()
-        .any(|o| o.fits(job.gpus, &c.gpu_type, c.cpu, c.memory_mib))
-    {
-        return None;
-    }
-    let mut asked = format!("{} GPUs", job.gpus.max(0));
-    if !c.gpu_type.is_empty() {
-        asked.push_str(&format!(" of type `{}`", c.gpu_type));
-    }
-    if c.cpu > 0.0 {
-        asked.push_str(&format!(", {} cores", c.cpu));
-    }
-    if c.memory_mib > 0 {
-        asked.push_str(&format!(", {} MiB", c.memory_mib));
-    }
-    let offers: Vec<String> = fleet
-        .iter()
-        .take(MAX_OFFERS_QUOTED)
-        .map(|o| o.describe())
-        .collect();
-    let more = fleet.len().saturating_sub(MAX_OFFERS_QUOTED);
-    let more = if more > 0 {
-        format!("; and {more} more")
-    } else {
-        String::new()
-    };
-    Some(Evidence::spec(format!(
-        "each replica asks for {asked}; no runner offers that: {}{more}",
-        offers.join("; ")
-    )))
-}
-
-/// The deadline against the runs it would have cut short.
-fn deadline_below_history(c: &crate::domain::CheckFacts) -> Option<Evidence> {
-    let deadline = c.deadline?;
-    let longer: Vec<String> = c
-        .history
-        .iter()
-        .filter(|d| **d > deadline)
-        .map(|d| text::duration(*d))
-        .collect();
-    if longer.is_empty() {
-        return None;
-    }
-    Some(Evidence::spec(format!(
-        "spec.deadline = {}; {} of the last {} successful runs of this job took longer ({})",
-        text::duration(deadline),
-        longer.len(),
-        c.history.len(),
-        longer.join(", ")
-    )))
-}
-
 impl RuleSet {
     /// For each rule, the log lines any of its patterns match, in order.
     /// Most lines match nothing, and one pass of the combined automaton
@@ -394,12 +333,12 @@ fn apply(rule: &Rule, job: &JobFacts, hits: &[&LogLine], explained: bool) -> Opt
         }
     }
     if s.beyond_fleet {
-        if let Some(e) = beyond_fleet(job) {
+        if let Some(e) = checks::beyond_fleet(job) {
             evidence.push(e);
         }
     }
     if s.deadline_below_history {
-        if let Some(e) = deadline_below_history(&job.checks) {
+        if let Some(e) = checks::deadline_below_history(&job.checks) {
             evidence.push(e);
         }
     }
