@@ -754,6 +754,28 @@ impl Mesh {
         self.tls.as_ref()
     }
 
+    /// Runs `trainctl ARGS` against this mesh with `token`, and waits for
+    /// it to end.
+    pub async fn trainctl(&self, token: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(bin_dir().join("trainctl"));
+        for (flag, instance) in [
+            ("--job-endpoint", "job-service"),
+            ("--scheduler-endpoint", "scheduler-service"),
+            ("--metrics-endpoint", "metrics-service"),
+            ("--diagnosis-endpoint", "diagnosis-service"),
+        ] {
+            cmd.args([flag.to_owned(), self.addr(instance)]);
+        }
+        cmd.args(["--token", token])
+            .args(args)
+            .env_remove("TRAINMESH_TOKEN")
+            .envs(self.client_env())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run trainctl")
+    }
+
     /// Environment that points a trainmesh process (a service, a runner,
     /// `trainctl`, a `healthcheck`) at this mesh's TLS; empty without.
     pub fn client_env(&self) -> Vec<(String, String)> {

@@ -4,7 +4,6 @@
 //! `trainctl audit`, which merges both by time. SQLite and PostgreSQL.
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use trainmesh_common::time::{from_timestamp, now_micros};
@@ -17,7 +16,7 @@ use trainmesh_proto::scheduler::v1::{
 };
 use trainmesh_tests::jobs::{python_job, submit, wait_state};
 use trainmesh_tests::{
-    bin_dir, postgres_or_skip, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN, APPROVER_TOKEN,
+    postgres_or_skip, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN, APPROVER_TOKEN,
 };
 
 const RULES: &str = r#"
@@ -252,24 +251,9 @@ async fn audit_log_says_who_did_what_and_when(postgres: bool) {
     assert!(later.is_empty());
 
     // `trainctl audit` merges both services by time, oldest first.
-    let out = tokio::process::Command::new(bin_dir().join("trainctl"))
-        .args(["--job-endpoint", &mesh.addr("job-service")])
-        .args(["--scheduler-endpoint", &mesh.addr("scheduler-service")])
-        .args([
-            "--token",
-            ADMIN_TOKEN,
-            "-o",
-            "json",
-            "audit",
-            "--since",
-            "1h",
-        ])
-        .env_remove("TRAINMESH_TOKEN")
-        .envs(mesh.client_env())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run trainctl audit");
+    let out = mesh
+        .trainctl(ADMIN_TOKEN, &["-o", "json", "audit", "--since", "1h"])
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -319,29 +303,19 @@ async fn trainctl_creates_lists_and_revokes_tokens() {
         ..Default::default()
     })
     .await;
-    let run = |args: Vec<String>| {
-        let job = mesh.addr("job-service");
-        let tls = mesh.client_env();
-        async move {
-            let out = tokio::process::Command::new(bin_dir().join("trainctl"))
-                .args(["--job-endpoint", &job, "--token", ADMIN_TOKEN])
-                .args(&args)
-                .env_remove("TRAINMESH_TOKEN")
-                .envs(tls)
-                .stdin(Stdio::null())
-                .output()
-                .await
-                .expect("run trainctl");
-            assert!(
-                out.status.success(),
-                "trainctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            (
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
+    let mesh = &mesh;
+    let run = |args: Vec<String>| async move {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = mesh.trainctl(ADMIN_TOKEN, &argv).await;
+        assert!(
+            out.status.success(),
+            "trainctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let (secret, note) = run(args(&[

@@ -5,7 +5,6 @@
 //! counted against the first; a runner with enough node faults is
 //! cordoned and gets no new jobs until an admin uncordons it.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use trainmesh_proto::job::v1::{Job, JobSpec, JobState, Resources};
@@ -13,7 +12,7 @@ use trainmesh_proto::scheduler::v1::{
     ExplainJobRequest, ListRunnersRequest, PendingReason, RunnerInfo, RunnerState,
 };
 use trainmesh_tests::jobs::{events_to_end, python_job, submit, wait_job, wait_state};
-use trainmesh_tests::{bin_dir, Gate, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
+use trainmesh_tests::{Gate, Mesh, MeshOptions, ADMIN_TOKEN, ALICE_TOKEN};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -35,17 +34,7 @@ async fn mesh_with_two_runners(scheduler_args: &[&str]) -> Mesh {
 
 /// `trainctl ARGS` as the admin against the mesh; its stdout.
 async fn trainctl(mesh: &Mesh, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(bin_dir().join("trainctl"))
-        .args(["--job-endpoint", &mesh.addr("job-service")])
-        .args(["--scheduler-endpoint", &mesh.addr("scheduler-service")])
-        .args(["--token", ADMIN_TOKEN])
-        .args(args)
-        .env_remove("TRAINMESH_TOKEN")
-        .envs(mesh.client_env())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("run trainctl");
+    let out = mesh.trainctl(ADMIN_TOKEN, args).await;
     assert!(
         out.status.success(),
         "trainctl {args:?}: {}",

@@ -22,6 +22,49 @@ pub async fn listener() -> (TcpListener, SocketAddr) {
     (l, addr)
 }
 
+/// A service's `run` started in this process on a port-0 listener; `stop`
+/// shuts it down and fails the test if it ended with an error.
+pub struct Served {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// What a service's `run` is given to wait on before it shuts down.
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Served {
+    /// `run(listener, shutdown)`, e.g. `|l, s| metrics_service::run(config, l, s)`.
+    pub async fn start<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(TcpListener, Shutdown) -> Fut,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (listener, addr) = listener().await;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(run(
+            listener,
+            Box::pin(async {
+                let _ = rx.await;
+            }),
+        ));
+        Self {
+            addr,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.expect("the service task").expect("the service ran");
+        }
+    }
+}
+
 /// Polls `check` until it yields `Some`, or panics naming `what` once
 /// `timeout` has passed.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T

@@ -200,8 +200,7 @@ pub async fn start_fake_jobs(fake: Arc<FakeJobs>) -> SocketAddr {
 
 pub struct Diag {
     pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    served: testing::Served,
 }
 
 impl Diag {
@@ -212,7 +211,6 @@ impl Diag {
     ) -> Self {
         testing::init_test_logging();
         let tokens = testing::test_tokens();
-        let (listener, addr) = testing::listener().await;
         let mut config = Config::new(
             tokens.store.clone(),
             db.url.clone(),
@@ -220,14 +218,10 @@ impl Diag {
             Some(tokens.diagnosis.to_owned()),
         );
         configure(&mut config);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
+        let served = testing::Served::start(|l, stop| run(config, l, stop)).await;
         Self {
-            addr,
-            stop: Some(tx),
-            handle: Some(handle),
+            addr: served.addr,
+            served,
         }
     }
 
@@ -235,13 +229,8 @@ impl Diag {
         DiagnosisServiceClient::new(client::channel(&self.addr.to_string(), Some(token)).unwrap())
     }
 
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            h.await.unwrap().unwrap();
-        }
+    pub async fn stop(self) {
+        self.served.stop().await;
     }
 }
 

@@ -87,17 +87,11 @@ async fn an_endpoint_that_never_answers_cannot_hold_the_diagnosis_past_the_calle
     assert_eq!(llm.received().len(), 1);
 
     // The request's own timeout ends it; the stored diagnosis says so.
-    let stored = testing::wait_for(
+    let stored = stored_with(
+        &alice,
+        &job_id,
+        dpb::LlmStatus::Failed,
         "the stored analysis to fail",
-        Duration::from_secs(15),
-        || {
-            let mut c = alice.clone();
-            let id = job_id.clone();
-            async move {
-                let d = latest(&mut c, &id).await;
-                (status(&d.llm_analyses[0]) == dpb::LlmStatus::Failed).then_some(d)
-            }
-        },
     )
     .await;
     assert_eq!(stored.id, d.id);
@@ -134,17 +128,11 @@ async fn a_late_answer_updates_the_stored_diagnosis() {
             d.llm_text
         );
         open.send(true).unwrap();
-        let stored = testing::wait_for(
+        let stored = stored_with(
+            &alice,
+            &job_id,
+            dpb::LlmStatus::Ok,
             "the late answer to be stored",
-            Duration::from_secs(15),
-            || {
-                let mut c = alice.clone();
-                let id = job_id.clone();
-                async move {
-                    let d = latest(&mut c, &id).await;
-                    (status(&d.llm_analyses[0]) == dpb::LlmStatus::Ok).then_some(d)
-                }
-            },
         )
         .await;
         assert_eq!(stored.id, d.id, "{}", db.label);

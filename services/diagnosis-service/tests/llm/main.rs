@@ -172,6 +172,19 @@ async fn latest(c: &mut Client, job_id: &str) -> dpb::Diagnosis {
     .unwrap()
 }
 
+/// The job's stored diagnosis once its first analysis has `want`.
+async fn stored_with(c: &Client, job_id: &str, want: dpb::LlmStatus, what: &str) -> dpb::Diagnosis {
+    testing::wait_for(what, Duration::from_secs(15), || {
+        let mut c = c.clone();
+        let id = job_id.to_owned();
+        async move {
+            let d = latest(&mut c, &id).await;
+            (status(&d.llm_analyses[0]) == want).then_some(d)
+        }
+    })
+    .await
+}
+
 /// The rules' answer: what the LLM must never change.
 fn rules_answer(d: &dpb::Diagnosis) -> impl PartialEq + std::fmt::Debug {
     (

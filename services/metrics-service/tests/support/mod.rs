@@ -14,8 +14,7 @@ use trainmesh_common::testing::{self, TestDb};
 
 pub struct Server {
     pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    served: testing::Served,
 }
 
 impl Server {
@@ -25,18 +24,13 @@ impl Server {
 
     pub async fn start_with(db: &TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
         testing::init_test_logging();
-        let (listener, addr) = testing::listener().await;
         let mut config = Config::new(testing::test_tokens().store, db.url.clone());
         config.watch_poll_interval = Duration::from_millis(50);
         tweak(&mut config);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(run(config, listener, async {
-            let _ = rx.await;
-        }));
+        let served = testing::Served::start(|l, stop| run(config, l, stop)).await;
         Self {
-            addr,
-            stop: Some(tx),
-            handle: Some(handle),
+            addr: served.addr,
+            served,
         }
     }
 
@@ -44,13 +38,8 @@ impl Server {
         MetricsServiceClient::new(client::channel(&self.addr.to_string(), Some(token)).unwrap())
     }
 
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(h) = self.handle.take() {
-            h.await.unwrap().unwrap();
-        }
+    pub async fn stop(self) {
+        self.served.stop().await;
     }
 }
 

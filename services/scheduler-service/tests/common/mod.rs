@@ -457,19 +457,9 @@ impl Harness {
         exit_code: Option<i32>,
         error: Option<trainmesh_common::proto::job::v1::JobError>,
     ) -> Result<bool, Status> {
-        self.runners()
-            .report_attempt_status(ReportAttemptStatusRequest {
-                runner_id: runner_id.into(),
-                job_id: job_id.into(),
-                attempt,
-                state: state as i32,
-                exit_code,
-                error,
-                log_tail: vec![],
-                time: None,
-            })
+        let token = testing::test_tokens().runner;
+        self.report_as(token, runner_id, job_id, attempt, state, exit_code, error)
             .await
-            .map(|r| r.into_inner().changed)
     }
 
     pub async fn heartbeat(
